@@ -1,0 +1,588 @@
+"""Tests for udpexposer.py: pure parts called directly, behaviour through a
+subprocess started from a lone copy of the script, on real loopback sockets.
+
+Run:  python3 -m unittest -v        (or: python3 -m pytest -v)
+"""
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import udpexposer as ux
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 5.0
+
+# Bytes captured from the Rust udpexposer 0.3.0 (shared/vectors.json, "plain").
+V_FIRST_CONNECTEE = bytes.fromhex("000168656c6c6f")       # tag 1 + b"hello"
+V_SECOND_CONNECTEE = bytes.fromhex("00027365636f6e64")    # tag 2 + b"second"
+V_CLIENT_TO_SERVER = bytes.fromhex("0001706f6e67")        # tag 1 + b"pong"
+V_DELIVERED = bytes.fromhex("70696e67")                   # b"ping"
+V_RUST_SERVER_LOG = [
+    "New client address: 127.0.0.1:37154",
+    "Connectee seqn 1 from 127.0.0.1:55632",
+    "Connectee seqn 2 from 127.0.0.1:60645",
+    "Failed to find channel 9",
+    "Too short datagram from client",
+    "New client address: 127.0.0.1:60645",
+]
+V_RUST_CLIENT_LOG = ["New incoming channel 1", "New incoming channel 4660"]
+
+
+def has_ipv6():
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+_copy_dir = None
+
+
+def lone_copy():
+    """Path of a copy of udpexposer.py alone in a fresh directory."""
+    global _copy_dir
+    if _copy_dir is None:
+        _copy_dir = tempfile.mkdtemp(prefix="udpexposer-test-")
+        shutil.copy(os.path.join(HERE, "udpexposer.py"), _copy_dir)
+    return os.path.join(_copy_dir, "udpexposer.py")
+
+
+def tearDownModule():
+    if _copy_dir is not None:
+        shutil.rmtree(_copy_dir, ignore_errors=True)
+
+
+class Proc:
+    """A running udpexposer.py with its stdout lines collected by a thread."""
+
+    def __init__(self, args, env=None):
+        full_env = dict(os.environ)
+        full_env.pop("PYTHONUNBUFFERED", None)   # lines must flush by themselves
+        full_env.update(env or {})
+        self.p = subprocess.Popen(
+            [sys.executable, lone_copy()] + list(args),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=full_env, universal_newlines=True)
+        self.lines = []
+        self.stderr = None
+        self.q = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.q.put(line.rstrip("\n"))
+
+    def wait_line(self, pattern, timeout=TIMEOUT):
+        """The first new stdout line matching regex pattern, or fail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no line matching %r in %r"
+                                     % (pattern, self.lines))
+            try:
+                line = self.q.get(timeout=left)
+            except queue.Empty:
+                continue
+            self.lines.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def drain(self, settle=0.2):
+        """All lines printed so far (waits `settle` for stragglers)."""
+        deadline = time.monotonic() + settle
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self.lines.append(self.q.get(timeout=max(left, 0.01)))
+            except queue.Empty:
+                if left <= 0:
+                    return self.lines
+
+    def stop(self):
+        """Kill it if it still runs; returns everything it wrote to stderr."""
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(TIMEOUT)
+        if self.stderr is None:
+            self.stderr = self.p.stderr.read()
+            self.p.stdout.close()
+            self.p.stderr.close()
+        return self.stderr
+
+
+class RelayCase(unittest.TestCase):
+    """Helpers: sockets and processes that clean up after themselves."""
+
+    def udp(self, host="127.0.0.1"):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        self.addCleanup(s.close)
+        s.bind((host, 0))
+        s.settimeout(TIMEOUT)
+        return s
+
+    def run_tool(self, *args, env=None):
+        proc = Proc([str(a) for a in args], env=env)
+        self.addCleanup(proc.stop)
+        return proc
+
+    def start(self, *args, env=None):
+        """Start the tool, wait for its start-up line; (proc, bound address)."""
+        proc = self.run_tool(*args, env=env)
+        m = proc.wait_line(r" mode on (\S+),")
+        return proc, ux.resolve(m.group(1))[1]
+
+    def recv(self, sock, size=70000):
+        data, src = sock.recvfrom(size)
+        return data, src
+
+    def assert_silent(self, sock, wait=0.3):
+        """Nothing arrives on sock within `wait` seconds."""
+        sock.settimeout(wait)
+        try:
+            data, src = sock.recvfrom(70000)
+        except socket.timeout:
+            return
+        finally:
+            sock.settimeout(TIMEOUT)
+        self.fail("unexpected datagram %r from %r" % (data[:40], src))
+
+    def relay(self, host="127.0.0.1", n=4, extra=()):
+        """Server + client + echo real server: (server addr, real server sock)."""
+        real = self.udp(host)
+        server, saddr = self.start("-s", "%s:0" % fmt_host(host), "-n", n,
+                                   *extra)
+        client, caddr = self.start(
+            "%s:0" % fmt_host(host), "-a", ux.format_addr(saddr),
+            "-c", ux.format_addr(real.getsockname()), "-n", n, *extra)
+        server.wait_line("New client address")
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        t = threading.Thread(target=echo, args=(real, stop), daemon=True)
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+        return saddr, server, client
+
+
+def fmt_host(host):
+    return "[%s]" % host if ":" in host else host
+
+
+def echo(sock, stop):
+    """Send every datagram back where it came from, until stop is set."""
+    sock.settimeout(0.05)
+    while not stop.is_set():
+        try:
+            data, src = sock.recvfrom(70000)
+        except socket.timeout:
+            continue
+        except OSError:
+            return
+        sock.sendto(data, src)
+
+
+# ====================================================================== pure parts
+
+class TestAddresses(unittest.TestCase):
+    def test_split(self):
+        self.assertEqual(ux.split_host_port("1.2.3.4:5566"), ("1.2.3.4", 5566))
+        self.assertEqual(ux.split_host_port("[::1]:5"), ("::1", 5))
+        self.assertEqual(ux.split_host_port("example.net:0"), ("example.net", 0))
+
+    def test_split_rejects(self):
+        for bad in ("1.2.3.4", "1.2.3.4:", ":5", "1.2.3.4:x", "1.2.3.4:65536",
+                    "::1:5", "[::1]5", "[]:5", "[::1]", "1.2.3.4:-1", ""):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                ux.split_host_port(bad)
+
+    def test_resolve_literals_and_names(self):
+        self.assertEqual(ux.resolve("127.0.0.1:9"),
+                         (socket.AF_INET, ("127.0.0.1", 9)))
+        family, addr = ux.resolve("localhost:9")
+        self.assertIn(family, (socket.AF_INET, socket.AF_INET6))
+        self.assertEqual(addr[1], 9)
+        if has_ipv6():
+            family, addr = ux.resolve("[::1]:9")
+            self.assertEqual((family, addr[:2]), (socket.AF_INET6, ("::1", 9)))
+
+    def test_resolve_rejects(self):
+        for bad in ("999.1.1.1:5", "[zz::1]:5", "no-such-host.invalid:5"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                ux.resolve(bad)
+
+    def test_format(self):
+        self.assertEqual(ux.format_addr(("1.2.3.4", 5)), "1.2.3.4:5")
+        self.assertEqual(ux.format_addr(("::1", 5, 0, 0)), "[::1]:5")
+        self.assertEqual(ux.format_addr(("fe80::1", 5, 0, 3)), "[fe80::1%3]:5")
+
+    def test_ipv4_peer_through_ipv6_socket(self):
+        self.assertEqual(ux.peer_addr(socket.AF_INET6, ("1.2.3.4", 5)),
+                         ("::ffff:1.2.3.4", 5, 0, 0))
+        self.assertEqual(ux.peer_addr(socket.AF_INET, ("1.2.3.4", 5)),
+                         ("1.2.3.4", 5))
+        with self.assertRaises(ValueError):
+            ux.peer_addr(socket.AF_INET, ("::1", 5, 0, 0))
+
+
+class TestLRU(unittest.TestCase):
+    def test_evicts_least_recently_used(self):
+        lru = ux.LRU(2)
+        self.assertIsNone(lru.put("a", 1))
+        self.assertIsNone(lru.put("b", 2))
+        self.assertEqual(lru.get("a"), 1)           # b is now the oldest
+        self.assertEqual(lru.put("c", 3), ("b", 2))
+        self.assertIsNone(lru.get("b"))
+        self.assertEqual(lru.put("a", 4), None)     # update, no eviction
+        self.assertEqual(lru.put("d", 5), ("c", 3))
+        self.assertEqual(len(lru), 2)
+
+    def test_connectees_evict_both_directions_together(self):
+        t = ux.Connectees(2)
+        a, b, c = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
+        self.assertEqual(t.tag_for(a), (1, True, None))
+        self.assertEqual(t.tag_for(b), (2, True, None))
+        self.assertEqual(t.lookup(1), a)            # a's reply touches a
+        self.assertEqual(t.tag_for(c), (3, True, b))
+        self.assertIsNone(t.lookup(2))
+        self.assertEqual(t.tag_for(a), (1, False, None))
+        self.assertEqual(t.tag_for(b), (4, True, c))  # b comes back: new tag
+        self.assertEqual(len(t), 2)
+        self.assertEqual(sorted(t.tag_of.values()), sorted(t.addr_of.entries))
+
+    def test_connectees_never_reuse_a_tag_in_use(self):
+        t = ux.Connectees(3)
+        t.tag_for("x")                              # holds tag 1
+        t.next_tag = 65535
+        self.assertEqual(t.tag_for("y")[0], 65535)
+        self.assertEqual(t.tag_for("z")[0], 2)      # wraps, skips 1
+        self.assertEqual(t.tag_for("x"), (1, False, None))
+        self.assertEqual(t.tag_for("w"), (3, True, "y"))
+
+
+# ====================================================================== server
+
+class TestServer(RelayCase):
+    """The tool as a server, with test sockets playing client and connectees."""
+
+    def test_matches_rust_bytes_and_log(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0")
+        client, c1, c2 = self.udp(), self.udp(), self.udp()
+
+        c1.sendto(b"early", saddr)                  # no client yet: dropped
+        client.sendto(b"", saddr)
+        proc.wait_line("New client address")
+        self.assert_silent(client)                  # keepalives get no reply
+        c1.sendto(b"hello", saddr)
+        self.assertEqual(self.recv(client), (V_FIRST_CONNECTEE, saddr))
+        c2.sendto(b"second", saddr)
+        self.assertEqual(self.recv(client)[0], V_SECOND_CONNECTEE)
+        client.sendto(V_CLIENT_TO_SERVER, saddr)
+        self.assertEqual(self.recv(c1), (b"pong", saddr))
+        client.sendto(b"\x00\x09nobody", saddr)
+        client.sendto(b"\x01", saddr)
+        c2.sendto(b"", saddr)                       # plain mode: c2 takes over
+        proc.wait_line("New client address: %s"
+                       % re.escape(ux.format_addr(c2.getsockname())))
+
+        def shape(line):
+            return re.sub(r"127\.0\.0\.1:\d+", "ADDR", line)
+        got = [l for l in proc.lines if "mode on" not in l]
+        self.assertEqual([shape(l) for l in got],
+                         [shape(l) for l in V_RUST_SERVER_LOG])
+        self.assertEqual(got[0], "New client address: %s"
+                         % ux.format_addr(client.getsockname()))
+        self.assertEqual(got[1], "Connectee seqn 1 from %s"
+                         % ux.format_addr(c1.getsockname()))
+
+        c1.sendto(b"after", saddr)                  # now goes to c2, tag 1
+        self.assertEqual(self.recv(c2), (b"\x00\x01after", saddr))
+
+    def test_empty_payload_from_client_is_relayed_as_empty(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0")
+        client, c1 = self.udp(), self.udp()
+        client.sendto(b"", saddr)
+        proc.wait_line("New client address")
+        c1.sendto(b"x", saddr)
+        self.recv(client)
+        client.sendto(b"\x00\x01", saddr)
+        self.assertEqual(self.recv(c1), (b"", saddr))
+
+    def test_big_datagrams_pass_whole_and_too_big_are_dropped(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0")
+        client, c1 = self.udp(), self.udp()
+        client.sendto(b"", saddr)
+        proc.wait_line("New client address")
+        big = os.urandom(65000)
+        c1.sendto(big, saddr)
+        self.assertEqual(self.recv(client)[0], b"\x00\x01" + big)
+        client.sendto(b"\x00\x01" + big, saddr)
+        self.assertEqual(self.recv(c1)[0], big)
+        largest = os.urandom(65507)                 # the largest IPv4 payload
+        client.sendto(b"\x00\x01" + largest[:65505], saddr)
+        self.assertEqual(len(self.recv(c1)[0]), 65505)
+        c1.sendto(largest, saddr)                   # cannot take a tag
+        proc.wait_line("Dropped a datagram too big")
+        self.assert_silent(client)
+        c1.sendto(b"still alive", saddr)
+        self.assertEqual(self.recv(client)[0], b"\x00\x01still alive")
+
+    def test_garbage_from_everyone_never_kills_it(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-n", "3")
+        client = self.udp()
+        strangers = [self.udp() for _ in range(6)]
+        client.sendto(b"", saddr)
+        proc.wait_line("New client address")
+        for i in range(300):
+            size = (0, 1, 2, 3, 100, 1400, 9000)[i % 7]
+            strangers[i % 6].sendto(os.urandom(size) if size else b"x", saddr)
+            client.sendto(os.urandom(1 + i % 5), saddr)
+        client.settimeout(0.5)
+        try:
+            while True:
+                client.recvfrom(70000)
+        except socket.timeout:
+            pass
+        client.settimeout(TIMEOUT)
+        strangers[0].sendto(b"ok?", saddr)
+        data, _ = self.recv(client)
+        self.assertEqual(data[2:], b"ok?")
+        self.assertIsNone(proc.p.poll())
+        self.assertNotIn("Traceback", proc.stop())
+
+
+# ====================================================================== client
+
+class TestClient(RelayCase):
+    """The tool as a client, with test sockets playing server and real server."""
+
+    def start_client(self, n=4, interval=25000):
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "-n", n, "-i", interval)
+        self.assertEqual(self.recv(server), (b"", caddr))   # keepalive at start
+        return proc, server, real, caddr
+
+    def test_matches_rust_bytes_and_log(self):
+        proc, server, real, caddr = self.start_client()
+        server.sendto(b"\x00\x01" + V_DELIVERED, caddr)
+        data, worker = self.recv(real)
+        self.assertEqual(data, V_DELIVERED)
+        real.sendto(b"pong", worker)
+        self.assertEqual(self.recv(server), (V_CLIENT_TO_SERVER, caddr))
+        server.sendto(b"\x12\x34x", caddr)
+        data, worker2 = self.recv(real)
+        self.assertEqual(data, b"x")
+        self.assertNotEqual(worker, worker2)        # one socket per tag
+        server.sendto(b"\x00\x01", caddr)           # exactly 2 bytes: empty
+        self.assertEqual(self.recv(real), (b"", worker))
+        proc.wait_line("New incoming channel 4660")
+        got = [l for l in proc.lines if "mode on" not in l]
+        self.assertEqual(got, V_RUST_CLIENT_LOG)
+
+    def test_keepalive_every_interval(self):
+        proc, server, real, caddr = self.start_client(interval=100)
+        t0 = time.monotonic()
+        for _ in range(3):
+            self.assertEqual(self.recv(server), (b"", caddr))
+        self.assertLess(time.monotonic() - t0, 2.0)
+
+    def test_strangers_are_not_relayed(self):
+        proc, server, real, caddr = self.start_client()
+        stranger = self.udp()
+        stranger.sendto(b"\x00\x01inject", caddr)   # not from the server
+        server.sendto(b"\x00\x01real", caddr)
+        data, worker = self.recv(real)
+        self.assertEqual(data, b"real")
+        stranger.sendto(b"to the worker", worker)   # not from the real server
+        other_port = self.udp()                     # real server, wrong port
+        other_port.sendto(b"wrong port", worker)
+        self.assert_silent(server)
+        self.assert_silent(real)
+        real.sendto(b"right", worker)
+        self.assertEqual(self.recv(server)[0], b"\x00\x01right")
+
+    def test_big_datagrams_pass_whole(self):
+        proc, server, real, caddr = self.start_client()
+        big = os.urandom(65000)
+        server.sendto(b"\x00\x07" + big, caddr)
+        data, worker = self.recv(real)
+        self.assertEqual(data, big)
+        real.sendto(big, worker)
+        self.assertEqual(self.recv(server)[0], b"\x00\x07" + big)
+        real.sendto(os.urandom(65507), worker)      # cannot take a tag
+        proc.wait_line("Dropped a datagram too big")
+        self.assert_silent(server)
+
+    @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc")
+    def test_worker_sockets_closed_on_eviction(self):
+        proc, server, real, caddr = self.start_client(n=3)
+        fd_dir = "/proc/%d/fd" % proc.p.pid
+        before = len(os.listdir(fd_dir))
+        workers = []
+        for tag in range(1, 41):
+            server.sendto(bytes((0, tag)) + b"x", caddr)
+            workers.append(self.recv(real)[1])
+        self.assertEqual(len(set(workers)), 40)
+        self.assertLessEqual(len(os.listdir(fd_dir)), before + 3)
+        # the three most recent channels still work, the oldest do not
+        real.sendto(b"back", workers[-1])
+        self.assertEqual(self.recv(server)[0], b"\x00\x28back")
+        real.sendto(b"gone", workers[0])
+        self.assert_silent(server)
+
+    def test_garbage_from_the_server_never_kills_it(self):
+        proc, server, real, caddr = self.start_client()
+        for i in range(200):
+            server.sendto(os.urandom(i % 4), caddr)
+        real.settimeout(0.5)
+        try:
+            while True:
+                real.recvfrom(70000)
+        except socket.timeout:
+            pass
+        real.settimeout(TIMEOUT)
+        server.sendto(b"\x00\x05alive", caddr)
+        self.assertEqual(self.recv(real)[0], b"alive")
+        self.assertIsNone(proc.p.poll())
+
+
+# ====================================================================== end to end
+
+class TestEndToEnd(RelayCase):
+    def exchange(self, conn, saddr, msg):
+        conn.sendto(msg, saddr)
+        data, src = self.recv(conn)
+        self.assertEqual(data, msg)
+        self.assertEqual(src[:2], tuple(saddr[:2]))
+
+    def test_ipv4_several_connectees(self):
+        saddr, server, client = self.relay()
+        connectees = [self.udp() for _ in range(4)]
+        for round_ in range(3):
+            for i, c in enumerate(connectees):
+                self.exchange(c, saddr, b"%d/%d " % (i, round_) * 20)
+        lines = server.drain()
+        self.assertEqual(sum("Connectee seqn" in l for l in lines), 4)
+
+    @unittest.skipUnless(has_ipv6(), "no IPv6 loopback")
+    def test_ipv6_several_connectees(self):
+        saddr, server, client = self.relay(host="::1")
+        connectees = [self.udp("::1") for _ in range(3)]
+        for round_ in range(2):
+            for i, c in enumerate(connectees):
+                self.exchange(c, saddr, b"six %d/%d" % (i, round_))
+        self.assertIn("Connectee seqn 1 from [::1]:", "\n".join(server.drain()))
+
+    def test_big_datagrams(self):
+        saddr, server, client = self.relay()
+        c = self.udp()
+        for size in (1, 1400, 9000, 65000):     # 0 would be a keepalive
+            with self.subTest(size=size):
+                self.exchange(c, saddr, os.urandom(size))
+
+    def test_eviction_keeps_replies_for_active_connectees(self):
+        # -n 2 and three connectees taking turns: the Rust tool's two LRUs
+        # drift apart here; one table must route every reply correctly.
+        saddr, server, client = self.relay(n=2)
+        a, b, c = self.udp(), self.udp(), self.udp()
+        for who in (a, b, c, b, c, a, c, a, b, b, a, c, c, c, a):
+            self.exchange(who, saddr, b"from %d" % who.getsockname()[1])
+
+    def test_tags_wrap_without_mixups(self):
+        saddr, server, client = self.relay(n=3)
+        pool = [self.udp() for _ in range(8)]
+        for i in range(40):
+            self.exchange(pool[(i * 3) % 8], saddr, b"turn %d" % i)
+
+
+# ====================================================================== as a user runs it
+
+class TestCommandLine(RelayCase):
+    def assert_usage_error(self, *args):
+        p = subprocess.run([sys.executable, lone_copy()] + list(args),
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True,
+                           timeout=TIMEOUT * 2)
+        self.assertNotEqual(p.returncode, 0, args)
+        self.assertNotIn("Traceback", p.stderr)
+        lines = p.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, p.stderr)
+        self.assertTrue(lines[0].startswith("udpexposer: "), lines[0])
+        return lines[0]
+
+    def test_bad_command_lines(self):
+        for args in (["-s", "127.0.0.1:0", "-n", "0"],
+                     ["-s", "127.0.0.1:0", "-n", "70000"],
+                     ["-s", "127.0.0.1:0", "-n", "many"],
+                     ["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "127.0.0.1:9",
+                      "-i", "0"],
+                     ["-s", "127.0.0.1"],
+                     ["-s", "300.0.0.1:5"],
+                     ["-s", "::1:5"],
+                     ["127.0.0.1:0"],
+                     ["127.0.0.1:0", "-a", "127.0.0.1:9"],
+                     ["-s", "127.0.0.1:0", "-a", "127.0.0.1:9"],
+                     ["127.0.0.1:0", "-a", "no-such-host.invalid:9",
+                      "-c", "127.0.0.1:9"],
+                     ["-s", "127.0.0.1:0", "--no-such-flag"],
+                     []):
+            with self.subTest(args=args):
+                self.assert_usage_error(*args)
+
+    def test_port_in_use(self):
+        taken = self.udp()
+        line = self.assert_usage_error(
+            "-s", ux.format_addr(taken.getsockname()))
+        self.assertIn("cannot bind", line)
+
+    def test_help_shows_every_flag_and_default(self):
+        out = subprocess.run([sys.executable, lone_copy(), "--help"],
+                             stdout=subprocess.PIPE, universal_newlines=True,
+                             timeout=TIMEOUT * 2).stdout
+        for flag in ("--local-connect-addr", "--server-addr", "--server-mode",
+                     "--max-clients", "--ping-interval-ms", "--password",
+                     "--dump-stats", "(default: 4)", "(default: 25000)"):
+            self.assertIn(flag, out)
+
+    def check_signal(self, signum):
+        proc, saddr = self.start("-s", "127.0.0.1:0")
+        t0 = time.monotonic()
+        proc.p.send_signal(signum)
+        self.assertEqual(proc.p.wait(TIMEOUT), 0)
+        self.assertLess(time.monotonic() - t0, 2.0)
+        self.assertNotIn("Traceback", proc.stop())
+
+    def test_sigterm_exits_cleanly(self):
+        self.check_signal(signal.SIGTERM)
+
+    def test_ctrl_c_exits_cleanly(self):
+        self.check_signal(signal.SIGINT)
+
+    def test_client_exits_cleanly_too(self):
+        real = self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a", "127.0.0.1:9", "-c",
+                                 ux.format_addr(real.getsockname()))
+        proc.p.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.p.wait(TIMEOUT), 0)
+        self.assertNotIn("Traceback", proc.stop())
+
+
+if __name__ == "__main__":
+    unittest.main()
