@@ -4,12 +4,14 @@ subprocess started from a lone copy of the script, on real loopback sockets.
 Run:  python3 -m unittest -v        (or: python3 -m pytest -v)
 """
 
+import json
 import os
 import queue
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,45 @@ V_RUST_SERVER_LOG = [
     "New client address: 127.0.0.1:60645",
 ]
 V_RUST_CLIENT_LOG = ["New incoming channel 1", "New incoming channel 4660"]
+
+# Password mode, from shared/vectors.json: the Rust tool's own tokens.
+V_PASSWORD = "p"
+V_KEY = bytes.fromhex(
+    "36db9cb6d7aa23e3bd02b7d52a0e14c1689f4290532b61863110ef8c8acdc435")
+V_KEY_CHBS = bytes.fromhex(      # "correct horse battery staple"
+    "a8dac802f08969b520cd73b8f4cc533495257ea47b6e9b81b42a5becdf188ca5")
+V_INITIAL_REQUEST = (b"eyJhbGciOiJIUzI1NiJ9.eyJub25jZSI6bnVsbH0."
+                     b"05tN53zhy3rQJ1dz5E3WNHQh_e7-fn9mFrZSVQeNZ3M")
+V_RETRY_REPLY = (b"eyJhbGciOiJIUzI1NiJ9.eyJSZXRyeSI6ODU5NTExMjk2NDE5Nzc3NzMxN30."
+                 b"i7N70x5Cn8kaoXnvLbXYliTi--l10avjaED7ZD4A26Y")
+V_RETRY_NONCE = 8595112964197777317
+V_ANSWER_TO_RETRY = (
+    b"eyJhbGciOiJIUzI1NiJ9.eyJub25jZSI6ODU5NTExMjk2NDE5Nzc3NzMxN30."
+    b"8GhCeSUsV16zEBbNxlwFamS0adgGh--FREPlPW9jlSA")
+V_REGISTERED = (b"eyJhbGciOiJIUzI1NiJ9.IlJlZ2lzdGVyZWQi."
+                b"_6rdA4w-Rk6IHmdZid77Bruzr-d2R4cPSuJ6pu7riA8")
+V_STATS_REQUEST = (
+    b"eyJhbGciOiJIUzI1NiJ9.eyJub25jZSI6MTg0NDY3NDQwNzM3MDk1NTE2MTV9."
+    b"wBDmzMnrfxgwurT-MJWuCIkNWOxfTdr4NYS7CmQEEeE")
+V_INITIAL_REQUEST_CHBS = (b"eyJhbGciOiJIUzI1NiJ9.eyJub25jZSI6bnVsbH0."
+                          b"M7STFRZcb9j1cuQjBa9WPxsGs7_BFwKifjjm5NgFIv4")
+V_STATS_BLOB = bytes.fromhex(
+    "0000000000000000000000000000000400000000000000010000000000000000"
+    "0000000000000002000000000000000100000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000001"
+    "000000006b0aa30800000000000000000000000000000000")
+V_STATS_JSON = (
+    '{"err1":0,"signed_looking":4,"refresh_address":1,"invalid_auths":0,'
+    '"auth_in_progress":2,"auth_completeds":1,"err2":0,'
+    '"simple_keepalives":0,"simple_address_switches":0,"dwarfs":0,'
+    '"ch_not_founds":0,"err3":0,"dropped_no_client_address":0,'
+    '"new_connectees":0,"err4":0,"from_connectee_bytes":0,'
+    '"from_connectee_msgs":0,"from_client_bytes":0,"from_client_msgs":0,'
+    '"stats_requests":1,"last_ka_s":1795859208,"last_client_s":0,'
+    '"last_connectee_s":0}')
+V_RUST_PASSWORD_CLIENT_LOG = ["Received a reply from server", "Authenticated"]
 
 
 def has_ipv6():
@@ -510,6 +551,295 @@ class TestEndToEnd(RelayCase):
         pool = [self.udp() for _ in range(8)]
         for i in range(40):
             self.exchange(pool[(i * 3) % 8], saddr, b"turn %d" % i)
+
+
+# ====================================================================== password mode
+
+class TestCrypto(unittest.TestCase):
+    def test_argon2i_rfc9106_vector(self):
+        tag = ux.argon2i(b"\x01" * 32, b"\x02" * 16, memory_kib=32, passes=3,
+                         lanes=4, size=32, secret=b"\x03" * 8,
+                         associated=b"\x04" * 12)
+        self.assertEqual(tag.hex(), "c814d9d1dc7f37aa13f0d77f2494bda1"
+                                    "c8de6b016dd388d29952a4c4672b6ce8")
+
+    def test_keys_match_the_rust_tool(self):
+        self.assertEqual(ux.derive_key("p"), V_KEY)
+        self.assertEqual(ux.derive_key("correct horse battery staple"),
+                         V_KEY_CHBS)
+
+    def test_tokens_byte_for_byte(self):
+        self.assertEqual(ux.sign(V_KEY, ux.request_claims()), V_INITIAL_REQUEST)
+        self.assertEqual(ux.sign(V_KEY_CHBS, ux.request_claims()),
+                         V_INITIAL_REQUEST_CHBS)
+        self.assertEqual(ux.sign(V_KEY, ux.REGISTERED_CLAIMS), V_REGISTERED)
+        self.assertEqual(ux.sign(V_KEY, ux.request_claims(ux.STATS_NONCE)),
+                         V_STATS_REQUEST)
+        self.assertEqual(ux.sign(V_KEY, ux.retry_claims(V_RETRY_NONCE)),
+                         V_RETRY_REPLY)
+        self.assertEqual(ux.sign(V_KEY, ux.request_claims(V_RETRY_NONCE)),
+                         V_ANSWER_TO_RETRY)
+
+    def test_verify_reads_the_rust_tokens(self):
+        self.assertEqual(ux.verify(V_KEY, V_RETRY_REPLY), {"Retry": V_RETRY_NONCE})
+        self.assertEqual(ux.retry_nonce(ux.verify(V_KEY, V_RETRY_REPLY)),
+                         V_RETRY_NONCE)
+        self.assertEqual(ux.verify(V_KEY, V_REGISTERED), "Registered")
+        self.assertEqual(ux.request_nonce(ux.verify(V_KEY, V_INITIAL_REQUEST)),
+                         (True, None))
+        self.assertEqual(ux.request_nonce(ux.verify(V_KEY, V_STATS_REQUEST)),
+                         (True, ux.STATS_NONCE))
+
+    def test_verify_rejects_forgeries(self):
+        good = V_REGISTERED
+        last = good[-1:]
+        other = b"A" if last != b"A" else b"B"
+        for bad in (good[:-1] + other,                 # MAC changed
+                    good[:-1],                         # MAC cut short
+                    good + b"=",                       # MAC padded
+                    good.replace(b".Il", b".Im", 1),   # claims changed
+                    good[1:],                          # header changed
+                    b"eyJhbGciOiJIUzI1NiJ9." + good.split(b".", 1)[1][:5],
+                    b"eyJhbGciOiJIUzI1NiJ9.",
+                    b""):
+            with self.subTest(bad=bad):
+                self.assertIsNone(ux.verify(V_KEY, bad))
+        self.assertIsNone(ux.verify(V_KEY_CHBS, good))  # another password
+
+    def test_claims_that_are_not_requests(self):
+        for claims in ("Registered", {"nonce": -1}, {"nonce": 1 << 64},
+                       {"nonce": "1"}, {"nonce": True}, {"nonce": 1, "x": 2},
+                       [1], None):
+            with self.subTest(claims=claims):
+                self.assertEqual(ux.request_nonce(claims), (False, None))
+        self.assertIsNone(ux.retry_nonce({"Retry": -5}))
+        self.assertIsNone(ux.retry_nonce("Registered"))
+
+    def test_stats_blob(self):
+        self.assertEqual(ux.stats_json(V_STATS_BLOB), V_STATS_JSON)
+        stats = dict(zip(ux.STAT_NAMES, range(1, 24)))
+        blob = ux.pack_stats(stats)
+        self.assertEqual(len(blob), 184)
+        self.assertEqual(blob[:16], bytes(7) + b"\x01" + bytes(7) + b"\x02")
+        self.assertTrue(ux.stats_json(blob).startswith(
+            '{"err1":1,"signed_looking":2,'))
+        self.assertTrue(ux.stats_json(blob).endswith(',"last_connectee_s":23}'))
+
+
+class TestPasswordSources(unittest.TestCase):
+    def args(self, *argv):
+        return ux.build_parser().parse_args(["-s", "127.0.0.1:0"] + list(argv))
+
+    def test_flag_file_and_environment(self):
+        with tempfile.NamedTemporaryFile("w", delete=False) as f:
+            f.write("from file\nsecond line\n")
+        self.addCleanup(os.unlink, f.name)
+        env = {ux.PASSWORD_ENV: "from env"}
+        self.assertEqual(ux.read_password(self.args("-P", "flag"), env), "flag")
+        self.assertEqual(ux.read_password(self.args("--password-file", f.name),
+                                          env), "from file")
+        self.assertEqual(ux.read_password(self.args(), env), "from env")
+        self.assertIsNone(ux.read_password(self.args(), {}))
+        with self.assertRaises(ux.UsageError):
+            ux.read_password(self.args("-P", "x", "--password-file", f.name), {})
+        with self.assertRaises(ux.UsageError):
+            ux.read_password(self.args("--password-file", f.name + ".none"), {})
+
+
+class TestPasswordServer(RelayCase):
+    """The tool as a password-mode server, driven with the Rust client's bytes."""
+
+    def register(self, proc, saddr, client):
+        client.sendto(V_INITIAL_REQUEST, saddr)
+        retry, src = self.recv(client)
+        self.assertEqual(src, saddr)
+        nonce = ux.retry_nonce(ux.verify(V_KEY, retry))
+        self.assertIsNotNone(nonce, retry)
+        proc.wait_line("Authenticating: %s"
+                       % re.escape(ux.format_addr(client.getsockname())))
+        client.sendto(ux.sign(V_KEY, ux.request_claims(nonce)), saddr)
+        self.assertEqual(self.recv(client), (V_REGISTERED, saddr))
+        proc.wait_line("New client address: %s"
+                       % re.escape(ux.format_addr(client.getsockname())))
+        return nonce
+
+    def test_handshake_relay_and_stats(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        client, c1, stranger = self.udp(), self.udp(), self.udp()
+        nonce = self.register(proc, saddr, client)
+        client.sendto(V_INITIAL_REQUEST, saddr)     # keepalive: accepted at once
+        self.assertEqual(self.recv(client), (V_REGISTERED, saddr))
+
+        c1.sendto(b"hello", saddr)
+        self.assertEqual(self.recv(client)[0], V_FIRST_CONNECTEE)
+        client.sendto(V_CLIENT_TO_SERVER, saddr)
+        self.assertEqual(self.recv(c1), (b"pong", saddr))
+
+        # A replayed answer from another address is bound to the wrong address.
+        stranger.sendto(ux.sign(V_KEY, ux.request_claims(nonce)), saddr)
+        retry = ux.verify(V_KEY, self.recv(stranger)[0])
+        self.assertIsNotNone(ux.retry_nonce(retry))
+        stranger.sendto(V_STATS_REQUEST, saddr)
+        blob, _ = self.recv(stranger)
+        stats = dict(zip(ux.STAT_NAMES, struct.unpack(">23Q", blob)))
+        self.assertEqual(stats["signed_looking"], 5)
+        self.assertEqual(stats["auth_in_progress"], 3)
+        self.assertEqual(stats["auth_completeds"], 1)
+        self.assertEqual(stats["refresh_address"], 1)
+        self.assertEqual(stats["stats_requests"], 1)
+        self.assertEqual(stats["new_connectees"], 1)
+        self.assertEqual(stats["from_connectee_msgs"], 1)
+        self.assertEqual(stats["from_connectee_bytes"], 5)
+        self.assertEqual(stats["from_client_msgs"], 1)
+        self.assertAlmostEqual(stats["last_ka_s"], time.time(), delta=10)
+        self.assertEqual(stats["simple_keepalives"], 0)
+
+    def test_forgeries_get_no_reply_and_take_nothing_over(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        client, stranger = self.udp(), self.udp()
+        forged = V_REGISTERED[:-3] + b"AAA"
+        stranger.sendto(forged, saddr)              # no client yet: dropped
+        stranger.sendto(b"", saddr)                 # not a keepalive here
+        other_password = ux.sign(V_KEY_CHBS, ux.request_claims())
+        stranger.sendto(other_password, saddr)
+        self.assert_silent(stranger)
+        proc.wait_line("A client from %s failed to authenticate"
+                       % re.escape(ux.format_addr(stranger.getsockname())))
+
+        self.register(proc, saddr, client)
+        stranger.sendto(b"", saddr)
+        stranger.sendto(V_INITIAL_REQUEST_CHBS, saddr)
+        # Both arrive at the client as a connectee's data, not as a takeover.
+        self.assertEqual(self.recv(client)[0], b"\x00\x01")
+        self.assertEqual(self.recv(client)[0],
+                         b"\x00\x01" + V_INITIAL_REQUEST_CHBS)
+        self.assert_silent(stranger)
+        client.sendto(b"\x00\x01back", saddr)       # client still in charge
+        self.assertEqual(self.recv(stranger), (b"back", saddr))
+
+
+class TestPasswordClient(RelayCase):
+    """The tool as a password-mode client, driven with the Rust server's bytes."""
+
+    def start_client(self, interval=25000):
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "-i", interval,
+                                 env={ux.PASSWORD_ENV: V_PASSWORD})
+        self.assertEqual(self.recv(server), (V_INITIAL_REQUEST, caddr))
+        return proc, server, real, caddr
+
+    def test_handshake_with_rust_bytes(self):
+        proc, server, real, caddr = self.start_client()
+        server.sendto(V_RETRY_REPLY, caddr)
+        self.assertEqual(self.recv(server), (V_ANSWER_TO_RETRY, caddr))
+        server.sendto(V_REGISTERED, caddr)
+        proc.wait_line("Authenticated")
+        self.assertEqual([l for l in proc.lines if "mode on" not in l],
+                         V_RUST_PASSWORD_CLIENT_LOG)
+        server.sendto(V_FIRST_CONNECTEE, caddr)
+        data, worker = self.recv(real)
+        self.assertEqual(data, b"hello")
+        real.sendto(b"pong", worker)
+        self.assertEqual(self.recv(server), (V_CLIENT_TO_SERVER, caddr))
+
+    def test_tokens_that_do_not_verify_are_dropped(self):
+        proc, server, real, caddr = self.start_client()
+        server.sendto(V_RETRY_REPLY[:-2] + b"xx", caddr)
+        server.sendto(ux.sign(V_KEY_CHBS, ux.REGISTERED_CLAIMS), caddr)
+        proc.wait_line("does not verify")
+        self.assert_silent(real)
+        self.assert_silent(server)
+        self.assertNotIn("Authenticated", proc.drain())
+
+    def test_says_when_the_server_stops_answering(self):
+        proc, server, real, caddr = self.start_client(interval=100)
+        proc.wait_line("is not answering", timeout=3)
+        server.sendto(V_REGISTERED, caddr)
+        proc.wait_line("Authenticated")
+        proc.wait_line("answers again")
+
+
+class TestStatsDump(RelayCase):
+    def dump(self, saddr, env=None, *extra):
+        args = ["127.0.0.1:0", "-S", "-a", ux.format_addr(saddr)] + list(extra)
+        full_env = dict(os.environ)
+        full_env.update(env or {ux.PASSWORD_ENV: V_PASSWORD})
+        return subprocess.run([sys.executable, lone_copy()] + args,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True,
+                              env=full_env, timeout=30)
+
+    def test_prints_the_rust_blob_as_the_rust_tool_does(self):
+        fake = self.udp()
+        result = {}
+
+        def answer():
+            data, src = fake.recvfrom(70000)
+            result["request"] = data
+            fake.sendto(V_STATS_BLOB, src)
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+        p = self.dump(fake.getsockname())
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout, V_STATS_JSON + "\n")
+        t.join(TIMEOUT)
+        self.assertEqual(result["request"], V_STATS_REQUEST)
+
+    def test_against_our_own_server(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        p = self.dump(saddr)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        stats = json.loads(p.stdout)
+        self.assertEqual(list(stats), list(ux.STAT_NAMES))
+        self.assertEqual(stats["stats_requests"], 1)
+        self.assertEqual(stats["signed_looking"], 1)
+
+    def test_no_answer_is_one_line_and_failure(self):
+        silent = self.udp()
+        p = self.dump(silent.getsockname())
+        self.assertNotEqual(p.returncode, 0)
+        self.assertEqual(p.stdout, "")
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        self.assertIn("no stats", p.stderr)
+
+    def test_wrong_password_gets_nothing(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        p = self.dump(saddr, {ux.PASSWORD_ENV: "not it"})
+        self.assertNotEqual(p.returncode, 0)
+
+
+class TestPasswordEndToEnd(RelayCase):
+    def test_relay_with_password_file(self):
+        with tempfile.NamedTemporaryFile("w", delete=False) as f:
+            f.write("correct horse battery staple\n")
+        self.addCleanup(os.unlink, f.name)
+        saddr, server, client = self.relay(extra=("--password-file", f.name))
+        client.wait_line("Authenticated")
+        conns = [self.udp() for _ in range(3)]
+        for i in range(6):
+            c = conns[i % 3]
+            msg = b"pw %d " % i + os.urandom(1000)
+            c.sendto(msg, saddr)
+            self.assertEqual(self.recv(c), (msg, saddr))
+        # a token-shaped connectee payload is data, and passes whole
+        conns[0].sendto(V_REGISTERED, saddr)
+        self.assertEqual(self.recv(conns[0]), (V_REGISTERED, saddr))
+
+    def test_wrong_password_never_registers(self):
+        real = self.udp()
+        server, saddr = self.start("-s", "127.0.0.1:0", "-P", "right")
+        client, caddr = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
+                                   "-c", ux.format_addr(real.getsockname()),
+                                   "-P", "wrong", "-i", "100")
+        client.wait_line("is not answering", timeout=3)
+        c = self.udp()
+        c.sendto(b"anyone?", saddr)
+        self.assert_silent(real)
+        self.assertNotIn("New client address", "\n".join(server.drain()))
 
 
 # ====================================================================== as a user runs it

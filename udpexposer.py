@@ -21,12 +21,17 @@ One file, standard library only, CPython 3.6 or newer.
 """
 
 import argparse
+import base64
 import collections
 import errno
+import hashlib
+import hmac
+import json
 import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -42,6 +47,17 @@ SOCKET_BUFFER = 1 << 20   # asked of the kernel for SO_RCVBUF / SO_SNDBUF
 
 DEFAULT_MAX_CLIENTS = 4
 DEFAULT_PING_INTERVAL_MS = 25000
+PASSWORD_ENV = "UDPEXPOSER_PASSWORD"
+
+# Password mode: signed messages are HS256 JSON Web Tokens (PROTOCOL.md).
+TOKEN_PREFIX = b"eyJhbGciOiJIUzI1NiJ9."   # base64url of {"alg":"HS256"}, "."
+TOKEN_LOOKALIKE_TAG = 0x6579              # b"ey": never handed out as a tag
+STATS_NONCE = (1 << 64) - 1
+ARGON2_SALT = b"udpexposer"
+ARGON2_MEMORY_KIB, ARGON2_PASSES, ARGON2_LANES = 256, 2, 2
+AUTH_WINDOW = (-10, 1)                    # seconds around now a nonce may be
+UNANSWERED_PINGS = 3                      # then the client says so
+STATS_TRIES, STATS_WAIT = 3, 1.5
 
 # The 23 counters of the stats blob, in wire order (PROTOCOL.md, "Stats").
 STAT_NAMES = (
@@ -176,10 +192,6 @@ def wildcard(family):
 
 # ---------------------------------------------------------------- tags and the LRU
 
-def tag_bytes(tag):
-    return bytes((tag >> 8, tag & 0xFF))
-
-
 class LRU:
     """A bounded map that forgets its least recently used entry first."""
 
@@ -215,13 +227,15 @@ class Connectees:
 
     Both directions live in one structure and evict together, so a reply for
     an active connectee always finds it.  Tags are handed out in sequence
-    from 1, wrapping after 65535, and skip the tags still in use.
+    from 1, wrapping after 65535, and skip the tags still in use and those
+    in `reserved`.
     """
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, reserved=()):
         self.addr_of = LRU(capacity)    # tag -> address, in recency order
         self.tag_of = {}                # address -> tag
         self.next_tag = 1
+        self.reserved = frozenset(reserved)
 
     def __len__(self):
         return len(self.tag_of)
@@ -237,7 +251,7 @@ class Connectees:
             self.addr_of.entries.move_to_end(tag)
             return tag, False, None
         tag = self.next_tag
-        while tag in self.addr_of:
+        while tag in self.addr_of or tag in self.reserved:
             tag = tag % MAX_TAG + 1
         self.next_tag = tag % MAX_TAG + 1
         evicted = self.addr_of.put(tag, addr)
@@ -246,6 +260,220 @@ class Connectees:
             evicted = evicted[1]
         self.tag_of[addr] = tag
         return tag, True, evicted
+
+
+# ---------------------------------------------------------------- Argon2i (RFC 9106)
+
+M32 = 0xFFFFFFFF
+M64 = 0xFFFFFFFFFFFFFFFF
+_BLOCK = struct.Struct("<128Q")           # a 1 KiB block as 128 words
+
+
+def _h_prime(data, size):
+    """Argon2's variable-length hash H' built on BLAKE2b (RFC 9106, 3.3)."""
+    data = struct.pack("<I", size) + data
+    if size <= 64:
+        return hashlib.blake2b(data, digest_size=size).digest()
+    whole = (size + 31) // 32 - 2         # 64-byte links kept by half
+    v = hashlib.blake2b(data).digest()
+    out = [v[:32]]
+    for _ in range(whole - 1):
+        v = hashlib.blake2b(v).digest()
+        out.append(v[:32])
+    out.append(hashlib.blake2b(v, digest_size=size - 32 * whole).digest())
+    return b"".join(out)
+
+
+def _mixing_schedule():
+    """The (a, b, c, d) word quadruples Argon2's compression mixes, in order.
+
+    P, BLAKE2b's round without message words, runs on each row of eight
+    16-byte registers, then on each column (RFC 9106, 3.6).
+    """
+    rows = [[16 * i + j for j in range(16)] for i in range(8)]
+    columns = [[2 * i + 16 * k + half for k in range(8) for half in (0, 1)]
+               for i in range(8)]
+    quads = ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15),
+             (0, 5, 10, 15), (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14))
+    return [tuple(v[i] for i in quad) for v in rows + columns for quad in quads]
+
+
+_SCHEDULE = _mixing_schedule()
+
+
+def _compress(x, y, old=None):
+    """G(X, Y) of RFC 9106, 3.5 on 128-word blocks; XORed into old if given."""
+    r = [a ^ b for a, b in zip(x, y)]
+    q = r[:]
+    for a, b, c, d in _SCHEDULE:
+        va, vb, vc, vd = q[a], q[b], q[c], q[d]
+        va = (va + vb + 2 * (va & M32) * (vb & M32)) & M64
+        vd ^= va
+        vd = vd >> 32 | (vd << 32) & M64
+        vc = (vc + vd + 2 * (vc & M32) * (vd & M32)) & M64
+        vb ^= vc
+        vb = vb >> 24 | (vb << 40) & M64
+        va = (va + vb + 2 * (va & M32) * (vb & M32)) & M64
+        vd ^= va
+        vd = vd >> 16 | (vd << 48) & M64
+        vc = (vc + vd + 2 * (vc & M32) * (vd & M32)) & M64
+        vb ^= vc
+        vb = vb >> 63 | (vb << 1) & M64
+        q[a], q[b], q[c], q[d] = va, vb, vc, vd
+    if old is None:
+        return [a ^ b for a, b in zip(q, r)]
+    return [a ^ b ^ c for a, b, c in zip(q, r, old)]
+
+
+def _reference_index(pass_, slice_, index, same_lane, word, segment,
+                     lane_length):
+    """Column of the reference block for pseudo-random word (RFC 9106, 3.4.2)."""
+    if pass_ == 0:
+        area, start = slice_ * segment, 0
+    else:
+        area, start = lane_length - segment, (slice_ + 1) * segment % lane_length
+    if same_lane:
+        area += index - 1
+    elif index == 0:
+        area -= 1
+    x = (word & M32) ** 2 >> 32
+    return (start + area - 1 - (area * x >> 32)) % lane_length
+
+
+def argon2i(password, salt, memory_kib, passes, lanes, size=32,
+            secret=b"", associated=b""):
+    """Argon2i version 0x13 (RFC 9106): the tag of `size` bytes."""
+    def field(data):
+        return struct.pack("<I", len(data)) + data
+    h0 = hashlib.blake2b(
+        struct.pack("<6I", lanes, size, memory_kib, passes, 0x13, 1)
+        + field(password) + field(salt) + field(secret) + field(associated)
+    ).digest()
+    lane_length = memory_kib // (4 * lanes) * 4
+    segment = lane_length // 4
+    total = lane_length * lanes
+    memory = [None] * total               # lane after lane
+    for lane in range(lanes):
+        for column in (0, 1):
+            memory[lane * lane_length + column] = list(_BLOCK.unpack(
+                _h_prime(h0 + struct.pack("<II", column, lane), 1024)))
+    zero = [0] * 128
+
+    for pass_ in range(passes):
+        for slice_ in range(4):
+            for lane in range(lanes):
+                # Data-independent addressing: the pseudo-random words are
+                # G(0, G(0, input block with a counter)), 128 at a time.
+                words = []
+                counter_block = [pass_, lane, slice_, total, passes, 1] \
+                    + [0] * 122
+                while len(words) < segment:
+                    counter_block[6] += 1
+                    words += _compress(zero, _compress(zero, counter_block))
+                first = 2 if pass_ == 0 and slice_ == 0 else 0
+                for index in range(first, segment):
+                    column = slice_ * segment + index
+                    current = lane * lane_length + column
+                    previous = current - 1 if column else current + lane_length - 1
+                    word = words[index]
+                    if pass_ == 0 and slice_ == 0:
+                        ref_lane = lane
+                    else:
+                        ref_lane = (word >> 32) % lanes
+                    ref = ref_lane * lane_length + _reference_index(
+                        pass_, slice_, index, ref_lane == lane, word,
+                        segment, lane_length)
+                    memory[current] = _compress(
+                        memory[previous], memory[ref],
+                        memory[current] if pass_ else None)
+
+    final = memory[lane_length - 1]
+    for lane in range(1, lanes):
+        last = memory[(lane + 1) * lane_length - 1]
+        final = [a ^ b for a, b in zip(final, last)]
+    return _h_prime(_BLOCK.pack(*final), size)
+
+
+def derive_key(password):
+    """The 32-byte HMAC key for a password, as the Rust tool derives it."""
+    return argon2i(password.encode("utf-8"), ARGON2_SALT, ARGON2_MEMORY_KIB,
+                   ARGON2_PASSES, ARGON2_LANES)
+
+
+# ---------------------------------------------------------------- tokens (HS256 JWT)
+
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def sign(key, claims):
+    """The compact JWT for JSON claims (bytes), HS256 under key."""
+    signed = TOKEN_PREFIX + _b64url(claims)
+    mac = hmac.new(key, signed, hashlib.sha256).digest()
+    return signed + b"." + _b64url(mac)
+
+
+def verify(key, token):
+    """The decoded claims of a token that verifies under key, else None."""
+    token = bytes(token)
+    if not token.startswith(TOKEN_PREFIX):
+        return None
+    signed, _, mac = token.rpartition(b".")
+    expected = _b64url(hmac.new(key, signed, hashlib.sha256).digest())
+    if not hmac.compare_digest(expected, mac):
+        return None
+    body = signed[len(TOKEN_PREFIX):]
+    try:
+        return json.loads(base64.urlsafe_b64decode(
+            body + b"=" * (-len(body) % 4)).decode("utf-8"))
+    except ValueError:
+        return None
+
+
+REGISTERED_CLAIMS = b'"Registered"'
+
+
+def request_claims(nonce=None):
+    return b'{"nonce":null}' if nonce is None else b'{"nonce":%d}' % nonce
+
+
+def retry_claims(nonce):
+    return b'{"Retry":%d}' % nonce
+
+
+def _u64(value):
+    return type(value) is int and 0 <= value <= M64
+
+
+def request_nonce(claims):
+    """(True, nonce or None) for request claims, (False, None) otherwise."""
+    if isinstance(claims, dict) and list(claims) == ["nonce"]:
+        nonce = claims["nonce"]
+        if nonce is None or _u64(nonce):
+            return True, nonce
+    return False, None
+
+
+def retry_nonce(claims):
+    """The N of a {"Retry": N} reply, or None."""
+    if isinstance(claims, dict) and list(claims) == ["Retry"] \
+            and _u64(claims["Retry"]):
+        return claims["Retry"]
+    return None
+
+
+# ---------------------------------------------------------------- stats
+
+def pack_stats(stats):
+    """The counters as the 184-byte big-endian blob."""
+    return struct.pack(">%dQ" % len(STAT_NAMES),
+                       *[stats[name] & M64 for name in STAT_NAMES])
+
+
+def stats_json(blob):
+    """A stats blob as one compact JSON object, keys in wire order."""
+    values = struct.unpack(">%dQ" % len(STAT_NAMES), blob)
+    return "{%s}" % ",".join('"%s":%d' % kv for kv in zip(STAT_NAMES, values))
 
 
 # ---------------------------------------------------------------- the event loop
@@ -275,18 +503,76 @@ def run_loop(sel, timers=None):
 
 # ---------------------------------------------------------------- the server
 
-def run_server(sock, max_clients, log, stats=None):
-    """Relay between connectees and the client on one socket, forever."""
+def run_server(sock, max_clients, log, key=None, stats=None):
+    """Relay between connectees and the client on one socket, forever.
+
+    key: the HMAC key in password mode, None in plain mode.
+    stats: the counters (a dict keyed by STAT_NAMES), updated in place.
+    """
     if stats is None:
         stats = dict.fromkeys(STAT_NAMES, 0)
-    connectees = Connectees(max_clients)
+    connectees = Connectees(max_clients,
+                            reserved=(TOKEN_LOOKALIKE_TAG,) if key else ())
     client = None
+    secret = os.urandom(32)       # keys the address hash of the Retry nonces
+    registered = sign(key, REGISTERED_CLAIMS) if key else None
 
     buf = bytearray(TAG_SIZE + MAX_DATAGRAM)
     view = memoryview(buf)
     payload = view[TAG_SIZE:]     # received data lands after the tag's room
     recv_into = sock.recvfrom_into
     sendto = sock.sendto
+
+    def reply(data, dest):
+        try:
+            sendto(data, dest)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            socket_error(stats, "err2", log, "reply", e)
+
+    def address_hash(addr):
+        digest = hashlib.blake2b(format_addr(addr).encode(), digest_size=8,
+                                 key=secret).digest()
+        return int.from_bytes(digest, "big")
+
+    def on_signed(n, src):
+        """A datagram that looks signed: True if it verified and was handled.
+
+        One that does not verify gets no reply; it is ordinary data.
+        """
+        nonlocal client
+        stats["signed_looking"] += 1
+        claims = verify(key, payload[:n])
+        if claims is None:
+            stats["invalid_auths"] += 1
+            log.limited("auth failed", "A client from %s failed to "
+                        "authenticate" % format_addr(src))
+            return False
+        is_request, nonce = request_nonce(claims)
+        if not is_request:
+            return True                 # one of ours, but not for a server
+        if nonce == STATS_NONCE:
+            stats["stats_requests"] += 1
+            reply(pack_stats(stats), src)
+            return True
+        now = int(time.time())
+        if src == client:
+            stats["refresh_address"] += 1
+        else:
+            stats["auth_in_progress"] += 1
+            earliest, latest = now + AUTH_WINDOW[0], now + AUTH_WINDOW[1]
+            if nonce is None or not (
+                    earliest <= nonce ^ address_hash(src) <= latest):
+                log.limited("auth", "Authenticating: %s" % format_addr(src))
+                reply(sign(key, retry_claims(now ^ address_hash(src))), src)
+                return True
+            stats["auth_completeds"] += 1
+            client = src
+            log("New client address: %s" % format_addr(src))
+        stats["last_ka_s"] = now
+        reply(registered, src)
+        return True
 
     def on_readable():
         nonlocal client
@@ -300,7 +586,10 @@ def run_server(sock, max_clients, log, stats=None):
                 socket_error(stats, "err1", log, "receive", e)
                 continue
 
-            if n == 0:                                  # a keepalive
+            if key is not None:
+                if buf.startswith(TOKEN_PREFIX, 2, n + 2) and on_signed(n, src):
+                    continue
+            elif n == 0:                                # a plain keepalive
                 stats["simple_keepalives"] += 1
                 stats["last_ka_s"] = int(time.time())
                 if src != client:
@@ -366,8 +655,11 @@ def run_server(sock, max_clients, log, stats=None):
 # ---------------------------------------------------------------- the client
 
 def run_client(sock, server, real_family, real_server, max_clients,
-               interval, log):
-    """Keep the NAT open towards `server` and relay for `real_server`, forever."""
+               interval, log, key=None):
+    """Keep the NAT open towards `server` and relay for `real_server`, forever.
+
+    key: the HMAC key in password mode, None in plain mode.
+    """
     sel = selectors.DefaultSelector()
     workers = LRU(max_clients)      # tag -> worker socket
     buf = bytearray(TAG_SIZE + MAX_DATAGRAM)
@@ -375,7 +667,10 @@ def run_client(sock, server, real_family, real_server, max_clients,
     payload = view[TAG_SIZE:]
     sendto = sock.sendto
     bind_to = wildcard(real_family)
-    keepalive = b""
+    keepalive = sign(key, request_claims()) if key else b""
+    period = interval / 1000.0
+    next_ping = last_registered = time.monotonic()
+    heard = authenticated = silent = False
 
     def send_to_server(data, where):
         try:
@@ -384,6 +679,29 @@ def run_client(sock, server, real_family, real_server, max_clients,
             pass
         except OSError as e:
             socket_error(None, None, log, where, e)
+
+    def on_token(n):
+        """A datagram from the server that looks signed (password mode)."""
+        nonlocal heard, authenticated, silent, last_registered
+        claims = verify(key, view[:n])
+        if claims is None:
+            log.limited("token", "Dropped a token from the server that does "
+                        "not verify")
+            return
+        if not heard:
+            heard = True
+            log("Received a reply from server")
+        nonce = retry_nonce(claims)
+        if nonce is not None:
+            send_to_server(sign(key, request_claims(nonce)), "answer a Retry")
+        elif claims == "Registered":
+            last_registered = time.monotonic()
+            if not authenticated:
+                authenticated = True
+                log("Authenticated")
+            if silent:
+                silent = False
+                log("Server %s answers again" % format_addr(server))
 
     def open_worker(tag):
         try:
@@ -411,6 +729,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 continue
             if src != server or n < TAG_SIZE:
                 continue                    # strangers and dwarfs
+            if key is not None and buf.startswith(TOKEN_PREFIX, 0, n):
+                on_token(n)
+                continue
             tag = buf[0] << 8 | buf[1]
             worker = workers.get(tag) or open_worker(tag)
             if worker is None:
@@ -439,19 +760,54 @@ def run_client(sock, server, real_family, real_server, max_clients,
             buf[1] = tag & 0xFF
             send_to_server(view[:n + 2], "tag and send to the server")
 
-    period = interval / 1000.0
-    next_ping = time.monotonic()
-
     def timers():
-        nonlocal next_ping
+        nonlocal next_ping, silent
         now = time.monotonic()
         if now >= next_ping:
             send_to_server(keepalive, "send a keepalive")
             next_ping = now + period
+            if key is not None and not silent \
+                    and now - last_registered >= UNANSWERED_PINGS * period:
+                silent = True
+                log("Server %s is not answering" % format_addr(server))
         return next_ping - now
 
     sel.register(sock, selectors.EVENT_READ, on_server_readable)
     run_loop(sel, timers)
+
+
+# ---------------------------------------------------------------- stats client
+
+def dump_stats(sock, server, key, out):
+    """Ask the server for its counters and print them as JSON: exit status."""
+    request = sign(key, request_claims(STATS_NONCE))
+    size = 8 * len(STAT_NAMES)
+    sock.setblocking(True)
+    for _ in range(STATS_TRIES):
+        try:
+            sock.sendto(request, server)
+        except OSError:
+            pass
+        deadline = time.monotonic() + STATS_WAIT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            try:
+                data, src = sock.recvfrom(MAX_DATAGRAM)
+            except socket.timeout:
+                break
+            except OSError:
+                continue                # an ICMP error from an earlier try
+            if src == server and len(data) == size:
+                out.write(stats_json(data) + "\n")
+                out.flush()
+                return 0
+    print("udpexposer: no stats from %s after %d tries (is it a server, "
+          "with the same password?)" % (format_addr(server), STATS_TRIES),
+          file=sys.stderr)
+    return 1
 
 
 # ---------------------------------------------------------------- command line
@@ -466,9 +822,11 @@ def build_parser():
     parser = Parser(
         prog="udpexposer.py",
         description="Expose UDP port externally using helper hosts.",
-        epilog="Modes: -s (server); -a and -c (client); -S with -a and -P "
-               "(print the server's counters).  Addresses are IPv4:port, "
-               "[IPv6]:port or, for -a and -c, name:port.")
+        epilog="Modes: -s (server); -a and -c (client); -S with -a and a "
+               "password (print the server's counters).  Addresses are "
+               "IPv4:port, [IPv6]:port or, for -a and -c, name:port.  The "
+               "password can come from -P, from --password-file or from the "
+               "environment variable %s." % PASSWORD_ENV)
     parser.add_argument("listen_addr", help="UDP socket address to bind to")
     parser.add_argument("-c", "--local-connect-addr", metavar="ADDR",
                         help="client mode: expose specified UDP socket")
@@ -486,26 +844,54 @@ def build_parser():
                              "(default: %(default)s)")
     parser.add_argument("-P", "--password", metavar="PW",
                         help="pre-shared key / password to protect server "
-                             "against unsolicited clients (default: none)")
+                             "against unsolicited clients; visible to other "
+                             "users in ps, prefer --password-file "
+                             "(default: none)")
+    parser.add_argument("--password-file", metavar="PATH",
+                        help="read the password from the first line of PATH "
+                             "(default: none)")
     parser.add_argument("-S", "--dump-stats", action="store_true",
                         help="ask the server at -a for its counters, print "
-                             "them as JSON and exit (needs -P)")
+                             "them as JSON and exit (needs a password)")
     parser.add_argument("--version", action="version",
                         version="%(prog)s " + __version__)
     return parser
 
 
-def check_args(args):
-    """Raise UsageError for a combination of flags that makes no sense."""
+def read_password(args, environ):
+    """The password from -P, --password-file or the environment, or None."""
+    if args.password is not None and args.password_file is not None:
+        raise UsageError("give -P or --password-file, not both")
+    if args.password_file is not None:
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeError) as e:
+            raise UsageError("cannot read --password-file: %s" % e)
+        if not password:
+            raise UsageError("--password-file %s holds an empty first line"
+                             % args.password_file)
+        return password
+    if args.password is not None:
+        return args.password
+    return environ.get(PASSWORD_ENV) or None
+
+
+def choose_mode(args, password):
+    """'server', 'client' or 'stats'; UsageError for flags that make no sense."""
     if not 1 <= args.max_clients <= MAX_TAG:
         raise UsageError("-n/--max-clients must be 1..65535, not %d"
                          % args.max_clients)
     if not 1 <= args.ping_interval_ms <= 86400000:
         raise UsageError("-i/--ping-interval-ms must be 1..86400000, not %d"
                          % args.ping_interval_ms)
-    if args.password is not None or args.dump_stats:
-        raise UsageError("-P/--password and -S/--dump-stats are not "
-                         "implemented yet")
+    if args.dump_stats:
+        if args.server_mode or args.local_connect_addr is not None:
+            raise UsageError("-S takes -a and a password, not -s or -c")
+        if args.server_addr is None or password is None:
+            raise UsageError("-S needs -a SERVER and a password (-P, "
+                             "--password-file or %s)" % PASSWORD_ENV)
+        return "stats"
     client = args.server_addr is not None or args.local_connect_addr is not None
     if args.server_mode and client:
         raise UsageError("-s cannot be combined with -a or -c")
@@ -517,54 +903,59 @@ def check_args(args):
     return "client"
 
 
-def setup(args):
-    """Parse addresses and bind the main socket: (mode, sock, extra) or raise."""
-    mode = check_args(args)
+def setup(args, environ):
+    """Check flags, resolve addresses, derive the key, bind: a dict or raise."""
+    password = read_password(args, environ)
+    mode = choose_mode(args, password)
     try:
         family, listen = resolve(args.listen_addr, passive=True)
+        server = real = real_family = None
+        if mode != "server":
+            server = peer_addr(family, resolve(args.server_addr)[1])
         if mode == "client":
-            server_family, server = resolve(args.server_addr)
             real_family, real = resolve(args.local_connect_addr)
-            server = peer_addr(family, server)
     except ValueError as e:
         raise UsageError(str(e))
+    key = derive_key(password) if password is not None else None
     try:
         sock = udp_socket(family, listen)
     except OSError as e:
         raise UsageError("cannot bind %s: %s"
                          % (args.listen_addr, e.strerror or e))
-    if mode == "server":
-        return mode, sock, None
-    return mode, sock, (server, real_family, real)
+    return dict(mode=mode, sock=sock, key=key, server=server, real=real,
+                real_family=real_family)
 
 
 def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None):
+def main(argv=None, environ=None):
     args = build_parser().parse_args(argv)
     try:
-        mode, sock, extra = setup(args)
+        run = setup(args, os.environ if environ is None else environ)
     except UsageError as e:
         print("udpexposer: %s" % e, file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _stop)
+    sock, key, mode = run["sock"], run["key"], run["mode"]
     log = Log()
     bound = format_addr(sock.getsockname())
+    flavour = "password mode" if key else "plain mode"
     try:
+        if mode == "stats":
+            return dump_stats(sock, run["server"], key, sys.stdout)
         if mode == "server":
-            log("udpexposer.py %s: server mode on %s, up to %d connectees"
-                % (__version__, bound, args.max_clients))
-            run_server(sock, args.max_clients, log)
+            log("udpexposer.py %s: server mode on %s, %s, up to %d connectees"
+                % (__version__, bound, flavour, args.max_clients))
+            run_server(sock, args.max_clients, log, key)
         else:
-            server, real_family, real = extra
-            log("udpexposer.py %s: client mode on %s, server %s, "
+            log("udpexposer.py %s: client mode on %s, %s, server %s, "
                 "exposing %s, up to %d channels"
-                % (__version__, bound, format_addr(server),
-                   format_addr(real), args.max_clients))
-            run_client(sock, server, real_family, real, args.max_clients,
-                       args.ping_interval_ms, log)
+                % (__version__, bound, flavour, format_addr(run["server"]),
+                   format_addr(run["real"]), args.max_clients))
+            run_client(sock, run["server"], run["real_family"], run["real"],
+                       args.max_clients, args.ping_interval_ms, log, key)
     except KeyboardInterrupt:
         return 0
     finally:
