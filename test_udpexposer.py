@@ -108,12 +108,13 @@ def tearDownModule():
 class Proc:
     """A running udpexposer.py with its stdout lines collected by a thread."""
 
-    def __init__(self, args, env=None):
+    def __init__(self, args, env=None, netns=None):
         full_env = dict(os.environ)
         full_env.pop("PYTHONUNBUFFERED", None)   # lines must flush by themselves
         full_env.update(env or {})
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         self.p = subprocess.Popen(
-            [sys.executable, lone_copy()] + list(args),
+            prefix + [sys.executable, lone_copy()] + list(args),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=full_env, universal_newlines=True)
         self.lines = []
@@ -169,22 +170,26 @@ class Proc:
 class RelayCase(unittest.TestCase):
     """Helpers: sockets and processes that clean up after themselves."""
 
-    def udp(self, host="127.0.0.1"):
+    def udp(self, host="127.0.0.1", port=0, netns=None):
+        """A bound UDP socket with a timeout; in network namespace netns."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_DGRAM)
+        if netns is None:
+            s = socket.socket(family, socket.SOCK_DGRAM)
+        else:
+            s = in_netns(netns, socket.socket, family, socket.SOCK_DGRAM)
         self.addCleanup(s.close)
-        s.bind((host, 0))
+        s.bind((host, port))
         s.settimeout(TIMEOUT)
         return s
 
-    def run_tool(self, *args, env=None):
-        proc = Proc([str(a) for a in args], env=env)
+    def run_tool(self, *args, env=None, netns=None):
+        proc = Proc([str(a) for a in args], env=env, netns=netns)
         self.addCleanup(proc.stop)
         return proc
 
-    def start(self, *args, env=None):
+    def start(self, *args, env=None, netns=None):
         """Start the tool, wait for its start-up line; (proc, bound address)."""
-        proc = self.run_tool(*args, env=env)
+        proc = self.run_tool(*args, env=env, netns=netns)
         m = proc.wait_line(r" mode on (\S+),")
         return proc, ux.resolve(m.group(1))[1]
 
@@ -203,8 +208,17 @@ class RelayCase(unittest.TestCase):
             sock.settimeout(TIMEOUT)
         self.fail("unexpected datagram %r from %r" % (data[:40], src))
 
+    def echo(self, sock, reply_from=None):
+        """Echo every datagram on sock back to its sender, from reply_from."""
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        t = threading.Thread(target=echo_forever, args=(sock, stop, reply_from),
+                             daemon=True)
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+
     def relay(self, host="127.0.0.1", n=4, extra=()):
-        """Server + client + echo real server: (server addr, real server sock)."""
+        """Server + client + echo real server: (server addr, server, client)."""
         real = self.udp(host)
         server, saddr = self.start("-s", "%s:0" % fmt_host(host), "-n", n,
                                    *extra)
@@ -212,11 +226,7 @@ class RelayCase(unittest.TestCase):
             "%s:0" % fmt_host(host), "-a", ux.format_addr(saddr),
             "-c", ux.format_addr(real.getsockname()), "-n", n, *extra)
         server.wait_line("New client address")
-        stop = threading.Event()
-        self.addCleanup(stop.set)
-        t = threading.Thread(target=echo, args=(real, stop), daemon=True)
-        t.start()
-        self.addCleanup(t.join, TIMEOUT)
+        self.echo(real)
         return saddr, server, client
 
 
@@ -224,17 +234,42 @@ def fmt_host(host):
     return "[%s]" % host if ":" in host else host
 
 
-def echo(sock, stop):
+def echo_forever(sock, stop, reply_from=None):
     """Send every datagram back where it came from, until stop is set."""
     sock.settimeout(0.05)
     while not stop.is_set():
         try:
             data, src = sock.recvfrom(70000)
+            (reply_from or sock).sendto(data, src)
         except socket.timeout:
             continue
         except OSError:
             return
-        sock.sendto(data, src)
+
+
+def in_netns(name, fn, *args):
+    """fn(*args) called in a thread that entered network namespace `name`.
+
+    A socket made there stays in that namespace wherever it is used later.
+    """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = {}
+
+    def run():
+        try:
+            with open("/var/run/netns/" + name) as f:
+                if libc.setns(f.fileno(), 0x40000000) != 0:   # CLONE_NEWNET
+                    raise OSError(ctypes.get_errno(), "setns " + name)
+            result["value"] = fn(*args)
+        except BaseException as e:
+            result["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 # ====================================================================== pure parts
@@ -840,6 +875,246 @@ class TestPasswordEndToEnd(RelayCase):
         c.sendto(b"anyone?", saddr)
         self.assert_silent(real)
         self.assertNotIn("New client address", "\n".join(server.drain()))
+
+
+# ====================================================================== through a real NAT
+
+def netns_missing():
+    """Why the NAT tests cannot run here, or None."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux only"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "nft", "conntrack"):
+        if shutil.which(tool) is None:
+            return "needs the %s command" % tool
+    return None
+
+
+def sh(*cmd, stdin=None):
+    subprocess.run(cmd, input=stdin, check=True, universal_newlines=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                   timeout=30)
+
+
+NETNS_MISSING = netns_missing()
+# CI sets UDPEXPOSER_REQUIRE_NETNS=1: there a missing tool fails, never skips.
+NETNS_REQUIRED = os.environ.get("UDPEXPOSER_REQUIRE_NETNS") == "1"
+
+
+@unittest.skipIf(NETNS_MISSING and not NETNS_REQUIRED, NETNS_MISSING)
+class TestThroughNat(RelayCase):
+    """Three namespaces: the internet (wan), a NAT router, the hidden lan.
+
+    wan:    198.51.100.1 helper (server), 198.51.100.2-9 connectees/strangers,
+            203.0.113.1 towards the router
+    router: 203.0.113.10 public (SNAT), 10.200.0.1 lan; forwards new flows
+            from the lan only, drops everything else but replies
+    lan:    10.200.0.2: the client and the hidden real server
+    """
+
+    HELPER = ("198.51.100.1", 5566)
+    HIDDEN = "10.200.0.2"
+    INTERVAL_MS = 300
+
+    def setUp(self):
+        if NETNS_MISSING:
+            self.fail(NETNS_MISSING)
+        run = "%x%04x" % (os.getpid() % 0xFFFF, id(self) % 0xFFFF)
+        self.wan, self.router, self.lan = ("ux%s%s" % (k, run) for k in "wrl")
+        self.wan_if, self.lan_if = "uxa%s" % run, "uxb%s" % run
+        for ns in (self.wan, self.router, self.lan):
+            sh("ip", "netns", "add", ns)
+            self.addCleanup(subprocess.run, ["ip", "netns", "del", ns],
+                            stderr=subprocess.DEVNULL)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", "a" + self.wan_if, "netns", self.wan, "type",
+           "veth", "peer", "name", self.wan_if, "netns", self.router)
+        sh("ip", "link", "add", self.lan_if, "netns", self.router, "type",
+           "veth", "peer", "name", "b" + self.lan_if, "netns", self.lan)
+        for ns, addr, dev in (
+                (self.wan, "203.0.113.1/24", "a" + self.wan_if),
+                (self.wan, "198.51.100.1/24", "lo"),
+                (self.router, "203.0.113.10/24", self.wan_if),
+                (self.router, "10.200.0.1/24", self.lan_if),
+                (self.lan, "10.200.0.2/24", "b" + self.lan_if)):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", self.lan, "route", "add", "default", "via", "10.200.0.1")
+        sh("ip", "-n", self.router, "route", "add", "198.51.100.0/24", "via",
+           "203.0.113.1")
+        # The internet knows where the lan is; only the firewall stops it.
+        sh("ip", "-n", self.wan, "route", "add", "10.200.0.0/24", "via",
+           "203.0.113.10")
+        sh("ip", "netns", "exec", self.router, "sysctl", "-qw",
+           "net.ipv4.ip_forward=1")
+        self.nat_rules("203.0.113.10")
+
+    def nat_rules(self, public):
+        """(Re)load the router's rules: SNAT to public, drop unsolicited."""
+        rules = """
+            table ip uxnat
+            delete table ip uxnat
+            table ip uxnat {
+              chain postrouting {
+                type nat hook postrouting priority srcnat;
+                oifname "%(wan)s" snat to %(public)s
+              }
+              chain forward {
+                type filter hook forward priority filter; policy drop;
+                ct state established,related accept
+                iifname "%(lan)s" oifname "%(wan)s" accept
+              }
+            }
+        """ % dict(wan=self.wan_if, lan=self.lan_if, public=public)
+        sh("ip", "netns", "exec", self.router, "nft", "-f", "-", stdin=rules)
+
+    def nat_reboot(self, public):
+        """The router comes back with a new public address and no memory."""
+        sh("ip", "-n", self.router, "addr", "flush", "dev", self.wan_if)
+        sh("ip", "-n", self.router, "addr", "add", public + "/24", "dev",
+           self.wan_if)
+        sh("ip", "-n", self.router, "route", "replace", "198.51.100.0/24",
+           "via", "203.0.113.1")
+        sh("ip", "-n", self.wan, "route", "replace", "10.200.0.0/24", "via",
+           public)
+        self.nat_rules(public)
+        sh("ip", "netns", "exec", self.router, "conntrack", "-F")
+
+    def hidden_service(self, reply_from_other_port=False):
+        real = self.udp(self.HIDDEN, netns=self.lan)
+        other = self.udp(self.HIDDEN, netns=self.lan)
+        self.echo(real, other if reply_from_other_port else None)
+        return real
+
+    def start_server(self, *extra):
+        return self.start("-s", "%s:%d" % self.HELPER, "-n", 16, *extra,
+                          netns=self.wan)[0]
+
+    def start_client(self, real, *extra):
+        return self.start("0.0.0.0:0", "-a", "%s:%d" % self.HELPER,
+                          "-c", ux.format_addr(real.getsockname()), "-n", 16,
+                          "-i", self.INTERVAL_MS, *extra, netns=self.lan)[0]
+
+    def connectee(self, i):
+        return self.udp("198.51.100.%d" % i, netns=self.wan)
+
+    def exchange(self, conn, msg):
+        conn.sendto(msg, self.HELPER)
+        self.assertEqual(self.recv(conn), (msg, self.HELPER))
+
+    def exchange_until(self, conn, msg, deadline):
+        """Retry one exchange until it works; the time it took."""
+        t0 = time.monotonic()
+        conn.settimeout(0.05)
+        try:
+            while time.monotonic() < deadline:
+                conn.sendto(msg, self.HELPER)
+                try:
+                    data, src = conn.recvfrom(70000)
+                except socket.timeout:
+                    continue
+                if (data, src) == (msg, self.HELPER):
+                    return time.monotonic() - t0
+        finally:
+            conn.settimeout(TIMEOUT)
+        self.fail("no answer through the relay")
+
+    def relay(self, *extra):
+        real = self.hidden_service()
+        server = self.start_server(*extra)
+        client = self.start_client(real, *extra)
+        m = server.wait_line(r"New client address: (203\.0\.113\.10:\d+)")
+        return server, client, m.group(1)
+
+    def test_without_the_relay_the_service_is_unreachable(self):
+        real = self.hidden_service()
+        outsider = self.connectee(2)
+        port = real.getsockname()[1]
+        outsider.sendto(b"direct", (self.HIDDEN, port))
+        outsider.sendto(b"to the NAT", ("203.0.113.10", port))
+        self.assert_silent(real, 0.5)
+        # Outgoing works, and so do replies to it, from the same peer only.
+        real.sendto(b"out", outsider.getsockname())
+        data, public = self.recv(outsider)
+        self.assertEqual((data, public[0]), (b"out", "203.0.113.10"))
+        outsider.sendto(b"reply", public)
+        self.assertEqual(self.recv(real)[0], b"reply")
+        self.connectee(3).sendto(b"stranger", public)
+        self.assert_silent(real, 0.5)
+
+    def test_connectees_reach_the_hidden_service(self):
+        server, client, public = self.relay()
+        conns = [self.connectee(i) for i in (2, 3, 4)]
+        for round_ in range(3):
+            for i, c in enumerate(conns):
+                self.exchange(c, b"%d:%d " % (i, round_) + os.urandom(1200))
+        self.exchange(conns[0], os.urandom(60000))   # fragments cross the NAT
+
+    def test_nat_reboot_with_a_new_address(self):
+        server, client, public = self.relay()
+        conn = self.connectee(2)
+        self.exchange(conn, b"before")
+        self.nat_reboot("203.0.113.20")
+        t0 = time.monotonic()
+        server.wait_line(r"New client address: 203\.0\.113\.20:",
+                         timeout=2 * self.INTERVAL_MS / 1000.0 + 1)
+        self.assertLess(time.monotonic() - t0, 2 * self.INTERVAL_MS / 1000.0)
+        self.exchange_until(conn, b"after", time.monotonic() + TIMEOUT)
+
+    def test_server_restart(self):
+        server, client, public = self.relay()
+        conn = self.connectee(2)
+        self.exchange(conn, b"before")
+        server.stop()
+        server = self.start_server()
+        server.wait_line("New client address: 203.0.113.10:",
+                         timeout=2 * self.INTERVAL_MS / 1000.0 + 1)
+        self.exchange_until(conn, b"after", time.monotonic() + TIMEOUT)
+
+    def test_strangers_and_wrong_ports_get_nothing_through(self):
+        real = self.hidden_service(reply_from_other_port=True)
+        server = self.start_server()
+        client = self.start_client(real)
+        public = server.wait_line(r"New client address: (\S+)").group(1)
+        conn = self.connectee(2)
+        conn.sendto(b"hello", self.HELPER)          # reaches real, which
+        self.assert_silent(conn, 0.5)               # answers from elsewhere
+        # A stranger who learned the client's public mapping sends to it.
+        stranger = self.connectee(9)
+        host, port = ux.split_host_port(public)
+        for payload in (b"\x00\x01inject", b"", b"\x00\x02x" * 100):
+            stranger.sendto(payload, (host, port))
+        watcher = self.udp(self.HIDDEN, netns=self.lan)
+        self.assert_silent(watcher, 0.3)
+        self.assertNotIn("inject", "".join(client.drain()))
+
+    def test_password_mode_through_the_nat(self):
+        env = {ux.PASSWORD_ENV: "through the NAT"}
+        real = self.hidden_service()
+        server = self.start("-s", "%s:%d" % self.HELPER, env=env,
+                            netns=self.wan)[0]
+        client = self.start("0.0.0.0:0", "-a", "%s:%d" % self.HELPER,
+                            "-c", ux.format_addr(real.getsockname()),
+                            "-i", self.INTERVAL_MS, env=env, netns=self.lan)[0]
+        server.wait_line(r"New client address: 203\.0\.113\.10:")
+        client.wait_line("Authenticated")
+        conn = self.connectee(2)
+        self.exchange(conn, b"signed")
+        # A stranger tries to become the client address.
+        stranger = self.connectee(9)
+        for payload in (b"", V_INITIAL_REQUEST, V_REGISTERED[:-4] + b"AAAA",
+                        ux.sign(os.urandom(32), ux.request_claims())):
+            stranger.sendto(payload, self.HELPER)
+        time.sleep(2 * self.INTERVAL_MS / 1000.0)   # keepalives keep coming
+        self.exchange(conn, b"still ours")
+        taken = [l for l in server.drain() if "New client address" in l]
+        self.assertEqual(len(taken), 1, taken)
+        # The NAT reboots: the handshake runs again from the new address.
+        self.nat_reboot("203.0.113.20")
+        server.wait_line(r"New client address: 203\.0\.113\.20:",
+                         timeout=2 * self.INTERVAL_MS / 1000.0 + 1)
+        self.exchange_until(conn, b"after", time.monotonic() + TIMEOUT)
 
 
 # ====================================================================== as a user runs it
