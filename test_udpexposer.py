@@ -353,10 +353,16 @@ class TestLRU(unittest.TestCase):
 # ====================================================================== server
 
 class TestServer(RelayCase):
-    """The tool as a server, with test sockets playing client and connectees."""
+    """The tool as a server, with test sockets playing client and connectees.
+
+    On Linux this runs the recvmmsg/sendmmsg path; TestServerPortable below
+    runs the same tests on the portable recvfrom/sendto path.
+    """
+
+    SERVER = ("-s", "127.0.0.1:0")
 
     def test_matches_rust_bytes_and_log(self):
-        proc, saddr = self.start("-s", "127.0.0.1:0")
+        proc, saddr = self.start(*self.SERVER)
         client, c1, c2 = self.udp(), self.udp(), self.udp()
 
         c1.sendto(b"early", saddr)                  # no client yet: dropped
@@ -389,7 +395,7 @@ class TestServer(RelayCase):
         self.assertEqual(self.recv(c2), (b"\x00\x01after", saddr))
 
     def test_empty_payload_from_client_is_relayed_as_empty(self):
-        proc, saddr = self.start("-s", "127.0.0.1:0")
+        proc, saddr = self.start(*self.SERVER)
         client, c1 = self.udp(), self.udp()
         client.sendto(b"", saddr)
         proc.wait_line("New client address")
@@ -399,7 +405,7 @@ class TestServer(RelayCase):
         self.assertEqual(self.recv(c1), (b"", saddr))
 
     def test_big_datagrams_pass_whole_and_too_big_are_dropped(self):
-        proc, saddr = self.start("-s", "127.0.0.1:0")
+        proc, saddr = self.start(*self.SERVER)
         client, c1 = self.udp(), self.udp()
         client.sendto(b"", saddr)
         proc.wait_line("New client address")
@@ -418,7 +424,7 @@ class TestServer(RelayCase):
         self.assertEqual(self.recv(client)[0], b"\x00\x01still alive")
 
     def test_garbage_from_everyone_never_kills_it(self):
-        proc, saddr = self.start("-s", "127.0.0.1:0", "-n", "3")
+        proc, saddr = self.start(*self.SERVER, "-n", "3")
         client = self.udp()
         strangers = [self.udp() for _ in range(6)]
         client.sendto(b"", saddr)
@@ -441,17 +447,96 @@ class TestServer(RelayCase):
         self.assertNotIn("Traceback", proc.stop())
 
 
+class TestServerPortable(TestServer):
+    SERVER = ("-s", "127.0.0.1:0", "--portable-io")
+
+
+class TestBurstIO(RelayCase):
+    """Both I/O paths of the server, called directly."""
+
+    def check(self, make, host):
+        sock = self.udp(host)
+        sock.setblocking(False)
+        errors = []
+        io = make(sock, lambda where, exc: errors.append((where, exc)))
+        a, b = self.udp(host), self.udp(host)
+        here = sock.getsockname()
+        a.sendto(b"one", here)
+        b.sendto(b"", here)
+        a.sendto(b"x" * 65000, here)
+        deadline = time.monotonic() + TIMEOUT
+        got = []
+        while len(got) < 3 and time.monotonic() < deadline:
+            for i in range(io.receive()):
+                at = i * ux.SLOT + ux.TAG_SIZE
+                got.append((bytes(io.buf[at:at + io.lengths[i]]),
+                            io.address(io.sources[i]), io.sources[i]))
+        self.assertEqual([(d[:5], addr) for d, addr, _ in got],
+                         [(b"one", a.getsockname()), (b"", b.getsockname()),
+                          (b"xxxxx", a.getsockname())])
+        self.assertEqual(len(got[2][0]), 65000)
+        self.assertEqual(got[0][2], got[2][2])      # same source, same key
+        self.assertEqual(io.key_of(a.getsockname()), got[0][2])
+        self.assertNotEqual(got[0][2], got[1][2])
+        # relay the first datagram, tagged, to b and the big one to a
+        io.buf[0:2] = b"\x00\x07"
+        io.send(0, 2 + 3, got[1][2], "err4")
+        io.send(2 * ux.SLOT + ux.TAG_SIZE, 65000, got[0][2], "err3")
+        io.send(2 * ux.SLOT, 65000 + 2, got[0][2], "err4")  # fits on IPv6 only
+        io.flush()
+        self.assertEqual(self.recv(b), (b"\x00\x07one", here))
+        self.assertEqual(self.recv(a)[0], b"x" * 65000)
+        if ":" in host:
+            self.assertEqual(self.recv(a)[0][2:], b"x" * 65000)
+        self.assertEqual(errors, [])
+        io.send_now(b"now", got[1][2], "err2")
+        self.assertEqual(self.recv(b)[0], b"now")
+
+    def test_portable(self):
+        self.check(ux.BurstIO, "127.0.0.1")
+
+    @unittest.skipUnless(has_ipv6(), "no IPv6 loopback")
+    def test_portable_ipv6(self):
+        self.check(ux.BurstIO, "::1")
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_mmsg(self):
+        self.check(lambda s, r: ux.MmsgIO(s, r, *ux._load_mmsg()), "127.0.0.1")
+
+    @unittest.skipIf(ux._load_mmsg() is None or not has_ipv6(),
+                     "no recvmmsg or no IPv6 loopback")
+    def test_mmsg_ipv6(self):
+        self.check(lambda s, r: ux.MmsgIO(s, r, *ux._load_mmsg()), "::1")
+
+    def test_send_errors_are_reported_not_raised(self):
+        for make in (ux.BurstIO, lambda s, r: ux.MmsgIO(s, r, *ux._load_mmsg())):
+            if make is not ux.BurstIO and ux._load_mmsg() is None:
+                continue
+            sock = self.udp()
+            errors = []
+            io = make(sock, lambda where, exc: errors.append(where))
+            peer = self.udp()
+            key = make(sock, None).key_of(peer.getsockname())
+            io.send(0, 65509, key, "err4")          # too big for IPv4
+            io.send(0, 10, key, "err3")
+            io.flush()
+            self.assertEqual(errors, ["err4"])
+            self.assertEqual(len(self.recv(peer)[0]), 10)
+
+
 # ====================================================================== client
 
 class TestClient(RelayCase):
     """The tool as a client, with test sockets playing server and real server."""
+
+    FLAGS = ()
 
     def start_client(self, n=4, interval=25000):
         server, real = self.udp(), self.udp()
         proc, caddr = self.start("127.0.0.1:0", "-a",
                                  ux.format_addr(server.getsockname()),
                                  "-c", ux.format_addr(real.getsockname()),
-                                 "-n", n, "-i", interval)
+                                 "-n", n, "-i", interval, *self.FLAGS)
         self.assertEqual(self.recv(server), (b"", caddr))   # keepalive at start
         return proc, server, real, caddr
 
@@ -537,6 +622,10 @@ class TestClient(RelayCase):
         server.sendto(b"\x00\x05alive", caddr)
         self.assertEqual(self.recv(real)[0], b"alive")
         self.assertIsNone(proc.p.poll())
+
+
+class TestClientPortable(TestClient):
+    FLAGS = ("--portable-io",)
 
 
 # ====================================================================== end to end
@@ -684,6 +773,8 @@ class TestPasswordSources(unittest.TestCase):
 class TestPasswordServer(RelayCase):
     """The tool as a password-mode server, driven with the Rust client's bytes."""
 
+    SERVER = ("-s", "127.0.0.1:0")
+
     def register(self, proc, saddr, client):
         client.sendto(V_INITIAL_REQUEST, saddr)
         retry, src = self.recv(client)
@@ -699,7 +790,7 @@ class TestPasswordServer(RelayCase):
         return nonce
 
     def test_handshake_relay_and_stats(self):
-        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        proc, saddr = self.start(*self.SERVER, "-P", V_PASSWORD)
         client, c1, stranger = self.udp(), self.udp(), self.udp()
         nonce = self.register(proc, saddr, client)
         client.sendto(V_INITIAL_REQUEST, saddr)     # keepalive: accepted at once
@@ -730,7 +821,7 @@ class TestPasswordServer(RelayCase):
         self.assertEqual(stats["simple_keepalives"], 0)
 
     def test_forgeries_get_no_reply_and_take_nothing_over(self):
-        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        proc, saddr = self.start(*self.SERVER, "-P", V_PASSWORD)
         client, stranger = self.udp(), self.udp()
         forged = V_REGISTERED[:-3] + b"AAA"
         stranger.sendto(forged, saddr)              # no client yet: dropped
@@ -751,6 +842,10 @@ class TestPasswordServer(RelayCase):
         self.assert_silent(stranger)
         client.sendto(b"\x00\x01back", saddr)       # client still in charge
         self.assertEqual(self.recv(stranger), (b"back", saddr))
+
+
+class TestPasswordServerPortable(TestPasswordServer):
+    SERVER = ("-s", "127.0.0.1:0", "--portable-io")
 
 
 class TestPasswordClient(RelayCase):

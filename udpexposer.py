@@ -42,7 +42,8 @@ __version__ = "0.3.0"
 MAX_DATAGRAM = 65535      # receive room: no UDP payload is larger
 TAG_SIZE = 2
 MAX_TAG = 0xFFFF
-BURST = 64                # datagrams drained from one socket per wake-up
+BURST = 64                # datagrams read from a socket at a time
+BURSTS_PER_WAKEUP = 8     # the server reads on while there is more
 SOCKET_BUFFER = 1 << 20   # asked of the kernel for SO_RCVBUF / SO_SNDBUF
 
 DEFAULT_MAX_CLIENTS = 4
@@ -244,11 +245,15 @@ class Connectees:
         """The address of tag (now most recent), or None."""
         return self.addr_of.get(tag)
 
+    def touch(self, tag):
+        """Mark tag, known to be in use, as the most recent."""
+        self.addr_of.entries.move_to_end(tag)
+
     def tag_for(self, addr):
         """(tag, is_new, evicted_address_or_None) for a connectee address."""
         tag = self.tag_of.get(addr)
         if tag is not None:
-            self.addr_of.entries.move_to_end(tag)
+            self.touch(tag)
             return tag, False, None
         tag = self.next_tag
         while tag in self.addr_of or tag in self.reserved:
@@ -501,60 +506,285 @@ def run_loop(sel, timers=None):
             key.data()
 
 
+# ---------------------------------------------------------------- datagram I/O in bursts
+
+SLOT = TAG_SIZE + MAX_DATAGRAM    # one datagram with room for a tag in front
+
+
+class BurstIO:
+    """Datagram I/O on one socket, a burst at a time, with recvfrom/sendto.
+
+    receive() reads up to BURST datagrams into slots of one buffer: datagram
+    i is lengths[i] bytes at buf[i * SLOT + TAG_SIZE:], from sources[i].
+    Sources are opaque, hashable address keys; address(key) turns one into a
+    sockaddr tuple.  send() relays a range of buf; flush() ends the burst.
+    Errors go to report(where, exc) and never stop the caller.
+    """
+
+    def __init__(self, sock, report):
+        self.sock = sock
+        self.report = report
+        self.buf = bytearray(BURST * SLOT)
+        self.view = memoryview(self.buf)
+        self.slots = [self.view[i * SLOT + TAG_SIZE:(i + 1) * SLOT]
+                      for i in range(BURST)]
+        self.lengths = [0] * BURST
+        self.sources = [None] * BURST
+
+    def receive(self):
+        """Read what is waiting, up to BURST datagrams: how many."""
+        recv_into, slots = self.sock.recvfrom_into, self.slots
+        lengths, sources = self.lengths, self.sources
+        k = 0
+        for _ in range(BURST):
+            try:
+                lengths[k], sources[k] = recv_into(slots[k], MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.report("err1", e)
+                continue
+            k += 1
+        return k
+
+    def send(self, start, length, dest, where):
+        self.send_now(self.view[start:start + length], dest, where)
+
+    def send_now(self, data, dest, where):
+        try:
+            self.sock.sendto(data, dest)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            self.report(where, e)
+
+    def flush(self):
+        pass
+
+    @staticmethod
+    def address(key):
+        return key
+
+    @staticmethod
+    def key_of(addr):
+        """The source key recvfrom gives for a sockaddr tuple."""
+        return addr
+
+
+def _load_mmsg():
+    """libc's recvmmsg and sendmmsg through ctypes, or None where not Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        for name in ("recvmmsg", "sendmmsg"):
+            fn = getattr(libc, name)
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint,
+                           ctypes.c_int, ctypes.c_void_p]
+    except (ImportError, OSError, AttributeError):
+        return None
+    return ctypes, libc
+
+
+class MmsgIO(BurstIO):
+    """BurstIO with one recvmmsg and one sendmmsg per burst (Linux).
+
+    Sources are raw sockaddr bytes here: cheaper to make, hash and send to.
+    receive and send are closures over locals: this is the hot path.
+    """
+
+    MSG_DONTWAIT = 0x40
+
+    def __init__(self, sock, report, ctypes, libc):
+        BurstIO.__init__(self, sock, report)
+        c = ctypes
+        recvmmsg, sendmmsg, get_errno = libc.recvmmsg, libc.sendmmsg, c.get_errno
+        # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
+        # sockaddr_in6 (IPv4-mapped included) for IPv6.
+        name_size = 28 if sock.family == socket.AF_INET6 else 16
+
+        class IOVec(c.Structure):
+            _fields_ = [("base", c.c_void_p), ("len", c.c_size_t)]
+
+        class MsgHdr(c.Structure):
+            _fields_ = [("name", c.c_void_p), ("namelen", c.c_uint32),
+                        ("iov", c.c_void_p), ("iovlen", c.c_size_t),
+                        ("control", c.c_void_p), ("controllen", c.c_size_t),
+                        ("flags", c.c_int)]
+
+        class MMsgHdr(c.Structure):
+            _fields_ = [("hdr", MsgHdr), ("len", c.c_uint)]
+
+        def address_of(data):
+            return c.addressof((c.c_char * len(data)).from_buffer(data))
+
+        base = address_of(self.buf)
+        names_in = bytearray(BURST * name_size)
+        names_out = bytearray(BURST * name_size)
+        iov_in, iov_out = (IOVec * BURST)(), (IOVec * BURST)()
+        msgs_in, msgs_out = (MMsgHdr * BURST)(), (MMsgHdr * BURST)()
+        for i in range(BURST):
+            iov_in[i].base = base + i * SLOT + TAG_SIZE
+            iov_in[i].len = MAX_DATAGRAM
+            for msgs, iov, names in ((msgs_in, iov_in, names_in),
+                                     (msgs_out, iov_out, names_out)):
+                msgs[i].hdr.name = address_of(names) + i * name_size
+                msgs[i].hdr.namelen = name_size
+                msgs[i].hdr.iov = c.addressof(iov[i])
+                msgs[i].hdr.iovlen = 1
+        self._keep = (names_in, names_out, iov_in, iov_out, msgs_in, msgs_out)
+        fd = sock.fileno()
+        at_in, at_out = c.addressof(msgs_in), c.addressof(msgs_out)
+        msg_size = c.sizeof(MMsgHdr)
+        # Word views of the arrays: reading and writing fields through them is
+        # several times cheaper than through ctypes attributes.
+        in32 = memoryview(msgs_in).cast("B").cast("I")
+        words = msg_size // 4
+        lengths_at = [i * words + MMsgHdr.len.offset // 4 for i in range(BURST)]
+        word = "Q" if c.sizeof(c.c_void_p) == 8 else "I"
+        iov_words = memoryview(iov_out).cast("B").cast(word)
+        names_at = [(i * name_size, (i + 1) * name_size) for i in range(BURST)]
+        lengths, sources = self.lengths, self.sources
+        wheres = [None] * BURST
+        queued = 0
+
+        def failure():
+            err = get_errno()
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                return None
+            return OSError(err, os.strerror(err))
+
+        def receive():
+            k = recvmmsg(fd, at_in, BURST, self.MSG_DONTWAIT, None)
+            if k < 0:
+                exc = failure()
+                if exc is not None:
+                    report("err1", exc)
+                return 0
+            for i in range(k):
+                lengths[i] = in32[lengths_at[i]]
+                start, end = names_at[i]
+                sources[i] = bytes(names_in[start:end])
+            return k
+
+        def send(start, length, dest, where):
+            nonlocal queued
+            j = queued
+            if j == BURST:
+                flush()
+                j = 0
+            iov_words[2 * j] = base + start
+            iov_words[2 * j + 1] = length
+            a, b = names_at[j]
+            names_out[a:b] = dest
+            wheres[j] = where
+            queued = j + 1
+
+        def flush():
+            nonlocal queued
+            done = 0
+            while done < queued:
+                sent = sendmmsg(fd, at_out + done * msg_size, queued - done,
+                                0, None)
+                if sent > 0:
+                    done += sent
+                    continue
+                exc = failure()
+                if exc is None:
+                    break           # socket buffer full: the rest is lost
+                report(wheres[done], exc)
+                done += 1           # skip the one that failed
+            queued = 0
+
+        self.receive, self.send, self.flush = receive, send, flush
+
+    def send_now(self, data, dest, where):
+        BurstIO.send_now(self, data, self.address(dest), where)
+
+    @staticmethod
+    def key_of(addr):
+        """sockaddr tuple -> the sockaddr bytes recvmmsg gives (Linux layout)."""
+        host, port = addr[0].split("%")[0], struct.pack(">H", addr[1])
+        if len(addr) == 2:
+            return struct.pack("=H", socket.AF_INET) + port \
+                + socket.inet_pton(socket.AF_INET, host) + bytes(8)
+        return struct.pack("=H", socket.AF_INET6) + port \
+            + struct.pack(">I", addr[2]) \
+            + socket.inet_pton(socket.AF_INET6, host) + struct.pack("=I", addr[3])
+
+    @staticmethod
+    def address(raw):
+        """sockaddr bytes (Linux layout) -> the tuple recvfrom() would give."""
+        family = struct.unpack_from("=H", raw)[0]
+        port = raw[2] << 8 | raw[3]
+        if family == socket.AF_INET:
+            return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+        flowinfo = struct.unpack_from(">I", raw, 4)[0]
+        scope = struct.unpack_from("=I", raw, 24)[0]
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
+
+
+def burst_io(sock, report, portable=False):
+    """MmsgIO where the platform has it (unless portable), else BurstIO."""
+    mmsg = None if portable else _load_mmsg()
+    if mmsg is None:
+        return BurstIO(sock, report)
+    return MmsgIO(sock, report, *mmsg)
+
+
 # ---------------------------------------------------------------- the server
 
-def run_server(sock, max_clients, log, key=None, stats=None):
+SERVER_ERRORS = {"err1": "receive", "err2": "reply",
+                 "err3": "send to a connectee", "err4": "tag and send to the client"}
+
+
+def run_server(sock, max_clients, log, key=None, stats=None, portable=False):
     """Relay between connectees and the client on one socket, forever.
 
     key: the HMAC key in password mode, None in plain mode.
     stats: the counters (a dict keyed by STAT_NAMES), updated in place.
+    portable: plain recvfrom/sendto even where recvmmsg/sendmmsg exist.
     """
     if stats is None:
         stats = dict.fromkeys(STAT_NAMES, 0)
+
+    def report(counter, exc):
+        socket_error(stats, counter, log, SERVER_ERRORS[counter], exc)
+
+    io = burst_io(sock, report, portable)
     connectees = Connectees(max_clients,
                             reserved=(TOKEN_LOOKALIKE_TAG,) if key else ())
-    client = None
+    client = None                 # the client's address key, once known
     secret = os.urandom(32)       # keys the address hash of the Retry nonces
     registered = sign(key, REGISTERED_CLAIMS) if key else None
+    buf, view, address = io.buf, io.view, io.address
 
-    buf = bytearray(TAG_SIZE + MAX_DATAGRAM)
-    view = memoryview(buf)
-    payload = view[TAG_SIZE:]     # received data lands after the tag's room
-    recv_into = sock.recvfrom_into
-    sendto = sock.sendto
-
-    def reply(data, dest):
-        try:
-            sendto(data, dest)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as e:
-            socket_error(stats, "err2", log, "reply", e)
-
-    def address_hash(addr):
-        digest = hashlib.blake2b(format_addr(addr).encode(), digest_size=8,
-                                 key=secret).digest()
+    def address_hash(src):
+        digest = hashlib.blake2b(format_addr(address(src)).encode(),
+                                 digest_size=8, key=secret).digest()
         return int.from_bytes(digest, "big")
 
-    def on_signed(n, src):
+    def on_signed(token, src):
         """A datagram that looks signed: True if it verified and was handled.
 
         One that does not verify gets no reply; it is ordinary data.
         """
         nonlocal client
         stats["signed_looking"] += 1
-        claims = verify(key, payload[:n])
+        claims = verify(key, token)
         if claims is None:
             stats["invalid_auths"] += 1
             log.limited("auth failed", "A client from %s failed to "
-                        "authenticate" % format_addr(src))
+                        "authenticate" % format_addr(address(src)))
             return False
         is_request, nonce = request_nonce(claims)
         if not is_request:
             return True                 # one of ours, but not for a server
         if nonce == STATS_NONCE:
             stats["stats_requests"] += 1
-            reply(pack_stats(stats), src)
+            io.send_now(pack_stats(stats), src, "err2")
             return True
         now = int(time.time())
         if src == client:
@@ -564,30 +794,31 @@ def run_server(sock, max_clients, log, key=None, stats=None):
             earliest, latest = now + AUTH_WINDOW[0], now + AUTH_WINDOW[1]
             if nonce is None or not (
                     earliest <= nonce ^ address_hash(src) <= latest):
-                log.limited("auth", "Authenticating: %s" % format_addr(src))
-                reply(sign(key, retry_claims(now ^ address_hash(src))), src)
+                log.limited("auth", "Authenticating: %s"
+                            % format_addr(address(src)))
+                io.send_now(sign(key, retry_claims(now ^ address_hash(src))),
+                            src, "err2")
                 return True
             stats["auth_completeds"] += 1
             client = src
-            log("New client address: %s" % format_addr(src))
+            log("New client address: %s" % format_addr(address(src)))
         stats["last_ka_s"] = now
-        reply(registered, src)
+        io.send_now(registered, src, "err2")
         return True
 
-    def on_readable():
+    def relay_burst():
+        """Receive and relay one burst: how many datagrams came in."""
         nonlocal client
-        from_client = from_connectee = 0
-        for _ in range(BURST):
-            try:
-                n, src = recv_into(payload, MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                socket_error(stats, "err1", log, "receive", e)
-                continue
-
+        lengths, sources, send = io.lengths, io.sources, io.send
+        tag_of, lookup, touch = connectees.tag_of, connectees.lookup, \
+            connectees.touch
+        msgs_in = bytes_in = msgs_out = bytes_out = 0
+        k = io.receive()
+        for i in range(k):
+            n, src, at = lengths[i], sources[i], i * SLOT
             if key is not None:
-                if buf.startswith(TOKEN_PREFIX, 2, n + 2) and on_signed(n, src):
+                if buf.startswith(TOKEN_PREFIX, at + 2, at + 2 + n) \
+                        and on_signed(view[at + 2:at + 2 + n], src):
                     continue
             elif n == 0:                                # a plain keepalive
                 stats["simple_keepalives"] += 1
@@ -595,7 +826,7 @@ def run_server(sock, max_clients, log, key=None, stats=None):
                 if src != client:
                     stats["simple_address_switches"] += 1
                     client = src
-                    log("New client address: %s" % format_addr(src))
+                    log("New client address: %s" % format_addr(address(src)))
                 continue
 
             if src == client:                           # client -> connectee
@@ -603,49 +834,53 @@ def run_server(sock, max_clients, log, key=None, stats=None):
                     stats["dwarfs"] += 1
                     log.limited("dwarf", "Too short datagram from client")
                     continue
-                tag = buf[2] << 8 | buf[3]
-                dest = connectees.lookup(tag)
+                tag = buf[at + 2] << 8 | buf[at + 3]
+                dest = lookup(tag)
                 if dest is None:
                     stats["ch_not_founds"] += 1
                     log.limited("channel", "Failed to find channel %d" % tag)
                     continue
-                from_client += 1
-                stats["from_client_bytes"] += n
-                try:
-                    sendto(view[4:n + 2], dest)
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as e:
-                    socket_error(stats, "err3", log, "send to a connectee", e)
+                msgs_out += 1
+                bytes_out += n
+                send(at + 4, n - 2, dest, "err3")
                 continue
 
             if client is None:                          # connectee, no client
                 stats["dropped_no_client_address"] += 1
                 continue
-            tag, new, evicted = connectees.tag_for(src)  # connectee -> client
-            if new:
+            tag = tag_of.get(src)                       # connectee -> client
+            if tag is None:
+                tag = connectees.tag_for(src)[0]
                 stats["new_connectees"] += 1
                 log.limited("connectee", "Connectee seqn %d from %s"
-                            % (tag, format_addr(src)))
-            buf[0] = tag >> 8
-            buf[1] = tag & 0xFF
-            from_connectee += 1
-            stats["from_connectee_bytes"] += n
-            try:
-                sendto(view[:n + 2], client)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as e:
-                socket_error(stats, "err4", log, "tag and send to the client", e)
+                            % (tag, format_addr(address(src))))
+            else:
+                touch(tag)
+            buf[at] = tag >> 8
+            buf[at + 1] = tag & 0xFF
+            msgs_in += 1
+            bytes_in += n
+            send(at, n + 2, client, "err4")
+        io.flush()
 
-        if from_client or from_connectee:
+        if msgs_in or msgs_out:
             now = int(time.time())
-            if from_client:
-                stats["from_client_msgs"] += from_client
+            if msgs_out:
+                stats["from_client_msgs"] += msgs_out
+                stats["from_client_bytes"] += bytes_out
                 stats["last_client_s"] = now
-            if from_connectee:
-                stats["from_connectee_msgs"] += from_connectee
+            if msgs_in:
+                stats["from_connectee_msgs"] += msgs_in
+                stats["from_connectee_bytes"] += bytes_in
                 stats["last_connectee_s"] = now
+        return k
+
+    def on_readable():
+        # Go on while datagrams keep coming: cheaper than a trip through
+        # the selector, and this socket is the server's only one.
+        for _ in range(BURSTS_PER_WAKEUP):
+            if relay_burst() < BURST:
+                break
 
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, on_readable)
@@ -655,17 +890,20 @@ def run_server(sock, max_clients, log, key=None, stats=None):
 # ---------------------------------------------------------------- the client
 
 def run_client(sock, server, real_family, real_server, max_clients,
-               interval, log, key=None):
+               interval, log, key=None, portable=False):
     """Keep the NAT open towards `server` and relay for `real_server`, forever.
 
     key: the HMAC key in password mode, None in plain mode.
+    portable: plain recvfrom/sendto even where recvmmsg/sendmmsg exist.
     """
+    def report(where, exc):
+        socket_error(None, None, log, where, exc)
+
     sel = selectors.DefaultSelector()
+    io = burst_io(sock, report, portable)
+    server_key = io.key_of(server)
+    buf, view, slots = io.buf, io.view, io.slots
     workers = LRU(max_clients)      # tag -> worker socket
-    buf = bytearray(TAG_SIZE + MAX_DATAGRAM)
-    view = memoryview(buf)
-    payload = view[TAG_SIZE:]
-    sendto = sock.sendto
     bind_to = wildcard(real_family)
     keepalive = sign(key, request_claims()) if key else b""
     period = interval / 1000.0
@@ -673,17 +911,12 @@ def run_client(sock, server, real_family, real_server, max_clients,
     heard = authenticated = silent = False
 
     def send_to_server(data, where):
-        try:
-            sendto(data, server)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as e:
-            socket_error(None, None, log, where, e)
+        io.send_now(data, server_key, where)
 
-    def on_token(n):
+    def on_token(token):
         """A datagram from the server that looks signed (password mode)."""
         nonlocal heard, authenticated, silent, last_registered
-        claims = verify(key, view[:n])
+        claims = verify(key, token)
         if claims is None:
             log.limited("token", "Dropped a token from the server that does "
                         "not verify")
@@ -707,7 +940,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         try:
             worker = udp_socket(real_family, bind_to)
         except OSError as e:
-            socket_error(None, None, log, "open a channel socket", e)
+            report("open a channel socket", e)
             return None
         sel.register(worker, selectors.EVENT_READ,
                      lambda: on_worker_readable(worker, tag))
@@ -719,46 +952,44 @@ def run_client(sock, server, real_family, real_server, max_clients,
         return worker
 
     def on_server_readable():
-        for _ in range(BURST):
-            try:
-                n, src = sock.recvfrom_into(buf, MAX_DATAGRAM + TAG_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                socket_error(None, None, log, "receive from the server", e)
-                continue
-            if src != server or n < TAG_SIZE:
+        lengths, sources = io.lengths, io.sources
+        for i in range(io.receive()):
+            n, at = lengths[i], i * SLOT + TAG_SIZE
+            if sources[i] != server_key or n < TAG_SIZE:
                 continue                    # strangers and dwarfs
-            if key is not None and buf.startswith(TOKEN_PREFIX, 0, n):
-                on_token(n)
+            if key is not None and buf.startswith(TOKEN_PREFIX, at, at + n):
+                on_token(view[at:at + n])
                 continue
-            tag = buf[0] << 8 | buf[1]
+            tag = buf[at] << 8 | buf[at + 1]
             worker = workers.get(tag) or open_worker(tag)
             if worker is None:
                 continue
             try:
-                worker.sendto(view[2:n], real_server)
+                worker.sendto(view[at + 2:at + n], real_server)
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as e:
-                socket_error(None, None, log, "send to the real server", e)
+                report("send to the real server", e)
 
     def on_worker_readable(worker, tag):
         if workers.entries.get(tag) is not worker:
             return          # evicted earlier in this same wake-up
-        for _ in range(BURST):
+        recv_into = worker.recvfrom_into
+        for j in range(BURST):
             try:
-                n, src = worker.recvfrom_into(payload, MAX_DATAGRAM)
+                n, src = recv_into(slots[j], MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as e:
-                socket_error(None, None, log, "receive from the real server", e)
+                report("receive from the real server", e)
                 continue
             if src != real_server:
                 continue
-            buf[0] = tag >> 8
-            buf[1] = tag & 0xFF
-            send_to_server(view[:n + 2], "tag and send to the server")
+            at = j * SLOT
+            buf[at] = tag >> 8
+            buf[at + 1] = tag & 0xFF
+            io.send(at, n + 2, server_key, "tag and send to the server")
+        io.flush()
 
     def timers():
         nonlocal next_ping, silent
@@ -853,6 +1084,9 @@ def build_parser():
     parser.add_argument("-S", "--dump-stats", action="store_true",
                         help="ask the server at -a for its counters, print "
                              "them as JSON and exit (needs a password)")
+    parser.add_argument("--portable-io", action="store_true",
+                        help="plain recvfrom/sendto even where recvmmsg/"
+                             "sendmmsg are available (Linux)")
     parser.add_argument("--version", action="version",
                         version="%(prog)s " + __version__)
     return parser
@@ -948,14 +1182,16 @@ def main(argv=None, environ=None):
         if mode == "server":
             log("udpexposer.py %s: server mode on %s, %s, up to %d connectees"
                 % (__version__, bound, flavour, args.max_clients))
-            run_server(sock, args.max_clients, log, key)
+            run_server(sock, args.max_clients, log, key,
+                       portable=args.portable_io)
         else:
             log("udpexposer.py %s: client mode on %s, %s, server %s, "
                 "exposing %s, up to %d channels"
                 % (__version__, bound, flavour, format_addr(run["server"]),
                    format_addr(run["real"]), args.max_clients))
             run_client(sock, run["server"], run["real_family"], run["real"],
-                       args.max_clients, args.ping_interval_ms, log, key)
+                       args.max_clients, args.ping_interval_ms, log, key,
+                       portable=args.portable_io)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -1,0 +1,471 @@
+#!/usr/bin/env python3
+"""bench_relay.py: what udpexposer.py costs per relayed datagram.
+
+Drives real relay processes on loopback and reads the CPU time the relay
+process itself spent (Linux: /proc/PID/task/*/schedstat), which is far
+steadier than wall time on a shared machine.  Not a test: it asserts nothing.
+
+    python3 bench/bench_relay.py                        # this udpexposer.py
+    python3 bench/bench_relay.py --floor ../shared/bench/floor.c
+    python3 bench/bench_relay.py --compare old='python3 /tmp/old.py'
+
+--compare NAME=COMMAND runs another implementation with the same flags
+appended (listen address, -s or -a/-c, -n), interleaved A B A B with this one,
+and prints each figure as a ratio to the first implementation named by
+--baseline (default: floor when given, else this script).
+
+Measured, for each implementation:
+  server mode and client mode, 100- and 1400-byte payloads: CPU microseconds
+    per relayed datagram, datagrams per second, datagrams lost;
+  round trip p50/p99 through server + client + echo, and the direct one;
+  server mode with 4, 1000 and 10000 connectees (this script only);
+  key derivation time for -P and start-up time to the first keepalive.
+"""
+
+import argparse
+import json
+import os
+import resource
+import selectors
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(os.path.dirname(HERE), "udpexposer.py")
+LOCAL = "127.0.0.1"
+WINDOW = 64            # datagrams in flight per load generator
+GIVE_UP = 30.0         # seconds any one measurement may take
+
+
+# ---------------------------------------------------------------- plumbing
+
+# The relay gets a core of its own and the load generator the other one:
+# fewer migrations, steadier figures.
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+RELAY_CPU = CPUS[-1] if len(CPUS) > 1 else None
+LOAD_CPU = CPUS[0] if len(CPUS) > 1 else None
+
+
+def pin(cpu):
+    """A preexec_fn that pins the child to cpu (or does nothing)."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOCAL, 0))
+        return s.getsockname()[1]
+
+
+def udp(host=LOCAL):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.bind((host, 0))
+    s.setblocking(False)
+    return s
+
+
+def cpu_ns(pid):
+    """CPU time the process has used so far, all threads, in nanoseconds."""
+    total = 0
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/schedstat" % (pid, task)) as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+class Relay:
+    """One relay process: COMMAND + udpexposer-style arguments."""
+
+    def __init__(self, command, args, env=None):
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.started = time.monotonic()
+        self.p = subprocess.Popen(shlex.split(command) + [str(a) for a in args],
+                                  stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, env=full_env,
+                                  preexec_fn=pin(RELAY_CPU))
+
+    def cpu(self):
+        return cpu_ns(self.p.pid)
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGKILL)
+        self.p.wait()
+
+
+def wait_ready(send, recv_sock, deadline=10.0):
+    """Send probes until one comes out the other end."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        send()
+        r, _, _ = select_one(recv_sock, 0.05)
+        if r:
+            try:
+                recv_sock.recvfrom(70000)
+                drain(recv_sock)
+                return True
+            except BlockingIOError:
+                pass
+    raise RuntimeError("relay did not come up")
+
+
+def select_one(sock, timeout):
+    import select
+    return select.select([sock], [], [], timeout)
+
+
+def drain(sock):
+    while True:
+        try:
+            sock.recvfrom(70000)
+        except BlockingIOError:
+            return
+
+
+# ---------------------------------------------------------------- load
+
+def pump(relay, far, near, forward, back, count, payload):
+    """Closed-loop load with WINDOW datagrams in flight.
+
+    The sockets of `far` take turns sending through the relay; the datagram
+    arrives at `near`, whose reply comes back through the relay to the
+    sender.  forward(sock, i) sends one; back(data, src) answers at near.
+    Returns (relayed datagrams, seconds, CPU ns of the relay).
+    """
+    sel = selectors.DefaultSelector()
+    for s in far:
+        sel.register(s, selectors.EVENT_READ, "far")
+    sel.register(near, selectors.EVENT_READ, "near")
+    sent = arrived_near = arrived_far = 0
+    cpu0, t0 = relay.cpu(), time.monotonic()
+    end = t0 + GIVE_UP
+    for i in range(min(WINDOW, count)):
+        forward(far[i % len(far)], i)
+        sent += 1
+    while arrived_far < count and time.monotonic() < end:
+        events = sel.select(0.2)
+        if not events:                      # losses: refill the window
+            for i in range(WINDOW):
+                if sent >= count + WINDOW * 4:
+                    break
+                forward(far[sent % len(far)], sent)
+                sent += 1
+            continue
+        for key, _ in events:
+            sock = key.fileobj
+            while True:
+                try:
+                    data, src = sock.recvfrom(70000)
+                except BlockingIOError:
+                    break
+                if key.data == "near":
+                    arrived_near += 1
+                    back(data, src)
+                else:
+                    arrived_far += 1
+                    if sent < count:        # cycle through every sender
+                        forward(far[sent % len(far)], sent)
+                        sent += 1
+    seconds = time.monotonic() - t0
+    cpu = relay.cpu() - cpu0
+    sel.close()
+    return arrived_near + arrived_far, seconds, cpu, 2 * sent - arrived_near - arrived_far
+
+
+def bench_server(command, size, count, connectees=4, extra=()):
+    """Server mode: connectees <-> relay <-> a socket playing the client."""
+    port = free_port()
+    server = (LOCAL, port)
+    relay = Relay(command, ["%s:%d" % server, "-s", "-n",
+                            max(connectees, 4)] + list(extra))
+    client = udp()
+    far = []
+    try:
+        # One source address per connectee: 127.0.x.y, all on loopback.
+        for i in range(connectees):
+            host = "127.0.%d.%d" % (1 + i // 250, 1 + i % 250) \
+                if connectees > 4 else LOCAL
+            far.append(udp(host))
+        payload = os.urandom(size)
+        wait_ready(lambda: (client.sendto(b"", server),
+                            far[0].sendto(payload, server)), client)
+        for s in far:                       # everyone has a tag: steady state
+            s.sendto(payload, server)
+            if len(far) > 4:
+                time.sleep(0.00002)
+        time.sleep(0.3)
+        drain(client)
+
+        def forward(sock, i):
+            sock.sendto(payload, server)
+
+        def back(data, src):
+            client.sendto(data, server)     # the tag goes back as it came
+        return pump(relay, far, client, forward, back, count, payload)
+    finally:
+        relay.stop()
+        for s in far + [client]:
+            s.close()
+
+
+def bench_client(command, size, count, extra=()):
+    """Client mode: a socket playing the server <-> relay <-> a real server."""
+    server, real = udp(), udp()
+    port = free_port()
+    t0 = time.monotonic()
+    relay = Relay(command, ["%s:%d" % (LOCAL, port), "-a",
+                            "%s:%d" % server.getsockname(), "-c",
+                            "%s:%d" % real.getsockname(), "-n", 4]
+                  + list(extra))
+    try:
+        r, _, _ = select_one(server, 10)
+        startup = time.monotonic() - t0
+        _, caddr = server.recvfrom(70000)
+        payload = os.urandom(size)
+        frames = [bytes((0, tag)) + payload for tag in (1, 2, 3, 4)]
+        wait_ready(lambda: server.sendto(frames[0], caddr), real)
+        for f in frames:
+            server.sendto(f, caddr)
+        time.sleep(0.2)
+        drain(real)
+
+        def forward(sock, i):
+            sock.sendto(frames[i % 4], caddr)
+
+        def back(data, src):
+            real.sendto(data, src)
+        result = pump(relay, [server], real, forward, back, count, payload)
+        return result + (startup,)
+    finally:
+        relay.stop()
+        server.close()
+        real.close()
+
+
+def bench_rtt(command, pings, extra=()):
+    """Round trips connectee -> server -> client -> echo and back."""
+    import threading
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind((LOCAL, 0))
+    echo.settimeout(0.2)
+    stop = threading.Event()
+
+    def run_echo():
+        while not stop.is_set():
+            try:
+                data, src = echo.recvfrom(70000)
+            except socket.timeout:
+                continue
+            echo.sendto(data, src)
+    t = threading.Thread(target=run_echo, daemon=True)
+    t.start()
+    sport, cport = free_port(), free_port()
+    server = Relay(command, ["%s:%d" % (LOCAL, sport), "-s"] + list(extra))
+    client = Relay(command, ["%s:%d" % (LOCAL, cport), "-a",
+                             "%s:%d" % (LOCAL, sport), "-c",
+                             "%s:%d" % echo.getsockname()] + list(extra))
+    conn = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    conn.bind((LOCAL, 0))
+    try:
+        conn.setblocking(False)
+        wait_ready(lambda: conn.sendto(b"warm", (LOCAL, sport)), conn)
+        conn.settimeout(1.0)
+        relayed = ping(conn, (LOCAL, sport), pings)
+        direct = ping(conn, echo.getsockname(), pings)
+        return relayed, direct
+    finally:
+        stop.set()
+        server.stop()
+        client.stop()
+        conn.close()
+        t.join()
+        echo.close()
+
+
+def ping(sock, dest, count):
+    times = []
+    for i in range(count):
+        msg = b"%d" % i
+        t0 = time.perf_counter()
+        sock.sendto(msg, dest)
+        try:
+            while sock.recvfrom(100)[0] != msg:
+                pass
+        except socket.timeout:
+            continue
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return (times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6)
+
+
+# ---------------------------------------------------------------- the runs
+
+def derive_time(runs=5):
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import statistics, sys, time\n"
+         "sys.path.insert(0, %r)\n"
+         "import udpexposer as u\n"
+         "ts = []\n"
+         "for _ in range(%d):\n"
+         "    t = time.perf_counter(); u.derive_key('p')\n"
+         "    ts.append(time.perf_counter() - t)\n"
+         "print(statistics.median(ts))" % (os.path.dirname(SCRIPT), runs)],
+        stdout=subprocess.PIPE, universal_newlines=True, check=True)
+    return float(out.stdout)
+
+
+def build_floor(source):
+    exe = os.path.join(tempfile.mkdtemp(prefix="floor-"), "floor")
+    subprocess.run(["gcc", "-O2", "-o", exe, source], check=True)
+    return exe
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compare", action="append", default=[],
+                        metavar="NAME=COMMAND",
+                        help="another implementation to run under the same load")
+    parser.add_argument("--floor", metavar="FLOOR_C",
+                        help="compile this floor.c and compare with it "
+                             "(server mode plain and --batch, client mode)")
+    parser.add_argument("--baseline", help="NAME the ratios are relative to")
+    parser.add_argument("--count", type=int, default=40000,
+                        help="round trips per measurement (default 40000)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="A B A B rounds; medians are reported (default 3)")
+    parser.add_argument("--pings", type=int, default=2000)
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the connectee scaling and round trips")
+    parser.add_argument("--json", metavar="PATH", help="also write JSON here")
+    args = parser.parse_args()
+
+    if LOAD_CPU is not None:
+        os.sched_setaffinity(0, {LOAD_CPU})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+    impls = [("udpexposer.py", "%s %s" % (shlex.quote(sys.executable),
+                                          shlex.quote(SCRIPT)))]
+    for spec in args.compare:
+        name, _, command = spec.partition("=")
+        impls.append((name, command))
+    if args.floor:
+        floor = build_floor(args.floor)
+        impls.append(("floor", floor))
+    baseline = args.baseline or ("floor" if args.floor else impls[0][0])
+
+    cases = [("server", 100), ("server", 1400), ("client", 100),
+             ("client", 1400)]
+    results = {name: {} for name, _ in impls}
+    for round_ in range(args.rounds):
+        for mode, size in cases:
+            for name, command in impls:             # interleaved: A B A B
+                key = "%s/%d" % (mode, size)
+                if mode == "server":
+                    r = bench_server(command, size, args.count)
+                else:
+                    r = bench_client(command, size, args.count)
+                results[name].setdefault(key, []).append(r)
+                if mode == "server" and name == "floor":
+                    r = bench_server(command, size, args.count,
+                                     extra=["--batch"])
+                    results.setdefault("floor --batch", {}).setdefault(
+                        key, []).append(r)
+        print("round %d of %d done" % (round_ + 1, args.rounds),
+              file=sys.stderr)
+
+    report = {"cpu_us_per_datagram": {}, "datagrams_per_s": {}, "lost": {},
+              "startup_ms": {}}
+    for name, by_case in results.items():
+        for key, runs in by_case.items():
+            per = [r[2] / 1000.0 / r[0] for r in runs]
+            rate = [r[0] / r[1] for r in runs]
+            report["cpu_us_per_datagram"].setdefault(name, {})[key] = \
+                round(statistics.median(per), 3)
+            report["datagrams_per_s"].setdefault(name, {})[key] = \
+                round(statistics.median(rate))
+            report["lost"].setdefault(name, {})[key] = sum(r[3] for r in runs)
+            if len(runs[0]) > 4:
+                report["startup_ms"].setdefault(name, []).extend(
+                    round(r[4] * 1000, 1) for r in runs)
+
+    if not args.quick:
+        ours = impls[0][1]
+        scaling = {}
+        for n in (4, 1000, 10000):
+            runs = [bench_server(ours, 100, args.count, connectees=n)
+                    for _ in range(args.rounds)]
+            scaling[n] = round(statistics.median(
+                r[2] / 1000.0 / r[0] for r in runs), 3)
+        report["server_cpu_us_by_connectees"] = scaling
+        rtt = {}
+        for name, command in impls:
+            relayed, direct = bench_rtt(command, args.pings)
+            rtt[name] = {"p50_us": round(relayed[0], 1),
+                         "p99_us": round(relayed[1], 1)}
+            rtt["direct"] = {"p50_us": round(direct[0], 1),
+                             "p99_us": round(direct[1], 1)}
+        report["rtt"] = rtt
+        report["key_derivation_s"] = round(derive_time(), 3)
+        pw = [bench_client(ours, 100, 2000, extra=["-P", "p"])[4]
+              for _ in range(3)]
+        report["startup_ms_password"] = [round(x * 1000, 1) for x in pw]
+
+    print_report(report, baseline)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def print_report(report, baseline):
+    cpu = report["cpu_us_per_datagram"]
+    keys = sorted(next(iter(cpu.values())))
+    print("\nCPU microseconds per relayed datagram (median), and x %s's "
+          "server mode:" % baseline)
+    print("%-16s" % "" + "".join("%20s" % k for k in keys))
+    for name, row in cpu.items():
+        cells = []
+        for k in keys:
+            if k not in row:
+                cells.append("%20s" % "-")
+                continue
+            # As in the issue: both modes relative to the baseline's server
+            # mode at the same size.
+            base = cpu.get(baseline, {}).get("server/" + k.split("/")[1])
+            ratio = " (%.2fx)" % (row[k] / base) if base else ""
+            cells.append("%20s" % ("%.2f%s" % (row[k], ratio)))
+        print("%-16s" % name + "".join(cells))
+    print("\ndatagrams per second (median) / lost over all rounds:")
+    for name, row in report["datagrams_per_s"].items():
+        print("%-16s" % name + "".join(
+            "%20s" % ("%d / %d" % (row[k], report["lost"][name][k]))
+            if k in row else "%20s" % "-" for k in keys))
+    if "server_cpu_us_by_connectees" in report:
+        s = report["server_cpu_us_by_connectees"]
+        print("\nserver mode, 100 bytes, CPU us per datagram by connectees: "
+              + ", ".join("%s: %.2f" % kv for kv in s.items())
+              + "  (10000 vs 4: %.2fx)" % (s[10000] / s[4]))
+    if "rtt" in report:
+        print("\nround trip, us (p50 / p99):")
+        for name, r in report["rtt"].items():
+            print("  %-16s %8.1f / %8.1f" % (name, r["p50_us"], r["p99_us"]))
+        print("\nkey derivation (-P): %.3f s" % report["key_derivation_s"])
+        print("start-up to first keepalive, ms: plain %s, -P %s" % (
+            report["startup_ms"].get("udpexposer.py"),
+            report["startup_ms_password"]))
+
+
+if __name__ == "__main__":
+    main()
