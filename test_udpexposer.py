@@ -1212,6 +1212,200 @@ class TestThroughNat(RelayCase):
         self.exchange_until(conn, b"after", time.monotonic() + TIMEOUT)
 
 
+# ====================================================================== for operators
+
+class LineSink:
+    """A log stream for in-process runs: lines, and a wait for one."""
+
+    def __init__(self):
+        self.lines = queue.Queue()
+        self.seen = []
+
+    def write(self, text):
+        for line in text.splitlines():
+            self.lines.put(line)
+
+    def flush(self):
+        pass
+
+    def wait_line(self, pattern, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(),
+                                                  0.01))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if re.search(pattern, line):
+                return line
+        raise AssertionError("no line matching %r in %r" % (pattern, self.seen))
+
+
+class TestNames(RelayCase):
+    def test_client_resolves_a_host_name(self):
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 "localhost:%d" % server.getsockname()[1],
+                                 "-c", "localhost:%d" % real.getsockname()[1])
+        self.assertEqual(self.recv(server), (b"", caddr))
+        server.sendto(b"\x00\x01by name", caddr)
+        self.assertEqual(self.recv(real)[0], b"by name")
+
+    def run_client_in_thread(self, server, real, resolver, interval=100):
+        sock = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0))
+        self.addCleanup(sock.close)
+        sink, stop = LineSink(), threading.Event()
+        t = threading.Thread(target=ux.run_client, daemon=True, kwargs=dict(
+            sock=sock, server=server, real_family=socket.AF_INET,
+            real_server=real, max_clients=4, interval=interval,
+            log=ux.Log(sink), server_name="relay.example.net:5566",
+            resolve_every=0.2, resolver=resolver, stop=stop))
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        return sock.getsockname(), sink
+
+    def test_client_follows_a_server_that_moves(self):
+        old, new, real = self.udp(), self.udp(), self.udp()
+        answers = {"now": old.getsockname()}
+
+        def resolver(text):
+            self.assertEqual(text, "relay.example.net:5566")
+            if isinstance(answers["now"], Exception):
+                raise answers["now"]
+            return socket.AF_INET, answers["now"]
+        caddr, sink = self.run_client_in_thread(old.getsockname(),
+                                                real.getsockname(), resolver)
+        self.assertEqual(self.recv(old), (b"", caddr))
+        old.sendto(b"\x00\x01before", caddr)
+        self.assertEqual(self.recv(real)[0], b"before")
+
+        answers["now"] = ValueError("no such name")   # DNS trouble: keep it
+        sink.wait_line("Cannot resolve relay.example.net:5566 again")
+        answers["now"] = new.getsockname()
+        sink.wait_line("Server address changed: %s -> %s" % (
+            ux.format_addr(old.getsockname()),
+            ux.format_addr(new.getsockname())))
+        self.assertEqual(self.recv(new), (b"", caddr))
+        new.sendto(b"\x00\x01after", caddr)
+        self.assertEqual(self.recv(real)[0], b"after")
+        old.sendto(b"\x00\x01stale", caddr)         # the old one is a stranger
+        self.assert_silent(real)
+
+
+class TestAllowLists(RelayCase):
+    def test_allow_and_client_from_ipv4(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "--allow", "127.0.0.2/32",
+                                 "--allow", "127.0.5.0/24",
+                                 "--client-from", "127.0.0.1/32")
+        client, good, other_good = self.udp(), self.udp("127.0.0.2"), \
+            self.udp("127.0.5.9")
+        bad = self.udp("127.0.0.3")
+        bad.sendto(b"", saddr)                      # may not become the client
+        client.sendto(b"", saddr)
+        proc.wait_line("New client address: %s"
+                       % re.escape(ux.format_addr(client.getsockname())))
+        for c in (good, other_good):
+            c.sendto(b"allowed", saddr)
+            self.assertEqual(self.recv(client)[0][2:], b"allowed")
+        bad.sendto(b"refused", saddr)
+        bad.sendto(b"", saddr)
+        self.assert_silent(client)
+        proc.p.send_signal(signal.SIGUSR1)
+        stats = json.loads(proc.wait_line(r'^\{"mode":"server"').string)
+        self.assertEqual(stats["not_allowed"], 1)
+        self.assertEqual(stats["client_not_allowed"], 2)
+        self.assertEqual(stats["new_connectees"], 2)
+        self.assertEqual(stats["simple_address_switches"], 1)
+
+    @unittest.skipUnless(has_ipv6(), "no IPv6 loopback")
+    def test_ipv6_networks(self):
+        proc, saddr = self.start("-s", "[::1]:0", "--allow", "2001:db8::/32",
+                                 "--client-from", "::1/128")
+        client, conn = self.udp("::1"), self.udp("::1")
+        client.sendto(b"", saddr)
+        proc.wait_line("New client address")
+        conn.sendto(b"not in 2001:db8::/32", saddr)
+        self.assert_silent(client)
+
+    def test_password_mode_client_from(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD,
+                                 "--client-from", "127.0.0.9/32", "-v")
+        outsider = self.udp()
+        outsider.sendto(V_INITIAL_REQUEST, saddr)
+        self.assert_silent(outsider)                # not even a Retry
+        proc.wait_line("Ignored a keepalive from .*not in --client-from")
+        inside = self.udp("127.0.0.9")
+        inside.sendto(V_INITIAL_REQUEST, saddr)
+        self.assertIsNotNone(ux.retry_nonce(ux.verify(V_KEY,
+                                                      self.recv(inside)[0])))
+
+
+class TestOperatorFeatures(RelayCase):
+    def test_selftest(self):
+        p = subprocess.run([sys.executable, lone_copy(), "--selftest"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True,
+                           timeout=120)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertRegex(p.stdout, r"plain mode: sizes 1\.\.65505 both ways.*"
+                                   r": ok; \d+ round trips/s")
+        self.assertRegex(p.stdout, r"password mode: .*empty datagram both ways"
+                                   r": ok")
+        self.assertTrue(p.stdout.rstrip().endswith("selftest passed"))
+        self.assertNotIn("Traceback", p.stderr)
+
+    def test_sigusr1_on_the_client(self):
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()))
+        self.recv(server)
+        server.sendto(b"\x00\x01abc", caddr)
+        self.recv(real)
+        proc.p.send_signal(signal.SIGUSR1)
+        stats = json.loads(proc.wait_line(r'^\{"mode":"client"').string)
+        self.assertEqual(list(stats)[1:], list(ux.CLIENT_STATS))
+        self.assertEqual((stats["from_server_msgs"], stats["from_server_bytes"],
+                          stats["channels_opened"], stats["keepalives"]),
+                         (1, 5, 1, 1))
+
+    def test_sigusr1_on_the_server_lists_the_wire_counters_first(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0")
+        proc.p.send_signal(signal.SIGUSR1)
+        stats = json.loads(proc.wait_line(r'^\{"mode":"server"').string)
+        self.assertEqual(list(stats)[1:24], list(ux.STAT_NAMES))
+
+    def test_quiet_logs_warnings_only(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-q")
+        client, conn = self.udp(), self.udp()
+        client.sendto(b"", saddr)
+        conn.sendto(b"x", saddr)
+        self.recv(client)
+        client.sendto(b"\x01", saddr)               # a warning
+        proc.wait_line("Too short datagram from client")
+        self.assertEqual([l for l in proc.drain() if "mode on" not in l],
+                         ["Too short datagram from client"])
+
+    def test_verbose_logs_evictions_and_drops(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-v", "-n", "1")
+        client, a, b = self.udp(), self.udp(), self.udp()
+        a.sendto(b"too early", saddr)
+        proc.wait_line("Dropped a datagram from .*: no client address yet")
+        client.sendto(b"", saddr)
+        a.sendto(b"a", saddr)
+        b.sendto(b"b", saddr)
+        proc.wait_line("Forgot connectee %s, the least recently used"
+                       % re.escape(ux.format_addr(a.getsockname())))
+
+    def test_version(self):
+        p = subprocess.run([sys.executable, lone_copy(), "--version"],
+                           stdout=subprocess.PIPE, universal_newlines=True,
+                           timeout=TIMEOUT * 2)
+        self.assertEqual(p.stdout.strip(), "udpexposer.py " + ux.__version__)
+
+
 # ====================================================================== as a user runs it
 
 class TestCommandLine(RelayCase):
@@ -1242,6 +1436,13 @@ class TestCommandLine(RelayCase):
                      ["127.0.0.1:0", "-a", "no-such-host.invalid:9",
                       "-c", "127.0.0.1:9"],
                      ["-s", "127.0.0.1:0", "--no-such-flag"],
+                     ["-s", "127.0.0.1:0", "--allow", "10.0.0.0/33"],
+                     ["-s", "127.0.0.1:0", "--client-from", "nonsense"],
+                     ["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "127.0.0.1:9",
+                      "--allow", "10.0.0.0/8"],
+                     ["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "127.0.0.1:9",
+                      "--resolve-interval", "0"],
+                     ["-s", "127.0.0.1:0", "-q", "-v"],
                      []):
             with self.subTest(args=args):
                 self.assert_usage_error(*args)

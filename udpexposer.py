@@ -26,13 +26,18 @@ import collections
 import errno
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
+import queue
+import re
 import selectors
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import threading
 import time
 
 __version__ = "0.3.0"
@@ -48,6 +53,8 @@ SOCKET_BUFFER = 1 << 20   # asked of the kernel for SO_RCVBUF / SO_SNDBUF
 
 DEFAULT_MAX_CLIENTS = 4
 DEFAULT_PING_INTERVAL_MS = 25000
+DEFAULT_RESOLVE_INTERVAL = 300  # seconds between lookups of -a's host name
+LOOKUP_POLL = 0.05                # while a lookup runs, look for its result
 PASSWORD_ENV = "UDPEXPOSER_PASSWORD"
 
 # Password mode: signed messages are HS256 JSON Web Tokens (PROTOCOL.md).
@@ -72,11 +79,31 @@ STAT_NAMES = (
 )
 
 
+# Counters this tool keeps beyond the wire blob (SIGUSR1 shows them).
+SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed", "evictions")
+CLIENT_STATS = (
+    "keepalives", "from_server_msgs", "from_server_bytes",
+    "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
+    "channels_opened", "channels_closed", "errors", "server_address_changes",
+)
+
+
+def server_stats():
+    return dict.fromkeys(STAT_NAMES + SERVER_EXTRA_STATS, 0)
+
+
+def client_stats():
+    return dict.fromkeys(CLIENT_STATS, 0)
+
+
 class UsageError(Exception):
     """A mistake on the command line: reported as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------- logging
+
+WARN, INFO, DEBUG = 0, 1, 2     # -q shows WARN lines only, -v adds DEBUG
+
 
 class Log:
     """Event log on stdout, one line per event, flushed at once.
@@ -88,27 +115,33 @@ class Log:
     BUDGET = 10
     WINDOW = 60.0
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, verbosity=INFO):
         self.stream = stream if stream is not None else sys.stdout
+        self.verbosity = verbosity
         self.windows = {}   # kind -> [window start, lines shown, lines held]
 
-    def __call__(self, line):
+    def __call__(self, line, level=INFO):
+        if level > self.verbosity:
+            return
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass    # a closed or broken stdout must not stop the relay
 
-    def limited(self, kind, line):
+    def limited(self, kind, line, level=INFO):
+        if level > self.verbosity:
+            return
         now = time.monotonic()
         w = self.windows.get(kind)
         if w is None or now - w[0] >= self.WINDOW:
             if w is not None and w[2]:
-                self("(%d more lines like %r were held back)" % (w[2], kind))
+                self("(%d more lines like %r were held back)" % (w[2], kind),
+                     level)
             w = self.windows[kind] = [now, 0, 0]
         if w[1] < self.BUDGET:
             w[1] += 1
-            self(line)
+            self(line, level)
         else:
             w[2] += 1
 
@@ -168,6 +201,25 @@ def peer_addr(family, sockaddr):
         raise ValueError("%s is IPv6 but the listening socket is IPv4"
                          % format_addr(sockaddr))
     return sockaddr
+
+
+def parse_networks(texts, flag):
+    """CIDR texts -> ip_network objects; UsageError naming flag on bad input."""
+    networks = []
+    for text in texts or ():
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as e:
+            raise UsageError("%s %s: %s" % (flag, text, e))
+    return networks
+
+
+def in_networks(networks, addr):
+    """Whether sockaddr addr lies in one of networks (IPv4-mapped counts)."""
+    ip = ipaddress.ip_address(addr[0].split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 def udp_socket(family, bind_to):
@@ -488,18 +540,20 @@ def socket_error(stats, counter, log, where, exc):
     if stats is not None:
         stats[counter] += 1
     if exc.errno == errno.EMSGSIZE:
-        log.limited(where, "Dropped a datagram too big to %s" % where)
+        log.limited(where, "Dropped a datagram too big to %s" % where, WARN)
     else:
-        log.limited(where, "Socket error (%s): %s" % (where, exc))
+        log.limited(where, "Socket error (%s): %s" % (where, exc), WARN)
 
 
-def run_loop(sel, timers=None):
-    """Dispatch readable sockets to the callables in key.data, forever.
+def run_loop(sel, timers=None, stop=None):
+    """Dispatch readable sockets to the callables in key.data.
 
     timers() runs whatever is due and returns the seconds to its next deadline.
+    Runs until the threading.Event stop is set (checked at each wake-up), or
+    forever without one.
     """
     timeout = None
-    while True:
+    while stop is None or not stop.is_set():
         if timers is not None:
             timeout = max(0.0, timers())
         for key, _ in sel.select(timeout):
@@ -740,15 +794,18 @@ SERVER_ERRORS = {"err1": "receive", "err2": "reply",
                  "err3": "send to a connectee", "err4": "tag and send to the client"}
 
 
-def run_server(sock, max_clients, log, key=None, stats=None, portable=False):
+def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
+               allow=(), client_from=()):
     """Relay between connectees and the client on one socket, forever.
 
     key: the HMAC key in password mode, None in plain mode.
-    stats: the counters (a dict keyed by STAT_NAMES), updated in place.
+    stats: the counters (server_stats()), updated in place.
     portable: plain recvfrom/sendto even where recvmmsg/sendmmsg exist.
+    allow, client_from: networks connectees and the client must come from
+        (empty: anywhere).
     """
     if stats is None:
-        stats = dict.fromkeys(STAT_NAMES, 0)
+        stats = server_stats()
 
     def report(counter, exc):
         socket_error(stats, counter, log, SERVER_ERRORS[counter], exc)
@@ -777,7 +834,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False):
         if claims is None:
             stats["invalid_auths"] += 1
             log.limited("auth failed", "A client from %s failed to "
-                        "authenticate" % format_addr(address(src)))
+                        "authenticate" % format_addr(address(src)), WARN)
             return False
         is_request, nonce = request_nonce(claims)
         if not is_request:
@@ -789,6 +846,11 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False):
         now = int(time.time())
         if src == client:
             stats["refresh_address"] += 1
+        elif client_from and not in_networks(client_from, address(src)):
+            stats["client_not_allowed"] += 1
+            log.limited("client-from", "Ignored a keepalive from %s: not in "
+                        "--client-from" % format_addr(address(src)), DEBUG)
+            return True
         else:
             stats["auth_in_progress"] += 1
             earliest, latest = now + AUTH_WINDOW[0], now + AUTH_WINDOW[1]
@@ -821,6 +883,13 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False):
                         and on_signed(view[at + 2:at + 2 + n], src):
                     continue
             elif n == 0:                                # a plain keepalive
+                if client_from and src != client \
+                        and not in_networks(client_from, address(src)):
+                    stats["client_not_allowed"] += 1
+                    log.limited("client-from", "Ignored a keepalive from %s: "
+                                "not in --client-from"
+                                % format_addr(address(src)), DEBUG)
+                    continue
                 stats["simple_keepalives"] += 1
                 stats["last_ka_s"] = int(time.time())
                 if src != client:
@@ -832,13 +901,15 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False):
             if src == client:                           # client -> connectee
                 if n < TAG_SIZE:
                     stats["dwarfs"] += 1
-                    log.limited("dwarf", "Too short datagram from client")
+                    log.limited("dwarf", "Too short datagram from client",
+                                WARN)
                     continue
                 tag = buf[at + 2] << 8 | buf[at + 3]
                 dest = lookup(tag)
                 if dest is None:
                     stats["ch_not_founds"] += 1
-                    log.limited("channel", "Failed to find channel %d" % tag)
+                    log.limited("channel", "Failed to find channel %d" % tag,
+                                WARN)
                     continue
                 msgs_out += 1
                 bytes_out += n
@@ -847,13 +918,26 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False):
 
             if client is None:                          # connectee, no client
                 stats["dropped_no_client_address"] += 1
+                log.limited("no client", "Dropped a datagram from %s: no "
+                            "client address yet" % format_addr(address(src)),
+                            DEBUG)
                 continue
             tag = tag_of.get(src)                       # connectee -> client
             if tag is None:
-                tag = connectees.tag_for(src)[0]
+                if allow and not in_networks(allow, address(src)):
+                    stats["not_allowed"] += 1
+                    log.limited("allow", "Dropped a datagram from %s: not in "
+                                "--allow" % format_addr(address(src)), DEBUG)
+                    continue
+                tag, _, evicted = connectees.tag_for(src)
                 stats["new_connectees"] += 1
                 log.limited("connectee", "Connectee seqn %d from %s"
                             % (tag, format_addr(address(src))))
+                if evicted is not None:
+                    stats["evictions"] += 1
+                    log.limited("evict", "Forgot connectee %s, the least "
+                                "recently used" % format_addr(address(evicted)),
+                                DEBUG)
             else:
                 touch(tag)
             buf[at] = tag >> 8
@@ -890,13 +974,24 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False):
 # ---------------------------------------------------------------- the client
 
 def run_client(sock, server, real_family, real_server, max_clients,
-               interval, log, key=None, portable=False):
-    """Keep the NAT open towards `server` and relay for `real_server`, forever.
+               interval, log, key=None, portable=False, stats=None,
+               server_name=None, resolve_every=DEFAULT_RESOLVE_INTERVAL,
+               resolver=None, stop=None):
+    """Keep the NAT open towards `server` and relay for `real_server`.
 
     key: the HMAC key in password mode, None in plain mode.
     portable: plain recvfrom/sendto even where recvmmsg/sendmmsg exist.
+    stats: the counters (client_stats()), updated in place.
+    server_name: the -a text when it is a host name: looked up again every
+        resolve_every seconds (and when the server stops answering) by
+        resolver(text) -> (family, sockaddr) in a helper thread.
+    stop: a threading.Event that ends the loop (runs forever without).
     """
+    if stats is None:
+        stats = client_stats()
+
     def report(where, exc):
+        stats["errors"] += 1
         socket_error(None, None, log, where, exc)
 
     sel = selectors.DefaultSelector()
@@ -908,7 +1003,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
     keepalive = sign(key, request_claims()) if key else b""
     period = interval / 1000.0
     next_ping = last_registered = time.monotonic()
-    heard = authenticated = silent = False
+    next_lookup = next_ping + resolve_every
+    lookups = queue.Queue()         # results from the resolver thread
+    looking_up = heard = authenticated = silent = False
 
     def send_to_server(data, where):
         io.send_now(data, server_key, where)
@@ -919,7 +1016,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         claims = verify(key, token)
         if claims is None:
             log.limited("token", "Dropped a token from the server that does "
-                        "not verify")
+                        "not verify", WARN)
             return
         if not heard:
             heard = True
@@ -944,19 +1041,31 @@ def run_client(sock, server, real_family, real_server, max_clients,
             return None
         sel.register(worker, selectors.EVENT_READ,
                      lambda: on_worker_readable(worker, tag))
+        stats["channels_opened"] += 1
         evicted = workers.put(tag, worker)
         if evicted is not None:
             sel.unregister(evicted[1])
             evicted[1].close()
+            stats["channels_closed"] += 1
+            log.limited("evict", "Closed channel %d, the least recently used"
+                        % evicted[0], DEBUG)
         log.limited("channel", "New incoming channel %d" % tag)
         return worker
 
     def on_server_readable():
         lengths, sources = io.lengths, io.sources
+        msgs = size = 0
         for i in range(io.receive()):
             n, at = lengths[i], i * SLOT + TAG_SIZE
-            if sources[i] != server_key or n < TAG_SIZE:
-                continue                    # strangers and dwarfs
+            if sources[i] != server_key:
+                stats["strangers"] += 1
+                log.limited("stranger", "Dropped a datagram from %s: not the "
+                            "server" % format_addr(io.address(sources[i])),
+                            DEBUG)
+                continue
+            if n < TAG_SIZE:
+                stats["dwarfs"] += 1
+                continue
             if key is not None and buf.startswith(TOKEN_PREFIX, at, at + n):
                 on_token(view[at:at + n])
                 continue
@@ -964,17 +1073,22 @@ def run_client(sock, server, real_family, real_server, max_clients,
             worker = workers.get(tag) or open_worker(tag)
             if worker is None:
                 continue
+            msgs += 1
+            size += n
             try:
                 worker.sendto(view[at + 2:at + n], real_server)
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as e:
                 report("send to the real server", e)
+        stats["from_server_msgs"] += msgs
+        stats["from_server_bytes"] += size
 
     def on_worker_readable(worker, tag):
         if workers.entries.get(tag) is not worker:
             return          # evicted earlier in this same wake-up
         recv_into = worker.recvfrom_into
+        msgs = size = 0
         for j in range(BURST):
             try:
                 n, src = recv_into(slots[j], MAX_DATAGRAM)
@@ -984,27 +1098,72 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 report("receive from the real server", e)
                 continue
             if src != real_server:
+                stats["strangers"] += 1
                 continue
             at = j * SLOT
             buf[at] = tag >> 8
             buf[at + 1] = tag & 0xFF
+            msgs += 1
+            size += n
             io.send(at, n + 2, server_key, "tag and send to the server")
         io.flush()
+        stats["from_real_server_msgs"] += msgs
+        stats["from_real_server_bytes"] += size
+
+    def look_up_server():
+        """Resolve server_name again, in a thread: the loop never waits."""
+        nonlocal looking_up
+        looking_up = True
+
+        def work():
+            try:
+                result = peer_addr(sock.family, resolver(server_name)[1])
+            except (ValueError, OSError) as e:
+                result = e
+            lookups.put(result)
+        threading.Thread(target=work, daemon=True).start()
+
+    def on_lookup(result):
+        nonlocal server, server_key, looking_up, next_ping
+        looking_up = False
+        if isinstance(result, Exception):
+            log.limited("resolve", "Cannot resolve %s again, keeping %s: %s"
+                        % (server_name, format_addr(server), result), WARN)
+        elif result != server:
+            stats["server_address_changes"] += 1
+            log("Server address changed: %s -> %s"
+                % (format_addr(server), format_addr(result)))
+            server, server_key = result, io.key_of(result)
+            next_ping = time.monotonic()    # tell the new address at once
 
     def timers():
-        nonlocal next_ping, silent
+        nonlocal next_ping, next_lookup, silent
+        if looking_up:
+            try:
+                on_lookup(lookups.get_nowait())
+            except queue.Empty:
+                pass
         now = time.monotonic()
         if now >= next_ping:
             send_to_server(keepalive, "send a keepalive")
+            stats["keepalives"] += 1
             next_ping = now + period
             if key is not None and not silent \
                     and now - last_registered >= UNANSWERED_PINGS * period:
                 silent = True
-                log("Server %s is not answering" % format_addr(server))
+                log("Server %s is not answering" % format_addr(server), WARN)
+                next_lookup = now           # perhaps it moved
+        if server_name is not None and now >= next_lookup and not looking_up:
+            look_up_server()
+            next_lookup = now + resolve_every
+        if looking_up:
+            return min(next_ping - now, LOOKUP_POLL)
         return next_ping - now
 
+    if resolver is None:
+        resolver = resolve
     sel.register(sock, selectors.EVENT_READ, on_server_readable)
-    run_loop(sel, timers)
+    run_loop(sel, timers, stop)
 
 
 # ---------------------------------------------------------------- stats client
@@ -1041,6 +1200,181 @@ def dump_stats(sock, server, key, out):
     return 1
 
 
+# ---------------------------------------------------------------- self-test
+
+SELFTEST_SIZES = (1, 2, 100, 1400, 9000, 65000, 65507 - TAG_SIZE)
+EMPTY_PLEASE = b"selftest: answer with an empty datagram"
+
+
+def selftest(out):
+    """Server, client and echo on loopback, plain and password: exit status."""
+    out("selftest: Python %s (%s) on %s, %s I/O" % (
+        sys.version.split()[0], sys.implementation.name, sys.platform,
+        "portable" if _load_mmsg() is None else "recvmmsg/sendmmsg"))
+    failures = sum(_selftest_mode(password, out)
+                   for password in (None, "selftest password"))
+    out("selftest %s" % ("passed" if not failures
+                         else "FAILED (%d checks)" % failures))
+    return 1 if failures else 0
+
+
+def _selftest_start(args, env, procs):
+    """Start this script with args: (Popen, the address it bound)."""
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + args,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env,
+                            universal_newlines=True)
+    procs.append(proc)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout],
+                     daemon=True).start()
+    try:
+        first = lines.get(timeout=30)
+    except queue.Empty:
+        first = ""
+    bound = re.search(r" mode on (\S+),", first)
+    if bound is None:
+        raise RuntimeError("%s did not start: %s" % (args[0], first.strip()))
+    return proc, resolve(bound.group(1))[1]
+
+
+def _echo(sock, stop):
+    while not stop.is_set():
+        try:
+            data, src = sock.recvfrom(MAX_DATAGRAM)
+            sock.sendto(b"" if data == EMPTY_PLEASE else data, src)
+        except socket.timeout:
+            continue
+        except OSError:
+            return
+
+
+def _exchange(conn, dest, data, expect, tries=3, wait=2.0):
+    """Send data and wait for expect to come back: True or False."""
+    for _ in range(tries):
+        conn.sendto(data, dest)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                if conn.recvfrom(MAX_DATAGRAM)[0] == expect:
+                    return True
+            except socket.timeout:
+                break
+    return False
+
+
+def _selftest_mode(password, out):
+    """One server + client + echo run: the number of failed checks."""
+    name = "password mode" if password else "plain mode"
+    env = dict(os.environ)
+    env.pop(PASSWORD_ENV, None)
+    if password:
+        env[PASSWORD_ENV] = password
+    stop, procs, socks = threading.Event(), [], []
+    try:
+        echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        conn = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        socks += [echo, conn]
+        echo.bind(("127.0.0.1", 0))
+        echo.settimeout(0.2)
+        conn.bind(("127.0.0.1", 0))
+        threading.Thread(target=_echo, args=(echo, stop), daemon=True).start()
+        _, server = _selftest_start(["-s", "127.0.0.1:0", "-n", "8"], env, procs)
+        _selftest_start(["127.0.0.1:0", "-a", format_addr(server), "-c",
+                         format_addr(echo.getsockname()), "-n", "8",
+                         "-i", "200"], env, procs)
+        if not _exchange(conn, server, b"ready?", b"ready?", tries=20, wait=0.5):
+            out("  %s: FAILED, nothing came back through the relay" % name)
+            return 1
+        failed = [size for size in SELFTEST_SIZES
+                  if not _exchange(conn, server, b"s" * size, b"s" * size)]
+        checks = ["sizes %d..%d both ways" % (SELFTEST_SIZES[0],
+                                              SELFTEST_SIZES[-1])]
+        if password:        # in plain mode an empty datagram is a keepalive
+            checks.append("empty datagram both ways")
+            if not _exchange(conn, server, b"", b""):
+                failed.append(0)
+        else:
+            checks.append("empty reply")
+            if not _exchange(conn, server, EMPTY_PLEASE, b""):
+                failed.append(0)
+        rate = _selftest_rate(conn, server)
+        p50, p99 = _selftest_rtt(conn, server)
+        out("  %s: %s: %s; %d round trips/s; round trip p50 %d us, p99 %d us"
+            % (name, ", ".join(checks),
+               "FAILED for sizes %s" % failed if failed else "ok",
+               rate, p50, p99))
+        return len(failed)
+    except (RuntimeError, OSError) as e:
+        out("  %s: FAILED, %s" % (name, e))
+        return 1
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for sock in socks:
+            sock.close()
+
+
+def _selftest_rate(conn, server, count=3000, window=16, limit=10.0):
+    """Round trips of 100 bytes per second with `window` in flight."""
+    conn.settimeout(0.5)
+    data = b"r" * 100
+    t0 = time.monotonic()
+    sent = received = 0
+    for _ in range(window):
+        conn.sendto(data, server)
+        sent += 1
+    while received < count and time.monotonic() - t0 < limit:
+        try:
+            conn.recvfrom(MAX_DATAGRAM)
+        except socket.timeout:
+            sent = received         # lost: refill the window
+            for _ in range(window):
+                conn.sendto(data, server)
+                sent += 1
+            continue
+        received += 1
+        if sent < count:
+            conn.sendto(data, server)
+            sent += 1
+    elapsed = time.monotonic() - t0
+    time.sleep(0.2)
+    conn.settimeout(0.01)
+    try:
+        while True:
+            conn.recvfrom(MAX_DATAGRAM)     # stragglers
+    except socket.timeout:
+        pass
+    return received / elapsed
+
+
+def _selftest_rtt(conn, server, count=200):
+    """Round trip p50 and p99, in microseconds."""
+    times = []
+    conn.settimeout(1.0)
+    for i in range(count):
+        data = b"%d" % i
+        t0 = time.perf_counter()
+        conn.sendto(data, server)
+        try:
+            while conn.recvfrom(MAX_DATAGRAM)[0] != data:
+                pass
+        except socket.timeout:
+            continue
+        times.append(time.perf_counter() - t0)
+    if not times:
+        return 0, 0
+    times.sort()
+    return (times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6)
+
+
 # ---------------------------------------------------------------- command line
 
 class Parser(argparse.ArgumentParser):
@@ -1054,11 +1388,13 @@ def build_parser():
         prog="udpexposer.py",
         description="Expose UDP port externally using helper hosts.",
         epilog="Modes: -s (server); -a and -c (client); -S with -a and a "
-               "password (print the server's counters).  Addresses are "
-               "IPv4:port, [IPv6]:port or, for -a and -c, name:port.  The "
-               "password can come from -P, from --password-file or from the "
-               "environment variable %s." % PASSWORD_ENV)
-    parser.add_argument("listen_addr", help="UDP socket address to bind to")
+               "password (print the server's counters); --selftest.  "
+               "Addresses are IPv4:port, [IPv6]:port or, for -a and -c, "
+               "name:port.  The password can come from -P, from "
+               "--password-file or from the environment variable %s.  "
+               "SIGUSR1 logs the counters as one JSON line." % PASSWORD_ENV)
+    parser.add_argument("listen_addr", nargs="?",
+                        help="UDP socket address to bind to")
     parser.add_argument("-c", "--local-connect-addr", metavar="ADDR",
                         help="client mode: expose specified UDP socket")
     parser.add_argument("-a", "--server-addr", metavar="ADDR",
@@ -1084,6 +1420,24 @@ def build_parser():
     parser.add_argument("-S", "--dump-stats", action="store_true",
                         help="ask the server at -a for its counters, print "
                              "them as JSON and exit (needs a password)")
+    parser.add_argument("--allow", metavar="CIDR", action="append",
+                        help="server mode: relay only connectees from this "
+                             "network; repeatable (default: everyone)")
+    parser.add_argument("--client-from", metavar="CIDR", action="append",
+                        help="server mode: accept the client's keepalives "
+                             "only from this network; repeatable (default: "
+                             "anywhere)")
+    parser.add_argument("--resolve-interval", metavar="SECONDS", type=float,
+                        default=DEFAULT_RESOLVE_INTERVAL,
+                        help="client mode: look up the host name of -a again "
+                             "this often (default: %(default)s)")
+    parser.add_argument("--selftest", action="store_true",
+                        help="run a server, a client and an echo service on "
+                             "loopback, report, and exit 0 if all is well")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="log only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also log evictions and dropped datagrams")
     parser.add_argument("--portable-io", action="store_true",
                         help="plain recvfrom/sendto even where recvmmsg/"
                              "sendmmsg are available (Linux)")
@@ -1112,13 +1466,23 @@ def read_password(args, environ):
 
 
 def choose_mode(args, password):
-    """'server', 'client' or 'stats'; UsageError for flags that make no sense."""
+    """'server', 'client', 'stats' or 'selftest'; UsageError for nonsense."""
+    if args.selftest:
+        return "selftest"
+    if args.listen_addr is None:
+        raise UsageError("the listen address is missing, e.g. 0.0.0.0:5566")
     if not 1 <= args.max_clients <= MAX_TAG:
         raise UsageError("-n/--max-clients must be 1..65535, not %d"
                          % args.max_clients)
     if not 1 <= args.ping_interval_ms <= 86400000:
         raise UsageError("-i/--ping-interval-ms must be 1..86400000, not %d"
                          % args.ping_interval_ms)
+    if not args.resolve_interval > 0:
+        raise UsageError("--resolve-interval must be more than 0 seconds")
+    if args.quiet and args.verbose:
+        raise UsageError("-q and -v contradict each other")
+    if (args.allow or args.client_from) and not args.server_mode:
+        raise UsageError("--allow and --client-from are for server mode (-s)")
     if args.dump_stats:
         if args.server_mode or args.local_connect_addr is not None:
             raise UsageError("-S takes -a and a password, not -s or -c")
@@ -1137,15 +1501,29 @@ def choose_mode(args, password):
     return "client"
 
 
+def is_ip_literal(host):
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
 def setup(args, environ):
     """Check flags, resolve addresses, derive the key, bind: a dict or raise."""
     password = read_password(args, environ)
     mode = choose_mode(args, password)
+    if mode == "selftest":
+        return dict(mode=mode)
+    allow = parse_networks(args.allow, "--allow")
+    client_from = parse_networks(args.client_from, "--client-from")
     try:
         family, listen = resolve(args.listen_addr, passive=True)
-        server = real = real_family = None
+        server = real = real_family = server_name = None
         if mode != "server":
             server = peer_addr(family, resolve(args.server_addr)[1])
+            if not is_ip_literal(split_host_port(args.server_addr)[0]):
+                server_name = args.server_addr
         if mode == "client":
             real_family, real = resolve(args.local_connect_addr)
     except ValueError as e:
@@ -1157,7 +1535,8 @@ def setup(args, environ):
         raise UsageError("cannot bind %s: %s"
                          % (args.listen_addr, e.strerror or e))
     return dict(mode=mode, sock=sock, key=key, server=server, real=real,
-                real_family=real_family)
+                real_family=real_family, server_name=server_name,
+                allow=allow, client_from=client_from)
 
 
 def _stop(signum, frame):
@@ -1172,26 +1551,41 @@ def main(argv=None, environ=None):
         print("udpexposer: %s" % e, file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _stop)
-    sock, key, mode = run["sock"], run["key"], run["mode"]
-    log = Log()
+    log = Log(verbosity=WARN if args.quiet else DEBUG if args.verbose else INFO)
+    mode = run["mode"]
+    if mode == "selftest":
+        try:
+            return selftest(log)
+        except KeyboardInterrupt:
+            return 1
+    sock, key = run["sock"], run["key"]
+    stats = client_stats() if mode == "client" else server_stats()
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda signum, frame: log(json.dumps(
+            dict([("mode", mode)] + list(stats.items())),
+            separators=(",", ":")), WARN))
     bound = format_addr(sock.getsockname())
     flavour = "password mode" if key else "plain mode"
+    # The start-up line shows even with -q: it says what is bound where.
     try:
         if mode == "stats":
             return dump_stats(sock, run["server"], key, sys.stdout)
         if mode == "server":
             log("udpexposer.py %s: server mode on %s, %s, up to %d connectees"
-                % (__version__, bound, flavour, args.max_clients))
-            run_server(sock, args.max_clients, log, key,
-                       portable=args.portable_io)
+                % (__version__, bound, flavour, args.max_clients), WARN)
+            run_server(sock, args.max_clients, log, key, stats,
+                       portable=args.portable_io, allow=run["allow"],
+                       client_from=run["client_from"])
         else:
             log("udpexposer.py %s: client mode on %s, %s, server %s, "
                 "exposing %s, up to %d channels"
                 % (__version__, bound, flavour, format_addr(run["server"]),
-                   format_addr(run["real"]), args.max_clients))
+                   format_addr(run["real"]), args.max_clients), WARN)
             run_client(sock, run["server"], run["real_family"], run["real"],
                        args.max_clients, args.ping_interval_ms, log, key,
-                       portable=args.portable_io)
+                       portable=args.portable_io, stats=stats,
+                       server_name=run["server_name"],
+                       resolve_every=args.resolve_interval)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -272,6 +272,7 @@ def bench_rtt(command, pings, extra=()):
     t.start()
     sport, cport = free_port(), free_port()
     server = Relay(command, ["%s:%d" % (LOCAL, sport), "-s"] + list(extra))
+    time.sleep(0.5)       # floor's client sends its one keepalive at start
     client = Relay(command, ["%s:%d" % (LOCAL, cport), "-a",
                              "%s:%d" % (LOCAL, sport), "-c",
                              "%s:%d" % echo.getsockname()] + list(extra))
@@ -412,7 +413,11 @@ def main():
         report["server_cpu_us_by_connectees"] = scaling
         rtt = {}
         for name, command in impls:
-            relayed, direct = bench_rtt(command, args.pings)
+            try:
+                relayed, direct = bench_rtt(command, args.pings)
+            except RuntimeError as e:
+                print("round trip through %s: %s" % (name, e), file=sys.stderr)
+                continue
             rtt[name] = {"p50_us": round(relayed[0], 1),
                          "p99_us": round(relayed[1], 1)}
             rtt["direct"] = {"p50_us": round(direct[0], 1),
