@@ -130,6 +130,8 @@ class Log:
             pass    # a closed or broken stdout must not stop the relay
 
     def limited(self, kind, line, level=INFO):
+        """Log line unless kind is over budget.  line may be a callable that
+        makes the text: it then runs only for a line that is shown."""
         if level > self.verbosity:
             return
         now = time.monotonic()
@@ -141,7 +143,7 @@ class Log:
             w = self.windows[kind] = [now, 0, 0]
         if w[1] < self.BUDGET:
             w[1] += 1
-            self(line, level)
+            self(line() if callable(line) else line, level)
         else:
             w[2] += 1
 
@@ -848,8 +850,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             stats["refresh_address"] += 1
         elif client_from and not in_networks(client_from, address(src)):
             stats["client_not_allowed"] += 1
-            log.limited("client-from", "Ignored a keepalive from %s: not in "
-                        "--client-from" % format_addr(address(src)), DEBUG)
+            log.limited("client-from", lambda: "Ignored a keepalive from %s: "
+                        "not in --client-from" % format_addr(address(src)),
+                        DEBUG)
             return True
         else:
             stats["auth_in_progress"] += 1
@@ -886,8 +889,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 if client_from and src != client \
                         and not in_networks(client_from, address(src)):
                     stats["client_not_allowed"] += 1
-                    log.limited("client-from", "Ignored a keepalive from %s: "
-                                "not in --client-from"
+                    log.limited("client-from", lambda: "Ignored a keepalive "
+                                "from %s: not in --client-from"
                                 % format_addr(address(src)), DEBUG)
                     continue
                 stats["simple_keepalives"] += 1
@@ -918,16 +921,17 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
             if client is None:                          # connectee, no client
                 stats["dropped_no_client_address"] += 1
-                log.limited("no client", "Dropped a datagram from %s: no "
-                            "client address yet" % format_addr(address(src)),
-                            DEBUG)
+                log.limited("no client", lambda: "Dropped a datagram from %s: "
+                            "no client address yet"
+                            % format_addr(address(src)), DEBUG)
                 continue
             tag = tag_of.get(src)                       # connectee -> client
             if tag is None:
                 if allow and not in_networks(allow, address(src)):
                     stats["not_allowed"] += 1
-                    log.limited("allow", "Dropped a datagram from %s: not in "
-                                "--allow" % format_addr(address(src)), DEBUG)
+                    log.limited("allow", lambda: "Dropped a datagram from %s: "
+                                "not in --allow" % format_addr(address(src)),
+                                DEBUG)
                     continue
                 tag, _, evicted = connectees.tag_for(src)
                 stats["new_connectees"] += 1
@@ -1059,9 +1063,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
             n, at = lengths[i], i * SLOT + TAG_SIZE
             if sources[i] != server_key:
                 stats["strangers"] += 1
-                log.limited("stranger", "Dropped a datagram from %s: not the "
-                            "server" % format_addr(io.address(sources[i])),
-                            DEBUG)
+                log.limited("stranger", lambda: "Dropped a datagram from %s: "
+                            "not the server" % format_addr(
+                                io.address(sources[i])), DEBUG)
                 continue
             if n < TAG_SIZE:
                 stats["dwarfs"] += 1

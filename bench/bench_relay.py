@@ -85,7 +85,7 @@ def cpu_ns(pid):
 class Relay:
     """One relay process: COMMAND + udpexposer-style arguments."""
 
-    def __init__(self, command, args, env=None):
+    def __init__(self, command, args, env=None, cpu=None):
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.started = time.monotonic()
@@ -93,7 +93,7 @@ class Relay:
                                   stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, env=full_env,
-                                  preexec_fn=pin(RELAY_CPU))
+                                  preexec_fn=pin(cpu))
 
     def cpu(self):
         return cpu_ns(self.p.pid)
@@ -188,7 +188,7 @@ def bench_server(command, size, count, connectees=4, extra=()):
     port = free_port()
     server = (LOCAL, port)
     relay = Relay(command, ["%s:%d" % server, "-s", "-n",
-                            max(connectees, 4)] + list(extra))
+                            max(connectees, 4)] + list(extra), cpu=RELAY_CPU)
     client = udp()
     far = []
     try:
@@ -227,7 +227,7 @@ def bench_client(command, size, count, extra=()):
     relay = Relay(command, ["%s:%d" % (LOCAL, port), "-a",
                             "%s:%d" % server.getsockname(), "-c",
                             "%s:%d" % real.getsockname(), "-n", 4]
-                  + list(extra))
+                  + list(extra), cpu=RELAY_CPU)
     try:
         r, _, _ = select_one(server, 10)
         startup = time.monotonic() - t0
