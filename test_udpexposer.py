@@ -579,6 +579,23 @@ class TestClient(RelayCase):
         real.sendto(b"right", worker)
         self.assertEqual(self.recv(server)[0], b"\x00\x01right")
 
+    @unittest.skipUnless(has_ipv6(), "no IPv6 loopback")
+    def test_ipv6_server_side_ipv4_real_server(self):
+        # The main socket and the channel sockets differ in family: the
+        # addresses read from each must still compare right, in turn.
+        server, real = self.udp("::1"), self.udp()
+        proc, caddr = self.start("[::1]:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 *self.FLAGS)
+        self.assertEqual(self.recv(server)[0], b"")
+        for i in range(3):
+            server.sendto(b"\x00\x03to real %d" % i, caddr)
+            data, worker = self.recv(real)
+            self.assertEqual(data, b"to real %d" % i)
+            real.sendto(b"back %d" % i, worker)
+            self.assertEqual(self.recv(server), (b"\x00\x03back %d" % i, caddr))
+
     def test_big_datagrams_pass_whole(self):
         proc, server, real, caddr = self.start_client()
         big = os.urandom(65000)

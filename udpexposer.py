@@ -572,6 +572,8 @@ class BurstIO:
 
     receive() reads up to BURST datagrams into slots of one buffer: datagram
     i is lengths[i] bytes at buf[i * SLOT + TAG_SIZE:], from sources[i].
+    It reads this I/O's socket, or another one given (the client's workers
+    share their owner's buffer).
     Sources are opaque, hashable address keys; address(key) turns one into a
     sockaddr tuple.  send() relays a range of buf; flush() ends the burst.
     Errors go to report(where, exc) and never stop the caller.
@@ -587,9 +589,10 @@ class BurstIO:
         self.lengths = [0] * BURST
         self.sources = [None] * BURST
 
-    def receive(self):
+    def receive(self, sock=None):
         """Read what is waiting, up to BURST datagrams: how many."""
-        recv_into, slots = self.sock.recvfrom_into, self.slots
+        recv_into = (sock or self.sock).recvfrom_into
+        slots = self.slots
         lengths, sources = self.lengths, self.sources
         k = 0
         for _ in range(BURST):
@@ -659,7 +662,10 @@ class MmsgIO(BurstIO):
         recvmmsg, sendmmsg, get_errno = libc.recvmmsg, libc.sendmmsg, c.get_errno
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
-        name_size = 28 if sock.family == socket.AF_INET6 else 16
+        def name_size_of(sock):
+            return 28 if sock.family == socket.AF_INET6 else 16
+        name_size = name_size_of(sock)     # of the peers sent to
+        room = 28                          # for the peers received from
 
         class IOVec(c.Structure):
             _fields_ = [("base", c.c_void_p), ("len", c.c_size_t)]
@@ -677,17 +683,18 @@ class MmsgIO(BurstIO):
             return c.addressof((c.c_char * len(data)).from_buffer(data))
 
         base = address_of(self.buf)
-        names_in = bytearray(BURST * name_size)
+        names_in = bytearray(BURST * room)
         names_out = bytearray(BURST * name_size)
         iov_in, iov_out = (IOVec * BURST)(), (IOVec * BURST)()
         msgs_in, msgs_out = (MMsgHdr * BURST)(), (MMsgHdr * BURST)()
         for i in range(BURST):
             iov_in[i].base = base + i * SLOT + TAG_SIZE
             iov_in[i].len = MAX_DATAGRAM
-            for msgs, iov, names in ((msgs_in, iov_in, names_in),
-                                     (msgs_out, iov_out, names_out)):
-                msgs[i].hdr.name = address_of(names) + i * name_size
-                msgs[i].hdr.namelen = name_size
+            for msgs, iov, names, size in (
+                    (msgs_in, iov_in, names_in, room),
+                    (msgs_out, iov_out, names_out, name_size)):
+                msgs[i].hdr.name = address_of(names) + i * size
+                msgs[i].hdr.namelen = size
                 msgs[i].hdr.iov = c.addressof(iov[i])
                 msgs[i].hdr.iovlen = 1
         self._keep = (names_in, names_out, iov_in, iov_out, msgs_in, msgs_out)
@@ -699,12 +706,16 @@ class MmsgIO(BurstIO):
         in32 = memoryview(msgs_in).cast("B").cast("I")
         words = msg_size // 4
         lengths_at = [i * words + MMsgHdr.len.offset // 4 for i in range(BURST)]
+        namelens_at = [i * words + MsgHdr.namelen.offset // 4
+                       for i in range(BURST)]
         word = "Q" if c.sizeof(c.c_void_p) == 8 else "I"
         iov_words = memoryview(iov_out).cast("B").cast(word)
         names_at = [(i * name_size, (i + 1) * name_size) for i in range(BURST)]
+        names_in_at = [i * room for i in range(BURST)]
         lengths, sources = self.lengths, self.sources
         wheres = [None] * BURST
         queued = 0
+        shrunk = False      # the kernel wrote sockaddr_in sizes back
 
         def failure():
             err = get_errno()
@@ -712,17 +723,25 @@ class MmsgIO(BurstIO):
                 return None
             return OSError(err, os.strerror(err))
 
-        def receive():
-            k = recvmmsg(fd, at_in, BURST, self.MSG_DONTWAIT, None)
+        def receive(other=None):
+            nonlocal shrunk
+            sock = self.sock if other is None else other
+            size = name_size_of(sock)
+            if size == room and shrunk:     # an IPv6 socket after an IPv4 one
+                for at in namelens_at:
+                    in32[at] = room
+                shrunk = False
+            k = recvmmsg(sock.fileno(), at_in, BURST, self.MSG_DONTWAIT, None)
             if k < 0:
                 exc = failure()
                 if exc is not None:
                     report("err1", exc)
                 return 0
+            shrunk = shrunk or size < room
             for i in range(k):
                 lengths[i] = in32[lengths_at[i]]
-                start, end = names_at[i]
-                sources[i] = bytes(names_in[start:end])
+                start = names_in_at[i]
+                sources[i] = bytes(names_in[start:start + size])
             return k
 
         def send(start, length, dest, where):
@@ -996,12 +1015,13 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def report(where, exc):
         stats["errors"] += 1
-        socket_error(None, None, log, where, exc)
+        socket_error(None, None, log, "receive" if where == "err1" else where,
+                     exc)
 
     sel = selectors.DefaultSelector()
     io = burst_io(sock, report, portable)
-    server_key = io.key_of(server)
-    buf, view, slots = io.buf, io.view, io.slots
+    server_key, real_key = io.key_of(server), io.key_of(real_server)
+    buf, view = io.buf, io.view
     workers = LRU(max_clients)      # tag -> worker socket
     bind_to = wildcard(real_family)
     keepalive = sign(key, request_claims()) if key else b""
@@ -1091,20 +1111,13 @@ def run_client(sock, server, real_family, real_server, max_clients,
     def on_worker_readable(worker, tag):
         if workers.entries.get(tag) is not worker:
             return          # evicted earlier in this same wake-up
-        recv_into = worker.recvfrom_into
+        lengths, sources = io.lengths, io.sources
         msgs = size = 0
-        for j in range(BURST):
-            try:
-                n, src = recv_into(slots[j], MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                report("receive from the real server", e)
-                continue
-            if src != real_server:
+        for j in range(io.receive(worker)):
+            if sources[j] != real_key:
                 stats["strangers"] += 1
                 continue
-            at = j * SLOT
+            n, at = lengths[j], j * SLOT
             buf[at] = tag >> 8
             buf[at + 1] = tag & 0xFF
             msgs += 1
