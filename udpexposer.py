@@ -588,26 +588,38 @@ class BurstIO:
                       for i in range(BURST)]
         self.lengths = [0] * BURST
         self.sources = [None] * BURST
+        self.receive, self.send = self._closures(sock, report)
 
-    def receive(self, sock=None):
-        """Read what is waiting, up to BURST datagrams: how many."""
-        recv_into = (sock or self.sock).recvfrom_into
-        slots = self.slots
+    def _closures(self, own, report):
+        """receive() and send() over locals: this is the hot path."""
+        slots, view, sendto = self.slots, self.view, own.sendto
         lengths, sources = self.lengths, self.sources
-        k = 0
-        for _ in range(BURST):
-            try:
-                lengths[k], sources[k] = recv_into(slots[k], MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                self.report("err1", e)
-                continue
-            k += 1
-        return k
 
-    def send(self, start, length, dest, where):
-        self.send_now(self.view[start:start + length], dest, where)
+        def receive(sock=None):
+            """Read what is waiting, up to BURST datagrams: how many."""
+            recv_into = (sock or own).recvfrom_into
+            k = 0
+            for _ in range(BURST):
+                try:
+                    lengths[k], sources[k] = recv_into(slots[k], MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    report("err1", e)
+                    continue
+                k += 1
+            return k
+
+        def send(start, length, dest, where):
+            """Relay buf[start:start + length] to dest."""
+            try:
+                sendto(view[start:start + length], dest)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                report(where, e)
+
+        return receive, send
 
     def send_now(self, data, dest, where):
         try:
