@@ -135,13 +135,16 @@ def drain(sock):
 
 # ---------------------------------------------------------------- load
 
-def pump(relay, far, near, forward, back, count, payload):
-    """Closed-loop load with WINDOW datagrams in flight.
+def pump(relay, far, near, forward, back, count, payload, rate=None):
+    """Closed-loop load with WINDOW datagrams in flight, or `rate` per second.
 
     The sockets of `far` take turns sending through the relay; the datagram
     arrives at `near`, whose reply comes back through the relay to the
     sender.  forward(sock, i) sends one; back(data, src) answers at near.
-    Returns (relayed datagrams, seconds, CPU ns of the relay).
+    With a rate, sends are paced by the clock instead of by replies: the
+    relay then sees the same arrival pattern whatever the load generator's
+    own costs (which grow with the number of sockets it reads).
+    Returns (relayed datagrams, seconds, CPU ns of the relay, lost).
     """
     sel = selectors.DefaultSelector()
     for s in far:
@@ -150,11 +153,21 @@ def pump(relay, far, near, forward, back, count, payload):
     sent = arrived_near = arrived_far = 0
     cpu0, t0 = relay.cpu(), time.monotonic()
     end = t0 + GIVE_UP
-    for i in range(min(WINDOW, count)):
+    for i in range(0 if rate else min(WINDOW, count)):
         forward(far[i % len(far)], i)
         sent += 1
     while arrived_far < count and time.monotonic() < end:
-        events = sel.select(0.2)
+        if rate:
+            now = time.monotonic()
+            due = min(count, int((now - t0) * rate))
+            while sent < due:
+                forward(far[sent % len(far)], sent)
+                sent += 1
+            if sent >= count and now - t0 > count / rate + 0.5:
+                break                       # the rest was lost
+        events = sel.select(0.001 if rate else 0.2)
+        if not events and rate:
+            continue
         if not events:                      # losses: refill the window
             for i in range(WINDOW):
                 if sent >= count + WINDOW * 4:
@@ -174,7 +187,7 @@ def pump(relay, far, near, forward, back, count, payload):
                     back(data, src)
                 else:
                     arrived_far += 1
-                    if sent < count:        # cycle through every sender
+                    if sent < count and not rate:   # cycle through senders
                         forward(far[sent % len(far)], sent)
                         sent += 1
     seconds = time.monotonic() - t0
@@ -183,7 +196,7 @@ def pump(relay, far, near, forward, back, count, payload):
     return arrived_near + arrived_far, seconds, cpu, 2 * sent - arrived_near - arrived_far
 
 
-def bench_server(command, size, count, connectees=4, extra=()):
+def bench_server(command, size, count, connectees=4, extra=(), rate=None):
     """Server mode: connectees <-> relay <-> a socket playing the client."""
     port = free_port()
     server = (LOCAL, port)
@@ -212,7 +225,7 @@ def bench_server(command, size, count, connectees=4, extra=()):
 
         def back(data, src):
             client.sendto(data, server)     # the tag goes back as it came
-        return pump(relay, far, client, forward, back, count, payload)
+        return pump(relay, far, client, forward, back, count, payload, rate)
     finally:
         relay.stop()
         for s in far + [client]:
@@ -327,6 +340,21 @@ def derive_time(runs=5):
     return float(out.stdout)
 
 
+SCALING_RATE = 20000      # round trips per second, the same for every size
+
+
+def scaling(command, args, sizes=(4, 1000, 10000)):
+    """Server-mode CPU us per datagram by number of connectees, interleaved,
+    at one paced rate (SCALING_RATE round trips per second)."""
+    runs = {n: [] for n in sizes}
+    for _ in range(args.rounds):
+        for n in sizes:
+            r = bench_server(command, 100, args.count, connectees=n,
+                             rate=SCALING_RATE)
+            runs[n].append(r[2] / 1000.0 / r[0])
+    return {n: round(statistics.median(v), 3) for n, v in runs.items()}
+
+
 def build_floor(source):
     exe = os.path.join(tempfile.mkdtemp(prefix="floor-"), "floor")
     subprocess.run(["gcc", "-O2", "-o", exe, source], check=True)
@@ -349,6 +377,8 @@ def main():
     parser.add_argument("--pings", type=int, default=2000)
     parser.add_argument("--quick", action="store_true",
                         help="skip the connectee scaling and round trips")
+    parser.add_argument("--scaling-only", action="store_true",
+                        help="only the cost by number of connectees")
     parser.add_argument("--json", metavar="PATH", help="also write JSON here")
     args = parser.parse_args()
 
@@ -359,6 +389,12 @@ def main():
 
     impls = [("udpexposer.py", "%s %s" % (shlex.quote(sys.executable),
                                           shlex.quote(SCRIPT)))]
+    if args.scaling_only:
+        s = scaling(impls[0][1], args)
+        print("server mode, 100 bytes, CPU us per datagram by connectees: "
+              + ", ".join("%s: %.2f" % kv for kv in s.items())
+              + "  (10000 vs 4: %.2fx)" % (s[10000] / s[4]))
+        return
     for spec in args.compare:
         name, _, command = spec.partition("=")
         impls.append((name, command))
@@ -404,13 +440,7 @@ def main():
 
     if not args.quick:
         ours = impls[0][1]
-        scaling = {}
-        for n in (4, 1000, 10000):
-            runs = [bench_server(ours, 100, args.count, connectees=n)
-                    for _ in range(args.rounds)]
-            scaling[n] = round(statistics.median(
-                r[2] / 1000.0 / r[0] for r in runs), 3)
-        report["server_cpu_us_by_connectees"] = scaling
+        report["server_cpu_us_by_connectees"] = scaling(ours, args)
         rtt = {}
         for name, command in impls:
             try:
