@@ -119,13 +119,24 @@ class Log:
         self.stream = stream if stream is not None else sys.stdout
         self.verbosity = verbosity
         self.windows = {}   # kind -> [window start, lines shown, lines held]
+        try:
+            self.fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None  # not a file: a test's stream
 
     def __call__(self, line, level=INFO):
+        """Write one line at once.  On a file it is one os.write, with no
+        buffer and no lock, so a signal handler may log too (SIGUSR1)."""
         if level > self.verbosity:
             return
         try:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            if self.fd is None:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+                return
+            data = (line + "\n").encode("utf-8", "replace")
+            while data:
+                data = data[os.write(self.fd, data):]
         except (OSError, ValueError):
             pass    # a closed or broken stdout must not stop the relay
 
