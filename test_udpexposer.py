@@ -617,7 +617,8 @@ class TestClient(RelayCase):
         for tag in range(1, 41):
             server.sendto(bytes((0, tag)) + b"x", caddr)
             workers.append(self.recv(real)[1])
-        self.assertEqual(len(set(workers)), 40)
+        # (a closed channel's port may come back for a later one)
+        self.assertEqual(len(set(workers[-3:])), 3)
         self.assertLessEqual(len(os.listdir(fd_dir)), before + 3)
         # the three most recent channels still work, the oldest do not
         real.sendto(b"back", workers[-1])
