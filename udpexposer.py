@@ -977,7 +977,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                     continue
                 tag, _, evicted = connectees.tag_for(src)
                 stats["new_connectees"] += 1
-                log.limited("connectee", "Connectee seqn %d from %s"
+                log.limited("connectee", lambda: "Connectee seqn %d from %s"
                             % (tag, format_addr(address(src))))
                 if evicted is not None:
                     stats["evictions"] += 1
