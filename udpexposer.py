@@ -371,25 +371,25 @@ def _mixing_schedule():
 _SCHEDULE = _mixing_schedule()
 
 
+def _half_mix(va, vb, vc, vd, rd, rb):
+    """Half of Argon2's GB (RFC 9106, 3.6): multiply-add, xor, rotate right
+    d by rd and b by rb.  GB is this with (32, 24), then with (16, 63)."""
+    va = (va + vb + 2 * (va & M32) * (vb & M32)) & M64
+    vd ^= va
+    vd = vd >> rd | (vd << (64 - rd)) & M64
+    vc = (vc + vd + 2 * (vc & M32) * (vd & M32)) & M64
+    vb ^= vc
+    vb = vb >> rb | (vb << (64 - rb)) & M64
+    return va, vb, vc, vd
+
+
 def _compress(x, y, old=None):
     """G(X, Y) of RFC 9106, 3.5 on 128-word blocks; XORed into old if given."""
     r = [a ^ b for a, b in zip(x, y)]
     q = r[:]
     for a, b, c, d in _SCHEDULE:
-        va, vb, vc, vd = q[a], q[b], q[c], q[d]
-        va = (va + vb + 2 * (va & M32) * (vb & M32)) & M64
-        vd ^= va
-        vd = vd >> 32 | (vd << 32) & M64
-        vc = (vc + vd + 2 * (vc & M32) * (vd & M32)) & M64
-        vb ^= vc
-        vb = vb >> 24 | (vb << 40) & M64
-        va = (va + vb + 2 * (va & M32) * (vb & M32)) & M64
-        vd ^= va
-        vd = vd >> 16 | (vd << 48) & M64
-        vc = (vc + vd + 2 * (vc & M32) * (vd & M32)) & M64
-        vb ^= vc
-        vb = vb >> 63 | (vb << 1) & M64
-        q[a], q[b], q[c], q[d] = va, vb, vc, vd
+        va, vb, vc, vd = _half_mix(q[a], q[b], q[c], q[d], 32, 24)
+        q[a], q[b], q[c], q[d] = _half_mix(va, vb, vc, vd, 16, 63)
     if old is None:
         return [a ^ b for a, b in zip(q, r)]
     return [a ^ b ^ c for a, b, c in zip(q, r, old)]
