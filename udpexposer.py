@@ -548,10 +548,8 @@ def stats_json(blob):
 
 # ---------------------------------------------------------------- the event loop
 
-def socket_error(stats, counter, log, where, exc):
-    """Tier two of the error rules: count a socket error, log it, go on."""
-    if stats is not None:
-        stats[counter] += 1
+def log_socket_error(log, where, exc):
+    """Tier two of the error rules: the caller counts it, this logs it."""
     if exc.errno == errno.EMSGSIZE:
         log.limited(where, "Dropped a datagram too big to %s" % where, WARN)
     else:
@@ -852,7 +850,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         stats = server_stats()
 
     def report(counter, exc):
-        socket_error(stats, counter, log, SERVER_ERRORS[counter], exc)
+        stats[counter] += 1
+        log_socket_error(log, SERVER_ERRORS[counter], exc)
 
     io = burst_io(sock, report, portable)
     connectees = Connectees(max_clients,
@@ -1038,8 +1037,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def report(where, exc):
         stats["errors"] += 1
-        socket_error(None, None, log, "receive" if where == "err1" else where,
-                     exc)
+        log_socket_error(log, "receive" if where == "err1" else where, exc)
 
     sel = selectors.DefaultSelector()
     io = burst_io(sock, report, portable)
