@@ -467,10 +467,11 @@ class TestBurstIO(RelayCase):
         deadline = time.monotonic() + TIMEOUT
         got = []
         while len(got) < 3 and time.monotonic() < deadline:
-            for i in range(io.receive()):
-                at = i * ux.SLOT + ux.TAG_SIZE
-                got.append((bytes(io.buf[at:at + io.lengths[i]]),
-                            io.address(io.sources[i]), io.sources[i]))
+            lengths, sources = io.receive()
+            self.assertEqual(len(lengths), len(sources))
+            for at, n, src in zip(ux.SLOTS_AT, lengths, sources):
+                at += ux.TAG_SIZE
+                got.append((bytes(io.buf[at:at + n]), io.address(src), src))
         self.assertEqual([(d[:5], addr) for d, addr, _ in got],
                          [(b"one", a.getsockname()), (b"", b.getsockname()),
                           (b"xxxxx", a.getsockname())])
@@ -508,10 +509,46 @@ class TestBurstIO(RelayCase):
     def test_mmsg_ipv6(self):
         self.check(lambda s, r: ux.MmsgIO(s, r, *ux._load_mmsg()), "::1")
 
+    def makers(self):
+        """Both I/O classes, or the portable one where there is no mmsg."""
+        yield ux.BurstIO
+        if ux._load_mmsg() is not None:
+            yield lambda s, r: ux.MmsgIO(s, r, *ux._load_mmsg())
+
+    def test_more_sends_than_a_burst_before_flush(self):
+        for make in self.makers():
+            sock, peer = self.udp(), self.udp()
+            io = make(sock, lambda where, exc: self.fail((where, exc)))
+            io.buf[:ux.BURST + 5] = bytes(range(ux.BURST + 5))
+            key = io.key_of(peer.getsockname())
+            for i in range(ux.BURST + 5):
+                io.send(i, 1, key, "err4")
+            io.flush()
+            got = [self.recv(peer)[0] for _ in range(ux.BURST + 5)]
+            self.assertEqual(got, [bytes((i,)) for i in range(ux.BURST + 5)])
+
+    @unittest.skipUnless(has_ipv6(), "no IPv6 loopback")
+    def test_receive_from_sockets_of_both_families_in_turn(self):
+        # The client's channel sockets may differ in family from its own.
+        for make in self.makers():
+            own, v6 = self.udp(), self.udp("::1")
+            for sock in (own, v6):
+                sock.setblocking(False)
+            io = make(own, lambda where, exc: self.fail((where, exc)))
+            a, b = self.udp(), self.udp("::1")
+            for sock, peer in ((own, a), (v6, b), (own, a), (v6, b)):
+                peer.sendto(b"hello", sock.getsockname())
+                deadline = time.monotonic() + TIMEOUT
+                lengths = ()
+                while not lengths and time.monotonic() < deadline:
+                    lengths, sources = io.receive(sock)
+                self.assertEqual(list(lengths), [5])
+                self.assertEqual(io.address(sources[0])[:2],
+                                 peer.getsockname()[:2])
+                self.assertEqual(sources[0], io.key_of(peer.getsockname()))
+
     def test_send_errors_are_reported_not_raised(self):
-        for make in (ux.BurstIO, lambda s, r: ux.MmsgIO(s, r, *ux._load_mmsg())):
-            if make is not ux.BurstIO and ux._load_mmsg() is None:
-                continue
+        for make in self.makers():
             sock = self.udp()
             errors = []
             io = make(sock, lambda where, exc: errors.append(where))

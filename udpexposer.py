@@ -46,6 +46,7 @@ __version__ = "0.3.0"
 
 MAX_DATAGRAM = 65535      # receive room: no UDP payload is larger
 TAG_SIZE = 2
+TAG = struct.Struct(">H")         # a tag in front of a relayed datagram
 MAX_TAG = 0xFFFF
 BURST = 64                # datagrams read from a socket at a time
 BURSTS_PER_WAKEUP = 8     # the server reads on while there is more
@@ -302,6 +303,11 @@ class Connectees:
         self.tag_of = {}                # address -> tag
         self.next_tag = 1
         self.reserved = frozenset(reserved)
+        # For the relay, per datagram: C methods, no Python call in between.
+        # address_of(tag) reads without touching; touch(tag) marks a tag in
+        # use as the most recent.
+        self.address_of = self.addr_of.entries.get
+        self.touch = self.addr_of.entries.move_to_end
 
     def __len__(self):
         return len(self.tag_of)
@@ -309,10 +315,6 @@ class Connectees:
     def lookup(self, tag):
         """The address of tag (now most recent), or None."""
         return self.addr_of.get(tag)
-
-    def touch(self, tag):
-        """Mark tag, known to be in use, as the most recent."""
-        self.addr_of.entries.move_to_end(tag)
 
     def tag_for(self, addr):
         """(tag, is_new, evicted_address_or_None) for a connectee address."""
@@ -574,17 +576,20 @@ def run_loop(sel, timers=None, stop=None):
 # ---------------------------------------------------------------- datagram I/O in bursts
 
 SLOT = TAG_SIZE + MAX_DATAGRAM    # one datagram with room for a tag in front
+SLOTS_AT = range(0, BURST * SLOT, SLOT)     # where each slot starts in buf
 
 
 class BurstIO:
     """Datagram I/O on one socket, a burst at a time, with recvfrom/sendto.
 
-    receive() reads up to BURST datagrams into slots of one buffer: datagram
-    i is lengths[i] bytes at buf[i * SLOT + TAG_SIZE:], from sources[i].
+    receive() reads up to BURST datagrams into slots of one buffer and
+    returns (lengths, sources), one item per datagram: datagram i is
+    lengths[i] bytes at buf[SLOTS_AT[i] + TAG_SIZE:], from sources[i].
     It reads this I/O's socket, or another one given (the client's workers
     share their owner's buffer).
     Sources are opaque, hashable address keys; address(key) turns one into a
-    sockaddr tuple.  send() relays a range of buf; flush() ends the burst.
+    sockaddr tuple.  send() queues a range of buf to relay and flush() sends
+    what is queued.
     Errors go to report(where, exc) and never stop the caller.
     """
 
@@ -595,17 +600,15 @@ class BurstIO:
         self.view = memoryview(self.buf)
         self.slots = [self.view[i * SLOT + TAG_SIZE:(i + 1) * SLOT]
                       for i in range(BURST)]
-        self.lengths = [0] * BURST
-        self.sources = [None] * BURST
         self.receive, self.send = self._closures(sock, report)
 
     def _closures(self, own, report):
         """receive() and send() over locals: this is the hot path."""
         slots, view, sendto = self.slots, self.view, own.sendto
-        lengths, sources = self.lengths, self.sources
+        lengths, sources = [0] * BURST, [None] * BURST
 
         def receive(sock=None):
-            """Read what is waiting, up to BURST datagrams: how many."""
+            """Read what is waiting, up to BURST datagrams."""
             recv_into = (sock or own).recvfrom_into
             k = 0
             for _ in range(BURST):
@@ -617,7 +620,7 @@ class BurstIO:
                     report("err1", e)
                     continue
                 k += 1
-            return k
+            return lengths[:k], sources[:k]
 
         def send(start, length, dest, where):
             """Relay buf[start:start + length] to dest."""
@@ -658,11 +661,10 @@ def _load_mmsg():
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
+        # No argtypes: converting by them costs more than the system call.
+        # Callers pass small ints and c_void_p objects made in advance.
         for name in ("recvmmsg", "sendmmsg"):
-            fn = getattr(libc, name)
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint,
-                           ctypes.c_int, ctypes.c_void_p]
+            getattr(libc, name).restype = ctypes.c_int
     except (ImportError, OSError, AttributeError):
         return None
     return ctypes, libc
@@ -683,9 +685,7 @@ class MmsgIO(BurstIO):
         recvmmsg, sendmmsg, get_errno = libc.recvmmsg, libc.sendmmsg, c.get_errno
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
-        def name_size_of(sock):
-            return 28 if sock.family == socket.AF_INET6 else 16
-        name_size = name_size_of(sock)     # of the peers sent to
+        name_size = 28 if sock.family == socket.AF_INET6 else 16  # sent to
         room = 28                          # for the peers received from
 
         class IOVec(c.Structure):
@@ -720,22 +720,26 @@ class MmsgIO(BurstIO):
                 msgs[i].hdr.iovlen = 1
         self._keep = (names_in, names_out, iov_in, iov_out, msgs_in, msgs_out)
         fd = sock.fileno()
-        at_in, at_out = c.addressof(msgs_in), c.addressof(msgs_out)
         msg_size = c.sizeof(MMsgHdr)
-        # Word views of the arrays: reading and writing fields through them is
-        # several times cheaper than through ctypes attributes.
-        in32 = memoryview(msgs_in).cast("B").cast("I")
-        words = msg_size // 4
-        lengths_at = [i * words + MMsgHdr.len.offset // 4 for i in range(BURST)]
-        namelens_at = [i * words + MsgHdr.namelen.offset // 4
-                       for i in range(BURST)]
-        word = "Q" if c.sizeof(c.c_void_p) == 8 else "I"
-        iov_words = memoryview(iov_out).cast("B").cast(word)
-        names_at = [(i * name_size, (i + 1) * name_size) for i in range(BURST)]
-        names_in_at = [i * room for i in range(BURST)]
-        lengths, sources = self.lengths, self.sources
-        wheres = [None] * BURST
-        queued = 0
+        at_in = c.c_void_p(c.addressof(msgs_in))
+        at_out = c.addressof(msgs_out)
+        at_out_p = c.c_void_p(at_out)
+        dontwait = self.MSG_DONTWAIT
+        # The fields are read and written with struct, one call per burst for
+        # all lengths, all sources, all iovecs: far cheaper than field by field.
+        def repeated(one, mode="="):
+            """Structs for 0..BURST repetitions of the format `one`."""
+            return [struct.Struct(mode + one * k) for k in range(BURST + 1)]
+        tail = msg_size - MMsgHdr.len.offset - 4
+        lengths_of = repeated("%dxI%dx" % (MMsgHdr.len.offset, tail))
+        sources_of = {size: repeated("%ds%dx" % (size, room - size))
+                      for size in (16, 28)}
+        iovecs_of = repeated("PN", "@")         # void *base, size_t len
+        namelen = struct.Struct("=%dxI" % MsgHdr.namelen.offset)
+        msgs_in_bytes = memoryview(msgs_in).cast("B")
+        pristine = bytes(msgs_in_bytes)         # every namelen at room
+        names_out_view = memoryview(names_out)
+        iovecs, dests, wheres = [], [], []      # what send() queued
         shrunk = False      # the kernel wrote sockaddr_in sizes back
 
         def failure():
@@ -746,44 +750,39 @@ class MmsgIO(BurstIO):
 
         def receive(other=None):
             nonlocal shrunk
-            sock = self.sock if other is None else other
-            size = name_size_of(sock)
-            if size == room and shrunk:     # an IPv6 socket after an IPv4 one
-                for at in namelens_at:
-                    in32[at] = room
-                shrunk = False
-            k = recvmmsg(sock.fileno(), at_in, BURST, self.MSG_DONTWAIT, None)
+            # Room again for a sockaddr_in6, unless this is our IPv4 socket.
+            if shrunk and (other is not None or name_size == room):
+                msgs_in_bytes[:] = pristine
+            k = recvmmsg(fd if other is None else other.fileno(), at_in,
+                         BURST, dontwait, None)
             if k < 0:
                 exc = failure()
                 if exc is not None:
                     report("err1", exc)
-                return 0
-            shrunk = shrunk or size < room
-            for i in range(k):
-                lengths[i] = in32[lengths_at[i]]
-                start = names_in_at[i]
-                sources[i] = bytes(names_in[start:start + size])
-            return k
+                return (), ()
+            # One socket's sources all have the size the first one has.
+            size = namelen.unpack_from(msgs_in_bytes)[0]
+            shrunk = size < room
+            return (lengths_of[k].unpack_from(msgs_in_bytes),
+                    sources_of[size][k].unpack_from(names_in))
 
         def send(start, length, dest, where):
-            nonlocal queued
-            j = queued
-            if j == BURST:
+            iovecs.extend((base + start, length))
+            dests.append(dest)
+            wheres.append(where)
+            if len(dests) == BURST:
                 flush()
-                j = 0
-            iov_words[2 * j] = base + start
-            iov_words[2 * j + 1] = length
-            a, b = names_at[j]
-            names_out[a:b] = dest
-            wheres[j] = where
-            queued = j + 1
 
         def flush():
-            nonlocal queued
+            queued = len(dests)
+            if not queued:
+                return
+            iovecs_of[queued].pack_into(iov_out, 0, *iovecs)
+            names_out_view[:queued * name_size] = b"".join(dests)
             done = 0
             while done < queued:
-                sent = sendmmsg(fd, at_out + done * msg_size, queued - done,
-                                0, None)
+                at = c.c_void_p(at_out + done * msg_size) if done else at_out_p
+                sent = sendmmsg(fd, at, queued - done, 0, None)
                 if sent > 0:
                     done += sent
                     continue
@@ -792,7 +791,9 @@ class MmsgIO(BurstIO):
                     break           # socket buffer full: the rest is lost
                 report(wheres[done], exc)
                 done += 1           # skip the one that failed
-            queued = 0
+            iovecs.clear()
+            dests.clear()
+            wheres.clear()
 
         self.receive, self.send, self.flush = receive, send, flush
 
@@ -912,16 +913,16 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         io.send_now(registered, src, "err2")
         return True
 
+    send, flush, put_tag = io.send, io.flush, TAG.pack_into
+    tag_of, address_of, touch = connectees.tag_of, connectees.address_of, \
+        connectees.touch
+
     def relay_burst():
         """Receive and relay one burst: how many datagrams came in."""
         nonlocal client
-        lengths, sources, send = io.lengths, io.sources, io.send
-        tag_of, lookup, touch = connectees.tag_of, connectees.lookup, \
-            connectees.touch
         msgs_in = bytes_in = msgs_out = bytes_out = 0
-        k = io.receive()
-        for i in range(k):
-            n, src, at = lengths[i], sources[i], i * SLOT
+        lengths, sources = io.receive()
+        for at, n, src in zip(SLOTS_AT, lengths, sources):
             if key is not None:
                 if buf.startswith(TOKEN_PREFIX, at + 2, at + 2 + n) \
                         and on_signed(view[at + 2:at + 2 + n], src):
@@ -949,12 +950,13 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                                 WARN)
                     continue
                 tag = buf[at + 2] << 8 | buf[at + 3]
-                dest = lookup(tag)
+                dest = address_of(tag)
                 if dest is None:
                     stats["ch_not_founds"] += 1
                     log.limited("channel", "Failed to find channel %d" % tag,
                                 WARN)
                     continue
+                touch(tag)
                 msgs_out += 1
                 bytes_out += n
                 send(at + 4, n - 2, dest, "err3")
@@ -985,12 +987,11 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                                 DEBUG)
             else:
                 touch(tag)
-            buf[at] = tag >> 8
-            buf[at + 1] = tag & 0xFF
+            put_tag(buf, at, tag)
             msgs_in += 1
             bytes_in += n
             send(at, n + 2, client, "err4")
-        io.flush()
+        flush()
 
         if msgs_in or msgs_out:
             now = int(time.time())
@@ -1002,7 +1003,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 stats["from_connectee_msgs"] += msgs_in
                 stats["from_connectee_bytes"] += bytes_in
                 stats["last_connectee_s"] = now
-        return k
+        return len(lengths)
 
     def on_readable():
         # Go on while datagrams keep coming: cheaper than a trip through
@@ -1097,16 +1098,20 @@ def run_client(sock, server, real_family, real_server, max_clients,
         log.limited("channel", "New incoming channel %d" % tag)
         return worker
 
+    send, flush, put_tag = io.send, io.flush, TAG.pack_into
+    # Per datagram, the C methods of the LRU's dict: no Python call between.
+    worker_of, touch = workers.entries.get, workers.entries.move_to_end
+
     def on_server_readable():
-        lengths, sources = io.lengths, io.sources
         msgs = size = 0
-        for i in range(io.receive()):
-            n, at = lengths[i], i * SLOT + TAG_SIZE
-            if sources[i] != server_key:
+        lengths, sources = io.receive()
+        for at, n, src in zip(SLOTS_AT, lengths, sources):
+            at += TAG_SIZE
+            if src != server_key:
                 stats["strangers"] += 1
                 log.limited("stranger", lambda: "Dropped a datagram from %s: "
-                            "not the server" % format_addr(
-                                io.address(sources[i])), DEBUG)
+                            "not the server" % format_addr(io.address(src)),
+                            DEBUG)
                 continue
             if n < TAG_SIZE:
                 stats["dwarfs"] += 1
@@ -1115,9 +1120,13 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 on_token(view[at:at + n])
                 continue
             tag = buf[at] << 8 | buf[at + 1]
-            worker = workers.get(tag) or open_worker(tag)
-            if worker is None:
-                continue
+            worker = worker_of(tag)
+            if worker is not None:
+                touch(tag)
+            else:
+                worker = open_worker(tag)
+                if worker is None:
+                    continue
             msgs += 1
             size += n
             try:
@@ -1130,21 +1139,19 @@ def run_client(sock, server, real_family, real_server, max_clients,
         stats["from_server_bytes"] += size
 
     def on_worker_readable(worker, tag):
-        if workers.entries.get(tag) is not worker:
+        if worker_of(tag) is not worker:
             return          # evicted earlier in this same wake-up
-        lengths, sources = io.lengths, io.sources
         msgs = size = 0
-        for j in range(io.receive(worker)):
-            if sources[j] != real_key:
+        lengths, sources = io.receive(worker)
+        for at, n, src in zip(SLOTS_AT, lengths, sources):
+            if src != real_key:
                 stats["strangers"] += 1
                 continue
-            n, at = lengths[j], j * SLOT
-            buf[at] = tag >> 8
-            buf[at + 1] = tag & 0xFF
+            put_tag(buf, at, tag)
             msgs += 1
             size += n
-            io.send(at, n + 2, server_key, "tag and send to the server")
-        io.flush()
+            send(at, n + 2, server_key, "tag and send to the server")
+        flush()
         stats["from_real_server_msgs"] += msgs
         stats["from_real_server_bytes"] += size
 
