@@ -16,10 +16,21 @@ and prints each figure as a ratio to the first implementation named by
 
 Measured, for each implementation:
   server mode and client mode, 100- and 1400-byte payloads: CPU microseconds
-    per relayed datagram, datagrams per second, datagrams lost;
+    per relayed datagram under a paced load (--rate), datagrams lost;
+  the same cases under a closed loop: datagrams per second, and how busy
+    the relay was;
   round trip p50/p99 through server + client + echo, and the direct one;
   server mode with 4, 1000 and 10000 connectees (this script only);
   key derivation time for -P and start-up time to the first keepalive.
+
+Why the cost is measured under a paced load: under a closed loop (a window
+of datagrams in flight, a new one sent for each that comes back), a relay
+that is never idle when it looks for work uses 100 % of its core whatever its
+code costs, so its CPU per datagram is 1 / (datagrams per second), and that
+rate is set by the load generator.  A cheaper relay then only takes smaller
+bursts.  At a fixed offered rate below every implementation's capacity, the
+relay sleeps when idle and its CPU time is the work it did.  The closed loop
+still says how much an implementation can carry: its datagrams per second.
 """
 
 import argparse
@@ -232,7 +243,7 @@ def bench_server(command, size, count, connectees=4, extra=(), rate=None):
             s.close()
 
 
-def bench_client(command, size, count, extra=()):
+def bench_client(command, size, count, extra=(), rate=None):
     """Client mode: a socket playing the server <-> relay <-> a real server."""
     server, real = udp(), udp()
     port = free_port()
@@ -258,7 +269,8 @@ def bench_client(command, size, count, extra=()):
 
         def back(data, src):
             real.sendto(data, src)
-        result = pump(relay, [server], real, forward, back, count, payload)
+        result = pump(relay, [server], real, forward, back, count, payload,
+                      rate)
         return result + (startup,)
     finally:
         relay.stop()
@@ -341,6 +353,7 @@ def derive_time(runs=5):
 
 
 SCALING_RATE = 20000      # round trips per second, the same for every size
+PACED_RATE = 50000        # round trips per second for the cost per datagram
 
 
 def scaling(command, args, sizes=(4, 1000, 10000)):
@@ -353,6 +366,88 @@ def scaling(command, args, sizes=(4, 1000, 10000)):
                              rate=SCALING_RATE)
             runs[n].append(r[2] / 1000.0 / r[0])
     return {n: round(statistics.median(v), 3) for n, v in runs.items()}
+
+
+def instructions(command, mode, batch, runs=(20, 120)):
+    """User-space instructions per relayed datagram, counted by callgrind.
+
+    The relay runs under valgrind; it is stopped (SIGSTOP) while `batch`
+    datagrams are queued for it, then continued, so every wake-up finds
+    exactly `batch` of them, both ways.  Two runs of runs[0] and runs[1]
+    batches, and the difference, leave start-up out.  Kernel work is not
+    counted: this is the interpreter's share only, and it repeats to about
+    1 % whatever else the machine does.
+    """
+    totals = []
+    for batches in runs:
+        out = tempfile.mktemp(prefix="callgrind.")
+        port = free_port()
+        dest = (LOCAL, port)
+        payload = os.urandom(100)
+        if mode == "server":
+            args = ["%s:%d" % dest, "-s", "-n", 16]
+        else:
+            server, real = udp(), udp()
+            for s in (server, real):
+                s.setblocking(True)
+                s.settimeout(GIVE_UP)
+            args = ["%s:%d" % dest, "-a", "%s:%d" % server.getsockname(),
+                    "-c", "%s:%d" % real.getsockname(), "-n", 16,
+                    "-i", 1000000]
+        relay = Relay("valgrind --tool=callgrind --callgrind-out-file=%s %s"
+                      % (out, command), args)
+
+        def held(send):
+            """Queue datagrams while the relay is stopped."""
+            relay.p.send_signal(signal.SIGSTOP)
+            send()
+            time.sleep(0.002)
+            relay.p.send_signal(signal.SIGCONT)
+        try:
+            if mode == "server":
+                client, conns = udp(), [udp() for _ in range(4)]
+                wait_ready(lambda: (client.sendto(b"", dest),
+                                    conns[0].sendto(payload, dest)), client,
+                           deadline=GIVE_UP)
+                for c in conns[1:]:
+                    c.sendto(payload, dest)
+                time.sleep(1.0)                 # valgrind is slow: settle
+                for s in [client] + conns:
+                    drain(s)
+                    s.setblocking(True)
+                    s.settimeout(GIVE_UP)
+                for _ in range(batches):
+                    held(lambda: [conns[i % 4].sendto(payload, dest)
+                                  for i in range(batch)])
+                    tagged = [client.recvfrom(70000)[0] for _ in range(batch)]
+                    held(lambda: [client.sendto(d, dest) for d in tagged])
+                    for i in range(batch):
+                        conns[i % 4].recvfrom(70000)
+            else:
+                _, caddr = server.recvfrom(70000)
+                frames = [bytes((0, t)) + payload for t in (1, 2, 3, 4)]
+                for f in frames:
+                    server.sendto(f, caddr)
+                    real.recvfrom(70000)
+                for _ in range(batches):
+                    held(lambda: [server.sendto(frames[i % 4], caddr)
+                                  for i in range(batch)])
+                    got = [real.recvfrom(70000) for _ in range(batch)]
+                    held(lambda: [real.sendto(d, src) for d, src in got])
+                    back = 0
+                    while back < batch:
+                        back += len(server.recvfrom(70000)[0]) > 2
+        finally:
+            relay.p.send_signal(signal.SIGCONT)
+            relay.p.send_signal(signal.SIGTERM)
+            relay.p.wait()
+        with open(out) as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    totals.append(int(line.split()[1]))
+                    break
+        os.unlink(out)
+    return (totals[1] - totals[0]) / ((runs[1] - runs[0]) * batch * 2)
 
 
 def build_floor(source):
@@ -372,6 +467,10 @@ def main():
     parser.add_argument("--baseline", help="NAME the ratios are relative to")
     parser.add_argument("--count", type=int, default=40000,
                         help="round trips per measurement (default 40000)")
+    parser.add_argument("--rate", type=int, default=PACED_RATE,
+                        help="round trips per second of the paced load the "
+                             "cost is measured under (default %d)"
+                             % PACED_RATE)
     parser.add_argument("--rounds", type=int, default=3,
                         help="A B A B rounds; medians are reported (default 3)")
     parser.add_argument("--pings", type=int, default=2000)
@@ -380,6 +479,10 @@ def main():
     parser.add_argument("--scaling-only", action="store_true",
                         help="only the cost by number of connectees")
     parser.add_argument("--json", metavar="PATH", help="also write JSON here")
+    parser.add_argument("--instructions", action="store_true",
+                        help="only user-space instructions per datagram, "
+                             "counted by valgrind's callgrind, in bursts of "
+                             "1 and 8")
     args = parser.parse_args()
 
     if LOAD_CPU is not None:
@@ -398,6 +501,15 @@ def main():
     for spec in args.compare:
         name, _, command = spec.partition("=")
         impls.append((name, command))
+    if args.instructions:
+        print("user-space instructions per relayed datagram (callgrind), "
+              "by datagrams per wake-up:")
+        for name, command in impls:
+            for mode in ("server", "client"):
+                print("  %-16s %-6s  1: %6.0f   8: %6.0f" % (
+                    name, mode, instructions(command, mode, 1),
+                    instructions(command, mode, 8)), flush=True)
+        return
     if args.floor:
         floor = build_floor(args.floor)
         impls.append(("floor", floor))
@@ -405,35 +517,44 @@ def main():
 
     cases = [("server", 100), ("server", 1400), ("client", 100),
              ("client", 1400)]
-    results = {name: {} for name, _ in impls}
+    paced, closed = {}, {}      # name -> case -> [pump results]
+
+    def run(name, command, mode, size, extra=()):
+        key = "%s/%d" % (mode, size)
+        bench = bench_server if mode == "server" else bench_client
+        for rate, into in ((args.rate, paced), (None, closed)):
+            # Paced: as many round trips as a closed run, at least 1 s.
+            count = max(args.count, args.rate) if rate else args.count
+            r = bench(command, size, count, extra=extra, rate=rate)
+            into.setdefault(name, {}).setdefault(key, []).append(r)
+
     for round_ in range(args.rounds):
         for mode, size in cases:
             for name, command in impls:             # interleaved: A B A B
-                key = "%s/%d" % (mode, size)
-                if mode == "server":
-                    r = bench_server(command, size, args.count)
-                else:
-                    r = bench_client(command, size, args.count)
-                results[name].setdefault(key, []).append(r)
+                run(name, command, mode, size)
                 if mode == "server" and name == "floor":
-                    r = bench_server(command, size, args.count,
-                                     extra=["--batch"])
-                    results.setdefault("floor --batch", {}).setdefault(
-                        key, []).append(r)
+                    run("floor --batch", command, mode, size, ["--batch"])
         print("round %d of %d done" % (round_ + 1, args.rounds),
               file=sys.stderr)
 
-    report = {"cpu_us_per_datagram": {}, "datagrams_per_s": {}, "lost": {},
+    report = {"paced_round_trips_per_s": args.rate,
+              "cpu_us_per_datagram": {}, "lost": {},
+              "closed_loop_datagrams_per_s": {}, "closed_loop_busy": {},
               "startup_ms": {}}
-    for name, by_case in results.items():
+    for name, by_case in paced.items():
         for key, runs in by_case.items():
             per = [r[2] / 1000.0 / r[0] for r in runs]
-            rate = [r[0] / r[1] for r in runs]
             report["cpu_us_per_datagram"].setdefault(name, {})[key] = \
                 round(statistics.median(per), 3)
-            report["datagrams_per_s"].setdefault(name, {})[key] = \
-                round(statistics.median(rate))
             report["lost"].setdefault(name, {})[key] = sum(r[3] for r in runs)
+    for name, by_case in closed.items():
+        for key, runs in by_case.items():
+            rate = [r[0] / r[1] for r in runs]
+            busy = [r[2] / 1e9 / r[1] for r in runs]
+            report["closed_loop_datagrams_per_s"].setdefault(name, {})[key] \
+                = round(statistics.median(rate))
+            report["closed_loop_busy"].setdefault(name, {})[key] = \
+                round(statistics.median(busy), 2)
             if len(runs[0]) > 4:
                 report["startup_ms"].setdefault(name, []).extend(
                     round(r[4] * 1000, 1) for r in runs)
@@ -467,8 +588,9 @@ def main():
 def print_report(report, baseline):
     cpu = report["cpu_us_per_datagram"]
     keys = sorted(next(iter(cpu.values())))
-    print("\nCPU microseconds per relayed datagram (median), and x %s's "
-          "server mode:" % baseline)
+    print("\nCPU microseconds per relayed datagram (median) at %d round "
+          "trips/s, and x %s's server mode:"
+          % (report["paced_round_trips_per_s"], baseline))
     print("%-16s" % "" + "".join("%20s" % k for k in keys))
     for name, row in cpu.items():
         cells = []
@@ -482,10 +604,16 @@ def print_report(report, baseline):
             ratio = " (%.2fx)" % (row[k] / base) if base else ""
             cells.append("%20s" % ("%.2f%s" % (row[k], ratio)))
         print("%-16s" % name + "".join(cells))
-    print("\ndatagrams per second (median) / lost over all rounds:")
-    for name, row in report["datagrams_per_s"].items():
+    print("\ndatagrams lost under the paced load, over all rounds:")
+    for name, row in report["lost"].items():
         print("%-16s" % name + "".join(
-            "%20s" % ("%d / %d" % (row[k], report["lost"][name][k]))
+            "%20s" % row[k] if k in row else "%20s" % "-" for k in keys))
+    print("\nclosed loop, %d in flight: datagrams per second (median) / "
+          "relay busy:" % WINDOW)
+    for name, row in report["closed_loop_datagrams_per_s"].items():
+        busy = report["closed_loop_busy"][name]
+        print("%-16s" % name + "".join(
+            "%20s" % ("%d / %d%%" % (row[k], busy[k] * 100))
             if k in row else "%20s" % "-" for k in keys))
     if "server_cpu_us_by_connectees" in report:
         s = report["server_cpu_us_by_connectees"]
