@@ -398,7 +398,11 @@ def instructions(command, mode, batch, runs=(20, 120)):
                       % (out, command), args)
 
         def held(send):
-            """Queue datagrams while the relay is stopped."""
+            """Queue datagrams while the relay is stopped.
+
+            First let it finish relaying the last ones and go back to
+            waiting; else it finds these without a wake-up."""
+            time.sleep(0.02)
             relay.p.send_signal(signal.SIGSTOP)
             send()
             time.sleep(0.002)
@@ -439,8 +443,15 @@ def instructions(command, mode, batch, runs=(20, 120)):
                         back += len(server.recvfrom(70000)[0]) > 2
         finally:
             relay.p.send_signal(signal.SIGCONT)
-            relay.p.send_signal(signal.SIGTERM)
-            relay.p.wait()
+            for _ in range(5):      # under valgrind a signal can get lost
+                relay.p.send_signal(signal.SIGTERM)
+                try:
+                    relay.p.wait(5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                relay.stop()
         with open(out) as f:
             for line in f:
                 if line.startswith(("summary:", "totals:")):
