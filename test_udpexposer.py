@@ -556,9 +556,13 @@ class TestBurstIO(RelayCase):
             key = make(sock, None).key_of(peer.getsockname())
             io.send(0, 65509, key, "err4")          # too big for IPv4
             io.send(0, 10, key, "err3")
+            io.send(0, 11, key, "err3")
+            io.send(0, 65509, key, "err1")          # after some were sent
+            io.send(0, 12, key, "err3")
             io.flush()
-            self.assertEqual(errors, ["err4"])
-            self.assertEqual(len(self.recv(peer)[0]), 10)
+            self.assertEqual(errors, ["err4", "err1"])
+            self.assertEqual([len(self.recv(peer)[0]) for _ in range(3)],
+                             [10, 11, 12])
 
 
 # ====================================================================== client

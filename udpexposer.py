@@ -660,9 +660,11 @@ def _load_mmsg():
         return None
     try:
         import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        # No argtypes: converting by them costs more than the system call.
-        # Callers pass small ints and c_void_p objects made in advance.
+        # PyDLL keeps the GIL across the call: cheaper, and both calls are
+        # made so that they never block.  No argtypes: converting by them
+        # costs more than the system call.  Callers pass small ints and
+        # c_void_p objects made in advance.
+        libc = ctypes.PyDLL(None, use_errno=True)
         for name in ("recvmmsg", "sendmmsg"):
             getattr(libc, name).restype = ctypes.c_int
     except (ImportError, OSError, AttributeError):
@@ -779,21 +781,28 @@ class MmsgIO(BurstIO):
                 return
             iovecs_of[queued].pack_into(iov_out, 0, *iovecs)
             names_out_view[:queued * name_size] = b"".join(dests)
-            done = 0
-            while done < queued:
-                at = c.c_void_p(at_out + done * msg_size) if done else at_out_p
-                sent = sendmmsg(fd, at, queued - done, 0, None)
-                if sent > 0:
-                    done += sent
-                    continue
-                exc = failure()
-                if exc is None:
-                    break           # socket buffer full: the rest is lost
-                report(wheres[done], exc)
-                done += 1           # skip the one that failed
+            sent = sendmmsg(fd, at_out_p, queued, dontwait, None)
+            if sent != queued:
+                send_rest(sent, queued)
             iovecs.clear()
             dests.clear()
             wheres.clear()
+
+        def send_rest(sent, queued):
+            """After a sendmmsg that sent less than all: an error, or full."""
+            done = 0
+            while done < queued:
+                if sent > 0:
+                    done += sent
+                else:
+                    exc = failure()
+                    if exc is None:
+                        break       # socket buffer full: the rest is lost
+                    report(wheres[done], exc)
+                    done += 1       # skip the one that failed
+                if done < queued:
+                    sent = sendmmsg(fd, c.c_void_p(at_out + done * msg_size),
+                                    queued - done, dontwait, None)
 
         self.receive, self.send, self.flush = receive, send, flush
 
