@@ -500,6 +500,12 @@ class TestBurstIO(RelayCase):
     def test_portable_ipv6(self):
         self.check(ux.BurstIO, "::1")
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "Linux only")
+    def test_mmsg_loads_on_linux(self):
+        # Else the tool falls back to the portable path without a word, and
+        # the tests of the batched one skip (as they once did on PyPy).
+        self.assertIsNotNone(ux._load_mmsg())
+
     @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
     def test_mmsg(self):
         self.check(lambda s, r: ux.MmsgIO(s, r, *ux._load_mmsg()), "127.0.0.1")

@@ -661,10 +661,10 @@ def _load_mmsg():
     try:
         import ctypes
         # PyDLL keeps the GIL across the call: cheaper, and both calls are
-        # made so that they never block.  No argtypes: converting by them
-        # costs more than the system call.  Callers pass small ints and
-        # c_void_p objects made in advance.
-        libc = ctypes.PyDLL(None, use_errno=True)
+        # made so that they never block (PyPy has only CDLL).  No argtypes:
+        # converting by them costs more than the system call.  Callers pass
+        # small ints and c_void_p objects made in advance.
+        libc = getattr(ctypes, "PyDLL", ctypes.CDLL)(None, use_errno=True)
         for name in ("recvmmsg", "sendmmsg"):
             getattr(libc, name).restype = ctypes.c_int
     except (ImportError, OSError, AttributeError):
