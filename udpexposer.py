@@ -1051,7 +1051,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     sel = selectors.DefaultSelector()
     io = burst_io(sock, report, portable)
-    server_key, real_key = io.key_of(server), io.key_of(real_server)
+    server_key = io.key_of(server)      # as io.receive() gives sources
     buf, view = io.buf, io.view
     workers = LRU(max_clients)      # tag -> worker socket
     bind_to = wildcard(real_family)
@@ -1063,7 +1063,12 @@ def run_client(sock, server, real_family, real_server, max_clients,
     looking_up = heard = authenticated = silent = False
 
     def send_to_server(data, where):
-        io.send_now(data, server_key, where)
+        try:
+            sock.sendto(data, server)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            report(where, e)
 
     def on_token(token):
         """A datagram from the server that looks signed (password mode)."""
@@ -1147,7 +1152,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         stats["from_server_msgs"] += msgs
         stats["from_server_bytes"] += size
 
-    slot, view_of_slot = io.slots[0], io.view[:SLOT]
+    slot = io.slots[0]
 
     def on_worker_readable(worker, tag):
         """One datagram from the real server, tagged and sent to the server.
@@ -1171,12 +1176,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         put_tag(buf, 0, tag)
         stats["from_real_server_msgs"] += 1
         stats["from_real_server_bytes"] += n
-        try:
-            sock.sendto(view_of_slot[:n + 2], server)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as e:
-            report("tag and send to the server", e)
+        send_to_server(view[:n + 2], "tag and send to the server")
 
     def look_up_server():
         """Resolve server_name again, in a thread: the loop never waits."""
