@@ -553,6 +553,33 @@ class TestBurstIO(RelayCase):
                                  peer.getsockname()[:2])
                 self.assertEqual(sources[0], io.key_of(peer.getsockname()))
 
+    def test_wait_in_receive(self):
+        # The server waits inside receive() where the platform allows it: until
+        # a datagram comes, or for the time given when none does.
+        waits = []
+        for make in self.makers():
+            sock, peer = self.udp(), self.udp()
+            sock.setblocking(False)
+            io = make(sock, lambda where, exc: self.fail((where, exc)))
+            waits.append(io.wait_in_receive(0.3))
+            if not waits[-1]:
+                continue
+            start = time.monotonic()
+            self.assertEqual(io.receive(), ((), ()))
+            self.assertGreater(time.monotonic() - start, 0.25)
+            self.assertTrue(io.wait_in_receive(TIMEOUT))
+            later = threading.Timer(0.1, peer.sendto,
+                                    (b"late", sock.getsockname()))
+            later.start()
+            self.addCleanup(later.cancel)
+            lengths, sources = io.receive()
+            self.assertEqual(list(lengths), [4])
+            self.assertEqual(io.address(sources[0]), peer.getsockname())
+            io.send_now(b"back", sources[0], "err2")
+            self.assertEqual(self.recv(peer)[0], b"back")
+        # Only the batched path can wait.
+        self.assertEqual(waits, [False, True][:len(waits)])
+
     def test_send_errors_are_reported_not_raised(self):
         for make in self.makers():
             sock = self.udp()

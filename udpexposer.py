@@ -50,6 +50,7 @@ TAG = struct.Struct(">H")         # a tag in front of a relayed datagram
 MAX_TAG = 0xFFFF
 BURST = 64                # datagrams read from a socket at a time
 BURSTS_PER_WAKEUP = 8     # the server reads on while there is more
+WAIT_AT_MOST = 1.0        # seconds a wait inside recvmmsg lasts (see MmsgIO)
 SOCKET_BUFFER = 1 << 20   # asked of the kernel for SO_RCVBUF / SO_SNDBUF
 
 DEFAULT_MAX_CLIENTS = 4
@@ -593,6 +594,8 @@ class BurstIO:
     Errors go to report(where, exc) and never stop the caller.
     """
 
+    SEND_FLAGS = 0
+
     def __init__(self, sock, report):
         self.sock = sock
         self.report = report
@@ -635,7 +638,7 @@ class BurstIO:
 
     def send_now(self, data, dest, where):
         try:
-            self.sock.sendto(data, dest)
+            self.sock.sendto(data, self.SEND_FLAGS, self.address(dest))
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
@@ -643,6 +646,10 @@ class BurstIO:
 
     def flush(self):
         pass
+
+    def wait_in_receive(self, seconds):
+        """Make receive() wait for the first datagram: False, it cannot."""
+        return False
 
     @staticmethod
     def address(key):
@@ -661,7 +668,8 @@ def _load_mmsg():
     try:
         import ctypes
         # PyDLL keeps the GIL across the call: cheaper, and both calls are
-        # made so that they never block (PyPy has only CDLL).  No argtypes:
+        # made so that they never block (PyPy has only CDLL; the one call
+        # that waits goes through CDLL, see MmsgIO).  No argtypes:
         # converting by them costs more than the system call.  Callers pass
         # small ints and c_void_p objects made in advance.
         libc = getattr(ctypes, "PyDLL", ctypes.CDLL)(None, use_errno=True)
@@ -680,6 +688,8 @@ class MmsgIO(BurstIO):
     """
 
     MSG_DONTWAIT = 0x40
+    MSG_WAITFORONE = 0x10000
+    SEND_FLAGS = MSG_DONTWAIT       # the socket may be blocking: see below
 
     def __init__(self, sock, report, ctypes, libc):
         BurstIO.__init__(self, sock, report)
@@ -727,6 +737,7 @@ class MmsgIO(BurstIO):
         at_out = c.addressof(msgs_out)
         at_out_p = c.c_void_p(at_out)
         dontwait = self.MSG_DONTWAIT
+        read_own, own_flags = recvmmsg, dontwait    # wait_in_receive changes
         # The fields are read and written with struct, one call per burst for
         # all lengths, all sources, all iovecs: far cheaper than field by field.
         def repeated(one, mode="="):
@@ -755,8 +766,10 @@ class MmsgIO(BurstIO):
             # Room again for a sockaddr_in6, unless this is our IPv4 socket.
             if shrunk and (other is not None or name_size == room):
                 msgs_in_bytes[:] = pristine
-            k = recvmmsg(fd if other is None else other.fileno(), at_in,
-                         BURST, dontwait, None)
+            if other is None:
+                k = read_own(fd, at_in, BURST, own_flags, None)
+            else:
+                k = recvmmsg(other.fileno(), at_in, BURST, dontwait, None)
             if k < 0:
                 exc = failure()
                 if exc is not None:
@@ -804,10 +817,23 @@ class MmsgIO(BurstIO):
                     sent = sendmmsg(fd, c.c_void_p(at_out + done * msg_size),
                                     queued - done, dontwait, None)
 
-        self.receive, self.send, self.flush = receive, send, flush
+        def wait_in_receive(seconds):
+            nonlocal read_own, own_flags
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                struct.pack("@ll", int(seconds),
+                                            int(seconds % 1 * 1000000)))
+            except (OSError, AttributeError):
+                return False
+            # The waiting call lets go of the GIL; sends still never block.
+            read_own = c.CDLL(None, use_errno=True).recvmmsg
+            read_own.restype = c.c_int
+            own_flags = self.MSG_WAITFORONE
+            sock.setblocking(True)
+            return True
 
-    def send_now(self, data, dest, where):
-        BurstIO.send_now(self, data, self.address(dest), where)
+        self.receive, self.send, self.flush = receive, send, flush
+        self.wait_in_receive = wait_in_receive
 
     @staticmethod
     def key_of(addr):
@@ -1013,6 +1039,13 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 stats["from_connectee_bytes"] += bytes_in
                 stats["last_connectee_s"] = now
         return len(lengths)
+
+    if io.wait_in_receive(WAIT_AT_MOST):
+        # This socket is the server's only one: wait in recvmmsg itself and
+        # save a selector round trip per burst.  A signal interrupts the
+        # wait; one that lands just before it is handled within WAIT_AT_MOST.
+        while True:
+            relay_burst()
 
     def on_readable():
         # Go on while datagrams keep coming: cheaper than a trip through
