@@ -685,6 +685,8 @@ class MmsgIO(BurstIO):
 
     Sources are raw sockaddr bytes here: cheaper to make, hash and send to.
     receive and send are closures over locals: this is the hot path.
+    Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
+    receive() of the own socket waits in recvmmsg for the first datagram.
     """
 
     MSG_DONTWAIT = 0x40
