@@ -533,26 +533,6 @@ class TestBurstIO(RelayCase):
             got = [self.recv(peer)[0] for _ in range(ux.BURST + 5)]
             self.assertEqual(got, [bytes((i,)) for i in range(ux.BURST + 5)])
 
-    @unittest.skipUnless(has_ipv6(), "no IPv6 loopback")
-    def test_receive_from_sockets_of_both_families_in_turn(self):
-        # The client's channel sockets may differ in family from its own.
-        for make in self.makers():
-            own, v6 = self.udp(), self.udp("::1")
-            for sock in (own, v6):
-                sock.setblocking(False)
-            io = make(own, lambda where, exc: self.fail((where, exc)))
-            a, b = self.udp(), self.udp("::1")
-            for sock, peer in ((own, a), (v6, b), (own, a), (v6, b)):
-                peer.sendto(b"hello", sock.getsockname())
-                deadline = time.monotonic() + TIMEOUT
-                lengths = ()
-                while not lengths and time.monotonic() < deadline:
-                    lengths, sources = io.receive(sock)
-                self.assertEqual(list(lengths), [5])
-                self.assertEqual(io.address(sources[0])[:2],
-                                 peer.getsockname()[:2])
-                self.assertEqual(sources[0], io.key_of(peer.getsockname()))
-
     def test_wait_in_receive(self):
         # The server waits inside receive() where the platform allows it: until
         # a datagram comes, or for the time given when none does.

@@ -586,8 +586,6 @@ class BurstIO:
     receive() reads up to BURST datagrams into slots of one buffer and
     returns (lengths, sources), one item per datagram: datagram i is
     lengths[i] bytes at buf[SLOTS_AT[i] + TAG_SIZE:], from sources[i].
-    It reads this I/O's socket, or another one given (the client's workers
-    share their owner's buffer).
     Sources are opaque, hashable address keys; address(key) turns one into a
     sockaddr tuple.  send() queues a range of buf to relay and flush() sends
     what is queued.
@@ -607,12 +605,12 @@ class BurstIO:
 
     def _closures(self, own, report):
         """receive() and send() over locals: this is the hot path."""
-        slots, view, sendto = self.slots, self.view, own.sendto
+        slots, view = self.slots, self.view
+        recv_into, sendto = own.recvfrom_into, own.sendto
         lengths, sources = [0] * BURST, [None] * BURST
 
-        def receive(sock=None):
+        def receive():
             """Read what is waiting, up to BURST datagrams."""
-            recv_into = (sock or own).recvfrom_into
             k = 0
             for _ in range(BURST):
                 try:
@@ -686,7 +684,7 @@ class MmsgIO(BurstIO):
     Sources are raw sockaddr bytes here: cheaper to make, hash and send to.
     receive and send are closures over locals: this is the hot path.
     Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
-    receive() of the own socket waits in recvmmsg for the first datagram.
+    receive() waits in recvmmsg for the first datagram.
     """
 
     MSG_DONTWAIT = 0x40
@@ -699,8 +697,7 @@ class MmsgIO(BurstIO):
         recvmmsg, sendmmsg, get_errno = libc.recvmmsg, libc.sendmmsg, c.get_errno
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
-        name_size = 28 if sock.family == socket.AF_INET6 else 16  # sent to
-        room = 28                          # for the peers received from
+        name_size = 28 if sock.family == socket.AF_INET6 else 16
 
         class IOVec(c.Structure):
             _fields_ = [("base", c.c_void_p), ("len", c.c_size_t)]
@@ -718,18 +715,17 @@ class MmsgIO(BurstIO):
             return c.addressof((c.c_char * len(data)).from_buffer(data))
 
         base = address_of(self.buf)
-        names_in = bytearray(BURST * room)
+        names_in = bytearray(BURST * name_size)
         names_out = bytearray(BURST * name_size)
         iov_in, iov_out = (IOVec * BURST)(), (IOVec * BURST)()
         msgs_in, msgs_out = (MMsgHdr * BURST)(), (MMsgHdr * BURST)()
         for i in range(BURST):
             iov_in[i].base = base + i * SLOT + TAG_SIZE
             iov_in[i].len = MAX_DATAGRAM
-            for msgs, iov, names, size in (
-                    (msgs_in, iov_in, names_in, room),
-                    (msgs_out, iov_out, names_out, name_size)):
-                msgs[i].hdr.name = address_of(names) + i * size
-                msgs[i].hdr.namelen = size
+            for msgs, iov, names in ((msgs_in, iov_in, names_in),
+                                     (msgs_out, iov_out, names_out)):
+                msgs[i].hdr.name = address_of(names) + i * name_size
+                msgs[i].hdr.namelen = name_size
                 msgs[i].hdr.iov = c.addressof(iov[i])
                 msgs[i].hdr.iovlen = 1
         self._keep = (names_in, names_out, iov_in, iov_out, msgs_in, msgs_out)
@@ -739,7 +735,7 @@ class MmsgIO(BurstIO):
         at_out = c.addressof(msgs_out)
         at_out_p = c.c_void_p(at_out)
         dontwait = self.MSG_DONTWAIT
-        read_own, own_flags = recvmmsg, dontwait    # wait_in_receive changes
+        read, read_flags = recvmmsg, dontwait    # wait_in_receive changes them
         # The fields are read and written with struct, one call per burst for
         # all lengths, all sources, all iovecs: far cheaper than field by field.
         def repeated(one, mode="="):
@@ -747,15 +743,11 @@ class MmsgIO(BurstIO):
             return [struct.Struct(mode + one * k) for k in range(BURST + 1)]
         tail = msg_size - MMsgHdr.len.offset - 4
         lengths_of = repeated("%dxI%dx" % (MMsgHdr.len.offset, tail))
-        sources_of = {size: repeated("%ds%dx" % (size, room - size))
-                      for size in (16, 28)}
+        sources_of = repeated("%ds" % name_size)
         iovecs_of = repeated("PN", "@")         # void *base, size_t len
-        namelen = struct.Struct("=%dxI" % MsgHdr.namelen.offset)
         msgs_in_bytes = memoryview(msgs_in).cast("B")
-        pristine = bytes(msgs_in_bytes)         # every namelen at room
         names_out_view = memoryview(names_out)
         iovecs, dests, wheres = [], [], []      # what send() queued
-        shrunk = False      # the kernel wrote sockaddr_in sizes back
 
         def failure():
             err = get_errno()
@@ -763,25 +755,15 @@ class MmsgIO(BurstIO):
                 return None
             return OSError(err, os.strerror(err))
 
-        def receive(other=None):
-            nonlocal shrunk
-            # Room again for a sockaddr_in6, unless this is our IPv4 socket.
-            if shrunk and (other is not None or name_size == room):
-                msgs_in_bytes[:] = pristine
-            if other is None:
-                k = read_own(fd, at_in, BURST, own_flags, None)
-            else:
-                k = recvmmsg(other.fileno(), at_in, BURST, dontwait, None)
+        def receive():
+            k = read(fd, at_in, BURST, read_flags, None)
             if k < 0:
                 exc = failure()
                 if exc is not None:
                     report("err1", exc)
                 return (), ()
-            # One socket's sources all have the size the first one has.
-            size = namelen.unpack_from(msgs_in_bytes)[0]
-            shrunk = size < room
             return (lengths_of[k].unpack_from(msgs_in_bytes),
-                    sources_of[size][k].unpack_from(names_in))
+                    sources_of[k].unpack_from(names_in))
 
         def send(start, length, dest, where):
             iovecs.extend((base + start, length))
@@ -820,7 +802,7 @@ class MmsgIO(BurstIO):
                                     queued - done, dontwait, None)
 
         def wait_in_receive(seconds):
-            nonlocal read_own, own_flags
+            nonlocal read, read_flags
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                                 struct.pack("@ll", int(seconds),
@@ -828,9 +810,9 @@ class MmsgIO(BurstIO):
             except (OSError, AttributeError):
                 return False
             # The waiting call lets go of the GIL; sends still never block.
-            read_own = c.CDLL(None, use_errno=True).recvmmsg
-            read_own.restype = c.c_int
-            own_flags = self.MSG_WAITFORONE
+            read = c.CDLL(None, use_errno=True).recvmmsg
+            read.restype = c.c_int
+            read_flags = self.MSG_WAITFORONE
             sock.setblocking(True)
             return True
 
