@@ -490,7 +490,7 @@ class TestBurstIO(RelayCase):
         if ":" in host:
             self.assertEqual(self.recv(a)[0][2:], b"x" * 65000)
         self.assertEqual(errors, [])
-        io.send_now(b"now", got[1][2], "err2")
+        io.send_now(b"now", io.address(got[1][2]), "err2")
         self.assertEqual(self.recv(b)[0], b"now")
 
     def test_portable(self):
@@ -555,7 +555,7 @@ class TestBurstIO(RelayCase):
             lengths, sources = io.receive()
             self.assertEqual(list(lengths), [4])
             self.assertEqual(io.address(sources[0]), peer.getsockname())
-            io.send_now(b"back", sources[0], "err2")
+            io.send_now(b"back", io.address(sources[0]), "err2")
             self.assertEqual(self.recv(peer)[0], b"back")
         # Only the batched path can wait.
         self.assertEqual(waits, [False, True][:len(waits)])

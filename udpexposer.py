@@ -634,9 +634,10 @@ class BurstIO:
 
         return receive, send
 
-    def send_now(self, data, dest, where):
+    def send_now(self, data, addr, where):
+        """Send data to the sockaddr tuple addr at once, outside any burst."""
         try:
-            self.sock.sendto(data, self.SEND_FLAGS, self.address(dest))
+            self.sock.sendto(data, self.SEND_FLAGS, addr)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
@@ -904,7 +905,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             return True                 # one of ours, but not for a server
         if nonce == STATS_NONCE:
             stats["stats_requests"] += 1
-            io.send_now(pack_stats(stats), src, "err2")
+            io.send_now(pack_stats(stats), address(src), "err2")
             return True
         now = int(time.time())
         if src == client:
@@ -923,13 +924,13 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 log.limited("auth", "Authenticating: %s"
                             % format_addr(address(src)))
                 io.send_now(sign(key, retry_claims(now ^ address_hash(src))),
-                            src, "err2")
+                            address(src), "err2")
                 return True
             stats["auth_completeds"] += 1
             client = src
             log("New client address: %s" % format_addr(address(src)))
         stats["last_ka_s"] = now
-        io.send_now(registered, src, "err2")
+        io.send_now(registered, address(src), "err2")
         return True
 
     send, flush, put_tag = io.send, io.flush, TAG.pack_into
@@ -1080,12 +1081,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
     looking_up = heard = authenticated = silent = False
 
     def send_to_server(data, where):
-        try:
-            sock.sendto(data, server)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as e:
-            report(where, e)
+        io.send_now(data, server, where)
 
     def on_token(token):
         """A datagram from the server that looks signed (password mode)."""
