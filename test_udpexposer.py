@@ -332,9 +332,10 @@ class TestLRU(unittest.TestCase):
         a, b, c = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
         self.assertEqual(t.tag_for(a), (1, True, None))
         self.assertEqual(t.tag_for(b), (2, True, None))
-        self.assertEqual(t.lookup(1), a)            # a's reply touches a
+        self.assertEqual(t.address_of(1), a)        # a's reply, as the
+        t.touch(1)                                  # relay does: touches a
         self.assertEqual(t.tag_for(c), (3, True, b))
-        self.assertIsNone(t.lookup(2))
+        self.assertIsNone(t.address_of(2))
         self.assertEqual(t.tag_for(a), (1, False, None))
         self.assertEqual(t.tag_for(b), (4, True, c))  # b comes back: new tag
         self.assertEqual(len(t), 2)

@@ -313,10 +313,6 @@ class Connectees:
     def __len__(self):
         return len(self.tag_of)
 
-    def lookup(self, tag):
-        """The address of tag (now most recent), or None."""
-        return self.addr_of.get(tag)
-
     def tag_for(self, addr):
         """(tag, is_new, evicted_address_or_None) for a connectee address."""
         tag = self.tag_of.get(addr)
