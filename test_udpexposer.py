@@ -211,11 +211,11 @@ class RelayCase(unittest.TestCase):
     def echo(self, sock, reply_from=None):
         """Echo every datagram on sock back to its sender, from reply_from."""
         stop = threading.Event()
-        self.addCleanup(stop.set)
         t = threading.Thread(target=echo_forever, args=(sock, stop, reply_from),
                              daemon=True)
         t.start()
-        self.addCleanup(t.join, TIMEOUT)
+        self.addCleanup(t.join, TIMEOUT)    # cleanups run last in, first out:
+        self.addCleanup(stop.set)           # stop it, then wait for it
 
     def relay(self, host="127.0.0.1", n=4, extra=()):
         """Server + client + echo real server: (server addr, server, client)."""
@@ -1196,7 +1196,7 @@ class TestThroughNat(RelayCase):
         return server, client, m.group(1)
 
     def test_without_the_relay_the_service_is_unreachable(self):
-        real = self.hidden_service()
+        real = self.udp(self.HIDDEN, netns=self.lan)    # no echo: read here
         outsider = self.connectee(2)
         port = real.getsockname()[1]
         outsider.sendto(b"direct", (self.HIDDEN, port))
