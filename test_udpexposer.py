@@ -108,7 +108,7 @@ def tearDownModule():
 class Proc:
     """A running udpexposer.py with its stdout lines collected by a thread."""
 
-    def __init__(self, args, env=None, netns=None):
+    def __init__(self, args, env=None, netns=None, nofile=None):
         full_env = dict(os.environ)
         full_env.pop("PYTHONUNBUFFERED", None)   # lines must flush by themselves
         full_env.update(env or {})
@@ -116,7 +116,8 @@ class Proc:
         self.p = subprocess.Popen(
             prefix + [sys.executable, lone_copy()] + list(args),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=full_env, universal_newlines=True)
+            stderr=subprocess.PIPE, env=full_env, universal_newlines=True,
+            preexec_fn=None if nofile is None else lambda: limit_files(nofile))
         self.lines = []
         self.stderr = None
         self.q = queue.Queue()
@@ -182,14 +183,15 @@ class RelayCase(unittest.TestCase):
         s.settimeout(TIMEOUT)
         return s
 
-    def run_tool(self, *args, env=None, netns=None):
-        proc = Proc([str(a) for a in args], env=env, netns=netns)
+    def run_tool(self, *args, env=None, netns=None, nofile=None):
+        proc = Proc([str(a) for a in args], env=env, netns=netns,
+                    nofile=nofile)
         self.addCleanup(proc.stop)
         return proc
 
-    def start(self, *args, env=None, netns=None):
+    def start(self, *args, env=None, netns=None, nofile=None):
         """Start the tool, wait for its start-up line; (proc, bound address)."""
-        proc = self.run_tool(*args, env=env, netns=netns)
+        proc = self.run_tool(*args, env=env, netns=netns, nofile=nofile)
         m = proc.wait_line(r" mode on (\S+),")
         return proc, ux.resolve(m.group(1))[1]
 
@@ -228,6 +230,11 @@ class RelayCase(unittest.TestCase):
         server.wait_line("New client address")
         self.echo(real)
         return saddr, server, client
+
+
+def limit_files(count):
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 def fmt_host(host):
@@ -321,34 +328,79 @@ class TestLRU(unittest.TestCase):
         self.assertIsNone(lru.put("a", 1))
         self.assertIsNone(lru.put("b", 2))
         self.assertEqual(lru.get("a"), 1)           # b is now the oldest
-        self.assertEqual(lru.put("c", 3), ("b", 2))
+        self.assertEqual(lru.put("c", 3), ("b", 2, False))
         self.assertIsNone(lru.get("b"))
-        self.assertEqual(lru.put("a", 4), None)     # update, no eviction
-        self.assertEqual(lru.put("d", 5), ("c", 3))
+        self.assertEqual(lru.put("d", 5), ("a", 1, False))
         self.assertEqual(len(lru), 2)
+
+    def test_unanswered_go_before_answered(self):
+        lru = ux.LRU(3)
+        for key in "abc":
+            lru.put(key, key.upper())
+        self.assertEqual(lru.answer("a"), "A")      # the oldest, but answered
+        self.assertIsNone(lru.answer("zz"))
+        self.assertEqual(lru.put("d", "D"), ("b", "B", False))
+        self.assertEqual(lru.put("e", "E"), ("c", "C", False))
+        self.assertEqual(lru.answer("d"), "D")
+        self.assertEqual(lru.get("a"), "A")         # d is now the older one
+        self.assertEqual(lru.put("f", "F"), ("e", "E", False))
+        self.assertEqual(lru.put("g", "G"), ("f", "F", False))
+        lru.answer("g")                             # all answered now
+        self.assertEqual(lru.put("h", "H"), ("d", "D", True))
+        self.assertEqual(lru.answer("a"), "A")      # answered again: touched
+        self.assertEqual(lru.put("i", "I"), ("h", "H", False))
+        self.assertEqual(lru.put("j", "J"), ("i", "I", False))
+        self.assertEqual(len(lru), 3)
 
     def test_connectees_evict_both_directions_together(self):
         t = ux.Connectees(2)
         a, b, c = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
-        self.assertEqual(t.tag_for(a), (1, True, None))
-        self.assertEqual(t.tag_for(b), (2, True, None))
-        self.assertEqual(t.address_of(1), a)        # a's reply, as the
-        t.touch(1)                                  # relay does: touches a
-        self.assertEqual(t.tag_for(c), (3, True, b))
-        self.assertIsNone(t.address_of(2))
-        self.assertEqual(t.tag_for(a), (1, False, None))
-        self.assertEqual(t.tag_for(b), (4, True, c))  # b comes back: new tag
+        self.assertEqual(t.add(a), (1, None))
+        self.assertEqual(t.add(b), (2, None))
+        self.assertEqual(t.table.answer(1), a)      # a's reply, as the relay
+        self.assertEqual(t.add(c), (3, (b, False)))
+        self.assertIsNone(t.table.get(2))
+        self.assertEqual(t.add(b), (4, (c, False)))   # b comes back: new tag
+        self.assertEqual(t.add(c), (5, (b, False)))
+        self.assertEqual(t.tag_of, {a: 1, c: 5})
         self.assertEqual(len(t), 2)
-        self.assertEqual(sorted(t.tag_of.values()), sorted(t.addr_of.entries))
+
+    def test_tags_rest_as_long_as_they_can(self):
+        t = ux.Connectees(3)
+        for i in range(65535):
+            t.add(i)
+        # 1..65535 were handed out in order; the three newest are held
+        self.assertEqual(sorted(t.tag_of.values()), [65533, 65534, 65535])
+        # then the freed tags come back, the longest free first: 1, 2, ...
+        self.assertEqual(t.add("x"), (1, (65532, False)))
+        self.assertEqual(t.add("y"), (2, (65533, False)))
+
+    def test_a_full_tag_space_hands_on_the_evicted_tag(self):
+        for reserved, usable in (((), 65535), ((0x6579,), 65534)):
+            with self.subTest(reserved=reserved):
+                t = ux.Connectees(65535, reserved)
+                tags = [t.add(i)[0] for i in range(usable)]
+                self.assertEqual(len(set(tags)), usable)
+                self.assertEqual(0x6579 in tags, not reserved)
+                t.table.answer(1)                   # connectee 0 is answered
+                tag, evicted = t.add("newcomer")    # every tag is in use
+                self.assertEqual((tag, evicted), (tags[1], (1, False)))
+                self.assertEqual(t.tag_of["newcomer"], tags[1])
+                self.assertEqual(len(t), usable)
+                for i in range(2, 5):               # and so on, in O(1)
+                    self.assertEqual(t.add(-i)[0], tags[i])
 
     def test_connectees_never_reuse_a_tag_in_use(self):
-        t = ux.Connectees(3)
-        t.tag_for("x")                              # holds tag 1
-        t.next_tag = 65535
-        self.assertEqual(t.tag_for("y")[0], 65535)
-        self.assertEqual(t.tag_for("z")[0], 2)      # wraps, skips 1
-        self.assertEqual(t.tag_for("x"), (1, False, None))
-        self.assertEqual(t.tag_for("w"), (3, True, "y"))
+        t = ux.Connectees(100)
+        for i in range(70000):                      # wraps round the tags
+            tag = t.add(i)[0]
+            self.assertNotIn(tag, (0, 0x10000))
+            if i % 7 == 0:
+                t.table.answer(tag)                 # some are answered
+        self.assertEqual(len(set(t.tag_of.values())), 100)
+        self.assertEqual(sorted(t.tag_of.values()),
+                         sorted(list(t.table.answered)
+                                + list(t.table.unanswered)))
 
 
 # ====================================================================== server
@@ -670,7 +722,9 @@ class TestClient(RelayCase):
         before = len(os.listdir(fd_dir))
         workers = []
         for tag in range(1, 41):
-            server.sendto(bytes((0, tag)) + b"x", caddr)
+            # (one payload on many new channels, none answered, would make
+            # the client probe for a loop: another datagram at real)
+            server.sendto(bytes((0, tag)) + b"x%d" % tag, caddr)
             workers.append(self.recv(real)[1])
         # (a closed channel's port may come back for a later one)
         self.assertEqual(len(set(workers[-3:])), 3)
@@ -1413,6 +1467,233 @@ class TestAllowLists(RelayCase):
         inside.sendto(V_INITIAL_REQUEST, saddr)
         self.assertIsNotNone(ux.retry_nonce(ux.verify(V_KEY,
                                                       self.recv(inside)[0])))
+
+
+def many_sources(count, first=0):
+    """count distinct IPv4 source addresses from 127.2.0.0 up (on Linux all
+    of 127.0.0.0/8 is local): as many strangers as an attacker likes."""
+    for i in range(first, first + count):
+        yield "127.%d.%d.%d" % (2 + (i >> 16), (i >> 8) & 255, i & 255)
+
+
+def send_from(hosts, dest, payload):
+    """One datagram to dest from each host, from a socket used once."""
+    for host in hosts:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+            s.sendto(payload, dest)
+
+
+def cpu_seconds(pid):
+    """User + system CPU time a process has used (Linux /proc)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def usr1_stats(proc, mode):
+    """The counters a running tool logs on SIGUSR1."""
+    proc.p.send_signal(signal.SIGUSR1)
+    return json.loads(proc.wait_line(r'^\{"mode":"%s"' % mode).string)
+
+
+@unittest.skipUnless(sys.platform.startswith("linux") and
+                     os.path.isdir("/proc/self"), "needs Linux: 127/8, /proc")
+class TestHostileTraffic(RelayCase):
+    """Attacks from loopback: many source addresses, forged tokens, loops."""
+
+    def assert_goes_idle(self, *procs):
+        """Each process uses next to no CPU for a while, within a deadline."""
+        deadline = time.monotonic() + 3 * TIMEOUT
+        for proc in procs:
+            while True:
+                before = cpu_seconds(proc.p.pid)
+                time.sleep(0.5)
+                if cpu_seconds(proc.p.pid) - before <= 0.05:
+                    break
+                self.assertLess(time.monotonic(), deadline, "still busy")
+
+    def check_full_table(self, *extra):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-n", 65535, *extra)
+        client = self.udp()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        if extra:
+            TestPasswordServer.register(self, proc, saddr, client)
+        else:
+            client.sendto(b"", saddr)
+            proc.wait_line("New client address")
+        usable = 65534 if extra else 65535
+        tags = set()
+        for first in range(0, usable, 64):      # paced: none may be lost
+            count = min(64, usable - first)
+            send_from(many_sources(count, first), saddr, b"fill")
+            tags.update(self.recv(client)[0][:2] for _ in range(count))
+        self.assertEqual(len(tags), usable)
+        self.assertEqual(b"ey" in tags, not extra)
+        # Every tag is in use: a newcomer takes the oldest connectee's tag
+        # and is relayed both ways; then the next one.
+        for newcomer, tag in ((self.udp("127.1.0.1"), b"\x00\x01"),
+                              (self.udp("127.1.0.2"), b"\x00\x02")):
+            newcomer.sendto(b"newcomer", saddr)
+            self.assertEqual(self.recv(client)[0], tag + b"newcomer")
+            client.sendto(tag + b"welcome", saddr)
+            self.assertEqual(self.recv(newcomer), (b"welcome", saddr))
+        self.assert_goes_idle(proc)
+        stats = usr1_stats(proc, "server")
+        self.assertEqual((stats["new_connectees"],
+                          stats["evicted_unanswered"]), (usable + 2, 2))
+
+    def test_full_table_plain(self):
+        self.check_full_table()
+
+    def test_full_table_password(self):
+        self.check_full_table("-P", V_PASSWORD)
+
+    def test_spoofed_flood_keeps_answered_peers(self):
+        """6,400 strangers against -n 64 on both sides while 4 peers talk."""
+        real = self.udp()
+        seen = {}           # peer -> the source addresses the real server saw
+        stop = threading.Event()
+
+        def real_server():      # answers the peers, never the strangers
+            real.settimeout(0.05)
+            while not stop.is_set():
+                try:
+                    data, src = real.recvfrom(70000)
+                except socket.timeout:
+                    continue
+                if data.startswith(b"peer"):
+                    seen.setdefault(data.split()[0], set()).add(src)
+                    real.sendto(data, src)
+        t = threading.Thread(target=real_server, daemon=True)
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        server, saddr = self.start("-s", "127.0.0.1:0", "-n", 64, "-v")
+        client, caddr = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
+                                   "-c", ux.format_addr(real.getsockname()),
+                                   "-n", 64, "-v")
+        server.wait_line("New client address")
+        peers = [self.udp() for _ in range(4)]
+        for rnd in range(101):
+            if rnd:
+                send_from(many_sources(64, 64 * rnd), saddr, b"flood")
+            for i, peer in enumerate(peers):
+                msg = b"peer%d %d" % (i, rnd)
+                peer.sendto(msg, saddr)
+                self.assertEqual(self.recv(peer), (msg, saddr))
+        self.assertEqual(sorted(seen), [b"peer%d" % i for i in range(4)])
+        for peer, sources in seen.items():
+            self.assertEqual(len(sources), 1, (peer, sources))
+        server.wait_line("Forgot connectee .* unanswered one")
+        client.wait_line("Closed channel .* unanswered one")
+        s_stats, c_stats = usr1_stats(server, "server"), \
+            usr1_stats(client, "client")
+        self.assertEqual(s_stats["evicted_answered"], 0)
+        self.assertGreater(s_stats["evicted_unanswered"], 6000)
+        self.assertEqual(c_stats["evicted_answered"], 0)
+        self.assertGreater(c_stats["evicted_unanswered"], 6000)
+        self.assertEqual(c_stats["loops_broken"], 0)
+        self.assertFalse([l for l in client.drain() if "(a loop)" in l])
+
+    def test_out_of_file_descriptors_closes_channels(self):
+        server, real = self.udp(), self.udp()
+        self.echo(real)
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "-n", 2000, nofile=64)
+        self.recv(server)                           # the first keepalive
+        for tag in range(1, 201):                   # 200 channels of 64 fds
+            msg = ux.TAG.pack(tag) + b"fd %d" % tag
+            server.sendto(msg, caddr)
+            self.assertEqual(self.recv(server), (msg, caddr))
+        proc.wait_line(r"Out of file descriptors with \d+ channels open: "
+                       r"the open-file limit \(ulimit -n\), not -n 2000")
+        self.assertEqual(len([l for l in proc.drain()
+                              if "Out of file" in l]), 1)   # said once
+        # The most recent channels still work as before.
+        msg = ux.TAG.pack(200) + b"again"
+        server.sendto(msg, caddr)
+        self.assertEqual(self.recv(server), (msg, caddr))
+
+    def test_client_pointed_at_its_own_server_refuses_to_start(self):
+        server, saddr = self.start("-s", "127.0.0.1:0")
+        p = subprocess.run([sys.executable, lone_copy(), "127.0.0.1:0", "-a",
+                            ux.format_addr(saddr), "-c", "localhost:%d"
+                            % saddr[1]], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=30)
+        self.assertEqual(p.returncode, 2)
+        self.assertRegex(p.stderr, r"^udpexposer: -c localhost:\d+ is the "
+                                   r"server at -a: the relay would loop\n$")
+
+    def test_a_loop_the_addresses_hide_is_broken(self):
+        # The server listens on 0.0.0.0, the client reaches it at 127.0.0.1
+        # and is told the real server is at 127.0.0.3: the same socket.
+        server, saddr = self.start("-s", "0.0.0.0:0", "-n", 64)
+        port = saddr[1]
+        client, caddr = self.start("127.0.0.1:0", "-a", "127.0.0.1:%d" % port,
+                                   "-c", "127.0.0.3:%d" % port, "-n", 64)
+        server.wait_line("New client address")
+        conn = self.udp()
+        conn.sendto(b"round and round", ("127.0.0.1", port))
+        client.wait_line("come back from the server as new connectees: -c "
+                         "leads back to the server \\(a loop\\)")
+        self.assert_goes_idle(server, client)
+        self.assertEqual(usr1_stats(client, "client")["loops_broken"], 1)
+
+    def test_stats_replies_are_rationed(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        thief = self.udp()
+        for _ in range(50):                         # a captured request
+            thief.sendto(V_STATS_REQUEST, saddr)
+        replies = 0
+        thief.settimeout(0.5)
+        try:
+            while True:
+                self.assertEqual(len(thief.recvfrom(1000)[0]), 184)
+                replies += 1
+        except socket.timeout:
+            pass
+        self.assertGreaterEqual(replies, 1)
+        self.assertLessEqual(replies, 2 * ux.STATS_REPLIES_PER_SECOND)
+        proc.wait_line(r"Refused a stats request from 127\.0\.0\.1:\d+: "
+                       r"over 5 a second")
+        stats = usr1_stats(proc, "server")
+        self.assertEqual(stats["stats_requests"], 50)
+        self.assertEqual(stats["stats_refused"], 50 - replies)
+        # A second later the budget is back: -S still works.
+        time.sleep(1.0)
+        thief.settimeout(TIMEOUT)
+        thief.sendto(V_STATS_REQUEST, saddr)
+        self.assertEqual(len(self.recv(thief)[0]), 184)
+
+    def test_forged_tokens_are_data_and_peers_keep_talking(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        client, peer, forger = self.udp(), self.udp(), self.udp()
+        TestPasswordServer.register(self, proc, saddr, client)
+        forged = [V_INITIAL_REQUEST[:-43] + ux._b64url(os.urandom(32)),
+                  ux.sign(V_KEY_CHBS, ux.request_claims(7)),
+                  ux.TOKEN_PREFIX + os.urandom(1200),     # starts like one
+                  V_INITIAL_REQUEST + b"x"]
+        for rnd in range(100):
+            for data in forged * 10:
+                forger.sendto(data, saddr)
+            peer.sendto(b"peer %d" % rnd, saddr)
+            # The forgeries reach the client as the forger's data, in order.
+            for data in forged * 10:
+                got = self.recv(client)[0]
+                self.assertEqual(got[2:], data)
+            tagged = self.recv(client)[0]
+            self.assertEqual(tagged[2:], b"peer %d" % rnd)
+            client.sendto(tagged[:2] + b"reply %d" % rnd, saddr)
+            self.assertEqual(self.recv(peer), (b"reply %d" % rnd, saddr))
+        self.assert_silent(forger)                  # never a reply
+        stats = usr1_stats(proc, "server")
+        self.assertEqual(stats["signed_looking"] - stats["invalid_auths"], 2)
+        self.assertEqual(stats["invalid_auths"], 4000)
+        self.assertEqual(stats["auth_completeds"], 1)
 
 
 class TestOperatorFeatures(RelayCase):

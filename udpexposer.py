@@ -62,12 +62,24 @@ PASSWORD_ENV = "UDPEXPOSER_PASSWORD"
 # Password mode: signed messages are HS256 JSON Web Tokens (PROTOCOL.md).
 TOKEN_PREFIX = b"eyJhbGciOiJIUzI1NiJ9."   # base64url of {"alg":"HS256"}, "."
 TOKEN_LOOKALIKE_TAG = 0x6579              # b"ey": never handed out as a tag
+MAC_TEXT = 43                             # base64url of a 32-byte MAC
+# The longest token there is: claims of at most 30 bytes ({"nonce":N}, N a
+# u64), which are 40 characters of base64url.  Longer ones are data.
+MAX_TOKEN = len(TOKEN_PREFIX) + 40 + 1 + MAC_TEXT
 STATS_NONCE = (1 << 64) - 1
 ARGON2_SALT = b"udpexposer"
 ARGON2_MEMORY_KIB, ARGON2_PASSES, ARGON2_LANES = 256, 2, 2
 AUTH_WINDOW = (-10, 1)                    # seconds around now a nonce may be
 UNANSWERED_PINGS = 3                      # then the client says so
 STATS_TRIES, STATS_WAIT = 3, 1.5
+STATS_REPLIES_PER_SECOND = 5              # a replayed -S request reflects
+
+# A client whose -c leads back to its server turns one datagram into a new
+# connectee, a new channel and the same datagram again, for ever, and no
+# channel is ever answered.  The same first datagram on LOOP_LAPS new
+# channels, each within LOOP_WINDOW seconds of the last and none answered
+# since, is suspect; a probe then tells (see run_client's looped()).
+LOOP_LAPS, LOOP_WINDOW = 16, 1.0
 
 # The 23 counters of the stats blob, in wire order (PROTOCOL.md, "Stats").
 STAT_NAMES = (
@@ -82,11 +94,14 @@ STAT_NAMES = (
 
 
 # Counters this tool keeps beyond the wire blob (SIGUSR1 shows them).
-SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed", "evictions")
+SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed",
+                      "evicted_unanswered", "evicted_answered",
+                      "stats_refused")
 CLIENT_STATS = (
     "keepalives", "from_server_msgs", "from_server_bytes",
     "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
-    "channels_opened", "channels_closed", "errors", "server_address_changes",
+    "channels_opened", "channels_closed", "evicted_unanswered",
+    "evicted_answered", "loops_broken", "errors", "server_address_changes",
 )
 
 
@@ -107,6 +122,30 @@ class UsageError(Exception):
 WARN, INFO, DEBUG = 0, 1, 2     # -q shows WARN lines only, -v adds DEBUG
 
 
+class Budget:
+    """At most `count` events per `window` seconds.
+
+    take() says whether one more fits.  held is how many the window that
+    ended last held back; the caller reads it and sets it to 0.
+    """
+
+    def __init__(self, count, window):
+        self.count, self.window = count, window
+        self.start = None
+        self.used = self.refused = self.held = 0
+
+    def take(self):
+        now = time.monotonic()
+        if self.start is None or now - self.start >= self.window:
+            self.held += self.refused
+            self.start, self.used, self.refused = now, 0, 0
+        if self.used < self.count:
+            self.used += 1
+            return True
+        self.refused += 1
+        return False
+
+
 class Log:
     """Event log on stdout, one line per event, flushed at once.
 
@@ -120,7 +159,7 @@ class Log:
     def __init__(self, stream=None, verbosity=INFO):
         self.stream = stream if stream is not None else sys.stdout
         self.verbosity = verbosity
-        self.windows = {}   # kind -> [window start, lines shown, lines held]
+        self.budgets = {}   # kind -> Budget
         try:
             self.fd = self.stream.fileno()
         except (AttributeError, OSError, ValueError):
@@ -147,18 +186,16 @@ class Log:
         makes the text: it then runs only for a line that is shown."""
         if level > self.verbosity:
             return
-        now = time.monotonic()
-        w = self.windows.get(kind)
-        if w is None or now - w[0] >= self.WINDOW:
-            if w is not None and w[2]:
-                self("(%d more lines like %r were held back)" % (w[2], kind),
-                     level)
-            w = self.windows[kind] = [now, 0, 0]
-        if w[1] < self.BUDGET:
-            w[1] += 1
+        budget = self.budgets.get(kind)
+        if budget is None:
+            budget = self.budgets[kind] = Budget(self.BUDGET, self.WINDOW)
+        shown = budget.take()
+        if budget.held:
+            self("(%d more lines like %r were held back)" % (budget.held, kind),
+                 level)
+            budget.held = 0
+        if shown:
             self(line() if callable(line) else line, level)
-        else:
-            w[2] += 1
 
 
 # ---------------------------------------------------------------- addresses
@@ -229,11 +266,17 @@ def parse_networks(texts, flag):
     return networks
 
 
-def in_networks(networks, addr):
-    """Whether sockaddr addr lies in one of networks (IPv4-mapped counts)."""
+def ip_of(addr):
+    """The ip_address of a sockaddr; an IPv4-mapped one as IPv4."""
     ip = ipaddress.ip_address(addr[0].split("%")[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    return ip
+
+
+def in_networks(networks, addr):
+    """Whether sockaddr addr lies in one of networks (IPv4-mapped counts)."""
+    ip = ip_of(addr)
     return any(ip in net for net in networks)
 
 
@@ -261,74 +304,86 @@ def wildcard(family):
 # ---------------------------------------------------------------- tags and the LRU
 
 class LRU:
-    """A bounded map that forgets its least recently used entry first."""
+    """A bounded map that forgets an unanswered entry before an answered one,
+    and within each kind the least recently used first.
+
+    An entry is *answered* once traffic has come back for it (answer()).  As
+    conntrack keeps its ASSURED entries, a peer that the real server talks
+    to keeps its place while strangers that nobody answers come and go.
+    Each kind is an OrderedDict in recency order; a key is in one of them.
+    """
 
     def __init__(self, capacity):
         self.capacity = capacity
-        self.entries = collections.OrderedDict()
+        self.unanswered = collections.OrderedDict()
+        self.answered = collections.OrderedDict()
 
     def __len__(self):
-        return len(self.entries)
-
-    def __contains__(self, key):
-        return key in self.entries
+        return len(self.unanswered) + len(self.answered)
 
     def get(self, key):
-        """The value for key (now the most recent), or None."""
-        value = self.entries.get(key)
+        """The value for key (now the most recent of its kind), or None."""
+        for kind in (self.answered, self.unanswered):
+            value = kind.get(key)
+            if value is not None:
+                kind.move_to_end(key)
+                return value
+        return None
+
+    def answer(self, key):
+        """Mark key answered and the most recent: its value, or None."""
+        value = self.unanswered.pop(key, None)
         if value is not None:
-            self.entries.move_to_end(key)
-        return value
+            self.answered[key] = value
+            return value
+        return self.get(key)
 
     def put(self, key, value):
-        """Store key; returns the (key, value) evicted to make room, or None."""
-        evicted = None
-        if key not in self.entries and len(self.entries) >= self.capacity:
-            evicted = self.entries.popitem(last=False)
-        self.entries[key] = value
-        self.entries.move_to_end(key)
+        """Store a new key as unanswered; returns what was evicted to make
+        room, as (key, value, was_answered), or None."""
+        evicted = self.evict() if len(self) >= self.capacity else None
+        self.unanswered[key] = value
         return evicted
+
+    def evict(self):
+        """Forget the entry the rule picks: (key, value, was_answered)."""
+        if self.unanswered:
+            return self.unanswered.popitem(last=False) + (False,)
+        return self.answered.popitem(last=False) + (True,)
 
 
 class Connectees:
     """The server's one table of connectees: tag <-> address.
 
     Both directions live in one structure and evict together, so a reply for
-    an active connectee always finds it.  Tags are handed out in sequence
-    from 1, wrapping after 65535, and skip the tags still in use and those
-    in `reserved`.
+    an active connectee always finds it.  Tags are handed out from 1 up, then
+    the freed ones, oldest first: a tag rests as long as it can before it is
+    used again, and taking one is O(1) however full the table is.  Tags in
+    `reserved` are never handed out.
     """
 
     def __init__(self, capacity, reserved=()):
-        self.addr_of = LRU(capacity)    # tag -> address, in recency order
-        self.tag_of = {}                # address -> tag
-        self.next_tag = 1
-        self.reserved = frozenset(reserved)
-        # For the relay, per datagram: C methods, no Python call in between.
-        # address_of(tag) reads without touching; touch(tag) marks a tag in
-        # use as the most recent.
-        self.address_of = self.addr_of.entries.get
-        self.touch = self.addr_of.entries.move_to_end
+        unused = [tag for tag in range(1, MAX_TAG + 1) if tag not in reserved]
+        self.table = LRU(min(capacity, len(unused)))   # tag -> address
+        self.tag_of = {}                               # address -> tag
+        self.free = collections.deque(unused)
 
     def __len__(self):
         return len(self.tag_of)
 
-    def tag_for(self, addr):
-        """(tag, is_new, evicted_address_or_None) for a connectee address."""
-        tag = self.tag_of.get(addr)
-        if tag is not None:
-            self.touch(tag)
-            return tag, False, None
-        tag = self.next_tag
-        while tag in self.addr_of or tag in self.reserved:
-            tag = tag % MAX_TAG + 1
-        self.next_tag = tag % MAX_TAG + 1
-        evicted = self.addr_of.put(tag, addr)
-        if evicted is not None:
-            del self.tag_of[evicted[1]]
-            evicted = evicted[1]
+    def add(self, addr):
+        """A tag for a new address: (tag, evicted), evicted being
+        (address, was_answered) of the connectee that made room, or None."""
+        evicted = None
+        if len(self.tag_of) >= self.table.capacity:
+            tag, old, answered = self.table.evict()
+            del self.tag_of[old]
+            self.free.append(tag)
+            evicted = old, answered
+        tag = self.free.popleft()
+        self.table.put(tag, addr)
         self.tag_of[addr] = tag
-        return tag, True, evicted
+        return tag, evicted
 
 
 # ---------------------------------------------------------------- Argon2i (RFC 9106)
@@ -475,21 +530,43 @@ def _b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
+_PADS = {}      # key -> SHA-256 states after its inner and outer pad
+
+
+def hs256(key, data):
+    """HMAC-SHA256 (RFC 2104), the padded key hashed once per key: a
+    third of what hmac.new costs per message."""
+    pads = _PADS.get(key)
+    if pads is None:
+        block = key if len(key) <= 64 else hashlib.sha256(key).digest()
+        block = block.ljust(64, b"\0")
+        pads = _PADS[key] = (hashlib.sha256(bytes(b ^ 0x36 for b in block)),
+                             hashlib.sha256(bytes(b ^ 0x5C for b in block)))
+    inner, outer = pads[0].copy(), pads[1].copy()
+    inner.update(data)
+    outer.update(inner.digest())
+    return outer.digest()
+
+
 def sign(key, claims):
     """The compact JWT for JSON claims (bytes), HS256 under key."""
     signed = TOKEN_PREFIX + _b64url(claims)
-    mac = hmac.new(key, signed, hashlib.sha256).digest()
-    return signed + b"." + _b64url(mac)
+    return signed + b"." + _b64url(hs256(key, signed))
 
 
 def verify(key, token):
-    """The decoded claims of a token that verifies under key, else None."""
+    """The decoded claims of a token that verifies under key, else None.
+
+    The shape is checked first (length, prefix, where the MAC starts): a
+    datagram that cannot be a token costs no HMAC.
+    """
     token = bytes(token)
-    if not token.startswith(TOKEN_PREFIX):
+    if not len(TOKEN_PREFIX) + MAC_TEXT < len(token) <= MAX_TOKEN \
+            or token[-MAC_TEXT - 1] != ord(".") \
+            or not token.startswith(TOKEN_PREFIX):
         return None
-    signed, _, mac = token.rpartition(b".")
-    expected = _b64url(hmac.new(key, signed, hashlib.sha256).digest())
-    if not hmac.compare_digest(expected, mac):
+    signed, mac = token[:-MAC_TEXT - 1], token[-MAC_TEXT:]
+    if not hmac.compare_digest(_b64url(hs256(key, signed)), mac):
         return None
     body = signed[len(TOKEN_PREFIX):]
     try:
@@ -876,6 +953,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     client = None                 # the client's address key, once known
     secret = os.urandom(32)       # keys the address hash of the Retry nonces
     registered = sign(key, REGISTERED_CLAIMS) if key else None
+    stats_budget = Budget(STATS_REPLIES_PER_SECOND, 1.0)
     buf, view, address = io.buf, io.view, io.address
 
     def address_hash(src):
@@ -893,7 +971,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         claims = verify(key, token)
         if claims is None:
             stats["invalid_auths"] += 1
-            log.limited("auth failed", "A client from %s failed to "
+            log.limited("auth failed", lambda: "A client from %s failed to "
                         "authenticate" % format_addr(address(src)), WARN)
             return False
         is_request, nonce = request_nonce(claims)
@@ -901,7 +979,13 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             return True                 # one of ours, but not for a server
         if nonce == STATS_NONCE:
             stats["stats_requests"] += 1
-            io.send_now(pack_stats(stats), address(src), "err2")
+            if stats_budget.take():
+                io.send_now(pack_stats(stats), address(src), "err2")
+            else:
+                stats["stats_refused"] += 1
+                log.limited("stats budget", lambda: "Refused a stats request "
+                            "from %s: over %d a second" % (format_addr(
+                                address(src)), STATS_REPLIES_PER_SECOND), WARN)
             return True
         now = int(time.time())
         if src == client:
@@ -929,9 +1013,26 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         io.send_now(registered, address(src), "err2")
         return True
 
+    def new_connectee(src):
+        """Give src a tag, making room if the table is full: the tag."""
+        tag, evicted = connectees.add(src)
+        stats["new_connectees"] += 1
+        log.limited("connectee", lambda: "Connectee seqn %d from %s"
+                    % (tag, format_addr(address(src))))
+        if evicted is not None:
+            old, answered = evicted
+            kind = "answered" if answered else "unanswered"
+            stats["evicted_" + kind] += 1
+            log.limited("evict", lambda: "Forgot connectee %s, the least "
+                        "recently used %s one" % (format_addr(address(old)),
+                                                  kind), DEBUG)
+        return tag
+
     send, flush, put_tag = io.send, io.flush, TAG.pack_into
-    tag_of, address_of, touch = connectees.tag_of, connectees.address_of, \
-        connectees.touch
+    # Per datagram, the C methods of the table's dicts: no Python call
+    # between.  A connectee is answered once the client sent for its tag.
+    tag_of, table = connectees.tag_of, connectees.table
+    answered, unanswered = table.answered, table.unanswered
 
     def relay_burst():
         """Receive and relay one burst: how many datagrams came in."""
@@ -966,13 +1067,16 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                                 WARN)
                     continue
                 tag = buf[at + 2] << 8 | buf[at + 3]
-                dest = address_of(tag)
-                if dest is None:
-                    stats["ch_not_founds"] += 1
-                    log.limited("channel", "Failed to find channel %d" % tag,
-                                WARN)
-                    continue
-                touch(tag)
+                dest = answered.get(tag)
+                if dest is not None:
+                    answered.move_to_end(tag)
+                else:
+                    dest = table.answer(tag)    # its first reply, or unknown
+                    if dest is None:
+                        stats["ch_not_founds"] += 1
+                        log.limited("channel", "Failed to find channel %d"
+                                    % tag, WARN)
+                        continue
                 msgs_out += 1
                 bytes_out += n
                 send(at + 4, n - 2, dest, "err3")
@@ -992,17 +1096,11 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                                 "not in --allow" % format_addr(address(src)),
                                 DEBUG)
                     continue
-                tag, _, evicted = connectees.tag_for(src)
-                stats["new_connectees"] += 1
-                log.limited("connectee", lambda: "Connectee seqn %d from %s"
-                            % (tag, format_addr(address(src))))
-                if evicted is not None:
-                    stats["evictions"] += 1
-                    log.limited("evict", "Forgot connectee %s, the least "
-                                "recently used" % format_addr(address(evicted)),
-                                DEBUG)
+                tag = new_connectee(src)
+            elif tag in answered:
+                answered.move_to_end(tag)
             else:
-                touch(tag)
+                unanswered.move_to_end(tag)
             put_tag(buf, at, tag)
             msgs_in += 1
             bytes_in += n
@@ -1067,7 +1165,10 @@ def run_client(sock, server, real_family, real_server, max_clients,
     io = burst_io(sock, report, portable)
     server_key = io.key_of(server)      # as io.receive() gives sources
     buf, view = io.buf, io.view
-    workers = LRU(max_clients)      # tag -> worker socket
+    workers = LRU(max_clients)      # tag -> channel socket
+    firsts = collections.OrderedDict()  # see looped(): hash -> (laps, when)
+    probe, probe_sent, loop_seen = None, 0.0, -LOOP_WINDOW
+    fd_bound = False                # the open-file limit bounds channels
     bind_to = wildcard(real_family)
     keepalive = sign(key, request_claims()) if key else b""
     period = interval / 1000.0
@@ -1102,28 +1203,90 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 silent = False
                 log("Server %s answers again" % format_addr(server))
 
-    def open_worker(tag):
-        try:
-            worker = udp_socket(real_family, bind_to)
-        except OSError as e:
-            report("open a channel socket", e)
+    def looped(first):
+        """Whether first, the datagram a new channel is opened for, goes
+        round a loop (-c leading back to the server): then drop it.
+
+        A suspect first datagram (see LOOP_LAPS) sends a random probe to -c
+        from a fresh socket.  Back from the server as a new connectee, the
+        loop is certain, and for LOOP_WINDOW whatever comes round again is
+        dropped, which ends it.  A flood of one payload is only suspect.
+        """
+        nonlocal probe, probe_sent, loop_seen
+        now = time.monotonic()
+        first = bytes(first)
+        if first == probe:
+            probe, loop_seen = None, now
+            stats["loops_broken"] += 1
+            log.limited("loop", "Datagrams sent to %s come back from the "
+                        "server as new connectees: -c leads back to the "
+                        "server (a loop); dropping what comes round"
+                        % format_addr(real_server), WARN)
+            return True
+        digest = hash(first)
+        laps, when = firsts.pop(digest, (0, now))
+        laps = laps + 1 if now - when < LOOP_WINDOW else 1
+        if len(firsts) >= 64:
+            firsts.popitem(last=False)
+        firsts[digest] = (laps, now)
+        if laps > 1 and now - loop_seen < LOOP_WINDOW:
+            return True
+        if laps % LOOP_LAPS == 0 and now - probe_sent >= LOOP_WINDOW:
+            probe, probe_sent = os.urandom(16), now
+            try:
+                with socket.socket(real_family, socket.SOCK_DGRAM) as fresh:
+                    fresh.sendto(probe, real_server)
+            except OSError:
+                pass
+        return False
+
+    def open_worker(tag, first):
+        """A new channel for tag, whose first datagram is first, or None.
+
+        A full table closes a channel first (unanswered ones before
+        answered ones), and so does running out of file descriptors.
+        """
+        nonlocal fd_bound
+        if looped(first):
             return None
+        if len(workers) >= max_clients:
+            close_worker(*workers.evict())
+        while True:
+            try:
+                worker = udp_socket(real_family, bind_to)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE) \
+                        or not len(workers):
+                    report("open a channel socket", e)
+                    return None
+                if not fd_bound:
+                    fd_bound = True
+                    log("Out of file descriptors with %d channels open: the "
+                        "open-file limit (ulimit -n), not -n %d, bounds the "
+                        "channels from now on" % (len(workers), max_clients),
+                        WARN)
+                close_worker(*workers.evict())
         sel.register(worker, selectors.EVENT_READ,
                      lambda: on_worker_readable(worker, tag))
         stats["channels_opened"] += 1
-        evicted = workers.put(tag, worker)
-        if evicted is not None:
-            sel.unregister(evicted[1])
-            evicted[1].close()
-            stats["channels_closed"] += 1
-            log.limited("evict", "Closed channel %d, the least recently used"
-                        % evicted[0], DEBUG)
+        workers.put(tag, worker)
         log.limited("channel", "New incoming channel %d" % tag)
         return worker
 
+    def close_worker(tag, worker, answered):
+        sel.unregister(worker)
+        worker.close()
+        kind = "answered" if answered else "unanswered"
+        stats["channels_closed"] += 1
+        stats["evicted_" + kind] += 1
+        log.limited("evict", lambda: "Closed channel %d, the least recently "
+                    "used %s one" % (tag, kind), DEBUG)
+
     put_tag = TAG.pack_into
-    # Per datagram, the C methods of the LRU's dict: no Python call between.
-    worker_of, touch = workers.entries.get, workers.entries.move_to_end
+    # Per datagram, the C methods of the table's dicts: no Python call
+    # between.  A channel is answered once the real server sent on it.
+    answered, unanswered = workers.answered, workers.unanswered
 
     def on_server_readable():
         msgs = size = 0
@@ -1143,11 +1306,12 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 on_token(view[at:at + n])
                 continue
             tag = buf[at] << 8 | buf[at + 1]
-            worker = worker_of(tag)
+            worker = answered.get(tag)
             if worker is not None:
-                touch(tag)
+                answered.move_to_end(tag)
             else:
-                worker = open_worker(tag)
+                worker = workers.get(tag) \
+                    or open_worker(tag, view[at + 2:at + n])
                 if worker is None:
                     continue
             msgs += 1
@@ -1170,7 +1334,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
         So one recvfrom_into and one sendto, and no read that finds the
         socket empty; while more wait, the selector calls again.
         """
-        if worker_of(tag) is not worker:
+        if answered.get(tag) is worker:
+            answered.move_to_end(tag)
+        elif unanswered.get(tag) is not worker:
             return          # evicted earlier in this same wake-up
         try:
             n, src = worker.recvfrom_into(slot, MAX_DATAGRAM)
@@ -1182,6 +1348,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
         if src != real_server:
             stats["strangers"] += 1
             return
+        if tag in unanswered:
+            workers.answer(tag)
+            firsts.clear()      # a real server answers: this is no loop
         put_tag(buf, 0, tag)
         stats["from_real_server_msgs"] += 1
         stats["from_real_server_bytes"] += n
@@ -1603,6 +1772,9 @@ def setup(args, environ):
                 server_name = args.server_addr
         if mode == "client":
             real_family, real = resolve(args.local_connect_addr)
+            if (ip_of(real), real[1]) == (ip_of(server), server[1]):
+                raise ValueError("-c %s is the server at -a: the relay would "
+                                 "loop" % args.local_connect_addr)
     except ValueError as e:
         raise UsageError(str(e))
     key = derive_key(password) if password is not None else None
