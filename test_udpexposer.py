@@ -114,7 +114,8 @@ class Proc:
         full_env.update(env or {})
         prefix = ["ip", "netns", "exec", netns] if netns else []
         self.p = subprocess.Popen(
-            prefix + [sys.executable, lone_copy()] + list(args),
+            prefix + [sys.executable, lone_copy()] + [
+                a if isinstance(a, bytes) else str(a) for a in args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=full_env, universal_newlines=True,
             preexec_fn=None if nofile is None else lambda: limit_files(nofile))
@@ -184,8 +185,7 @@ class RelayCase(unittest.TestCase):
         return s
 
     def run_tool(self, *args, env=None, netns=None, nofile=None):
-        proc = Proc([str(a) for a in args], env=env, netns=netns,
-                    nofile=nofile)
+        proc = Proc(args, env=env, netns=netns, nofile=nofile)
         self.addCleanup(proc.stop)
         return proc
 
@@ -886,15 +886,35 @@ class TestPasswordSources(unittest.TestCase):
             f.write("from file\nsecond line\n")
         self.addCleanup(os.unlink, f.name)
         env = {ux.PASSWORD_ENV: "from env"}
-        self.assertEqual(ux.read_password(self.args("-P", "flag"), env), "flag")
+        self.assertEqual(ux.read_password(self.args("-P", "flag"), env),
+                         b"flag")
         self.assertEqual(ux.read_password(self.args("--password-file", f.name),
-                                          env), "from file")
-        self.assertEqual(ux.read_password(self.args(), env), "from env")
+                                          env), b"from file")
+        self.assertEqual(ux.read_password(self.args(), env), b"from env")
         self.assertIsNone(ux.read_password(self.args(), {}))
         with self.assertRaises(ux.UsageError):
             ux.read_password(self.args("-P", "x", "--password-file", f.name), {})
         with self.assertRaises(ux.UsageError):
             ux.read_password(self.args("--password-file", f.name + ".none"), {})
+
+    def test_bytes_that_are_not_utf8_give_one_key_from_every_source(self):
+        raw = b"pw\xff\xfe"
+        as_decoded = os.fsdecode(raw)   # how Python hands argv and environ
+        with tempfile.NamedTemporaryFile("wb", delete=False) as f:
+            f.write(raw + b"\r\n")
+        self.addCleanup(os.unlink, f.name)
+        for args, env in ((self.args("-P", as_decoded), {}),
+                          (self.args("--password-file", f.name), {}),
+                          (self.args(), {ux.PASSWORD_ENV: as_decoded})):
+            self.assertEqual(ux.read_password(args, env), raw)
+        self.assertEqual(ux.derive_key("p"), ux.derive_key(b"p"))
+
+    def test_a_file_without_an_end_of_line_is_read_no_further(self):
+        for path, text in (("/dev/zero", "longer than 4096 bytes"),
+                           ("/dev/null", "holds an empty first line")):
+            with self.subTest(path=path):
+                with self.assertRaisesRegex(ux.UsageError, text):
+                    ux.read_password(self.args("--password-file", path), {})
 
 
 class TestPasswordServer(RelayCase):
@@ -1694,6 +1714,283 @@ class TestHostileTraffic(RelayCase):
         self.assertEqual(stats["signed_looking"] - stats["invalid_auths"], 2)
         self.assertEqual(stats["invalid_auths"], 4000)
         self.assertEqual(stats["auth_completeds"], 1)
+
+
+def tool(*args, stdin=subprocess.DEVNULL, **popen):
+    """Popen of the lone copy with args, stderr piped, for tests that need
+    its stdout set up in some special way."""
+    return subprocess.Popen([sys.executable, lone_copy()] + list(args),
+                            stdin=stdin, stderr=subprocess.PIPE, **popen)
+
+
+class TestService(RelayCase):
+    """What a supervisor, a stuck log reader or systemd does to the tool."""
+
+    def started(self, p):
+        self.addCleanup(p.stderr.close)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+        return p
+
+    def without_stdout(self, *args):
+        """The tool started as `... >&-` (some supervisors do it)."""
+        return self.started(subprocess.Popen(
+            ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, lone_copy()]
+            + list(args), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE))
+
+    def test_closed_stdout_both_modes(self):
+        real = self.udp()
+        self.echo(real)
+        unused = self.udp()
+        port = unused.getsockname()[1]
+        unused.close()                              # a port for the server
+        saddr = ("127.0.0.1", port)
+        sp = self.without_stdout("-s", "127.0.0.1:%d" % port)
+        cp = self.without_stdout("127.0.0.1:0", "-a", "127.0.0.1:%d" % port,
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "-i", "100")
+        conn = self.udp()
+        deadline = time.monotonic() + 3 * TIMEOUT
+        conn.settimeout(0.2)
+        while True:
+            conn.sendto(b"anyone there?", saddr)
+            try:
+                if conn.recvfrom(1000) == (b"anyone there?", saddr):
+                    break
+            except socket.timeout:
+                pass
+            self.assertLess(time.monotonic(), deadline, "nothing relayed")
+        for p in (sp, cp):
+            self.assertIsNone(p.poll())
+            p.terminate()
+            self.assertEqual(p.wait(TIMEOUT), 0)
+            self.assertEqual(p.stderr.read(), b"")
+
+    def test_a_stuck_log_reader_never_stops_the_relay(self):
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        p = self.started(tool("-s", "127.0.0.1:0", stdout=w))
+        os.close(w)
+        first = b""
+        while b"\n" not in first:                  # the start-up line
+            first += os.read(r, 1000)
+        saddr = ux.resolve(re.search(rb" mode on (\S+),", first)
+                           .group(1).decode())[1]
+        a, b, conn = self.udp(), self.udp(), self.udp()
+        # Each change of client address is a line; nobody reads them.  A
+        # pipe holds about 1,600 of them and the tool's queue 1,000.
+        for i in range(6000):
+            (a if i % 2 else b).sendto(b"", saddr)
+            if i % 100 == 0:
+                time.sleep(0.005)
+        b.settimeout(0.1)
+        for i in range(20):                         # relaying goes on
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                self.assertLess(time.monotonic(), deadline, "relay stuck")
+                b.sendto(b"", saddr)                # b is the client
+                conn.sendto(b"still there %d" % i, saddr)
+                try:
+                    if self.recv(b)[0].endswith(b"still there %d" % i):
+                        break
+                except socket.timeout:
+                    pass
+        # The reader comes back: what fitted, then how many were dropped.
+        os.set_blocking(r, False)
+        text = b""
+        deadline = time.monotonic() + TIMEOUT
+        while b"were dropped" not in text:
+            self.assertLess(time.monotonic(), deadline, text[-300:])
+            try:
+                text += os.read(r, 1 << 16)
+            except BlockingIOError:
+                time.sleep(0.02)
+        m = re.search(rb"\((\d+) log lines were dropped: the log reader was "
+                      rb"not reading\)\n", text)
+        self.assertGreater(int(m.group(1)), 0)
+        self.assertGreater(text.count(b"New client address"), 1000)
+
+    def dump_stats_to(self, saddr, **popen):
+        p = tool("127.0.0.1:0", "-S", "-a", ux.format_addr(saddr),
+                 "-P", V_PASSWORD, **popen)
+        err = p.communicate(timeout=30)[1].decode()
+        return p.returncode, err
+
+    def test_stats_that_cannot_be_printed(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        with open("/dev/full", "wb") as full:
+            self.assertEqual(self.dump_stats_to(saddr, stdout=full), (
+                1, "udpexposer: cannot print the stats: No space left on "
+                   "device\n"))
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            self.assertEqual(self.dump_stats_to(saddr, stdout=w), (
+                1, "udpexposer: cannot print the stats: Broken pipe\n"))
+        finally:
+            os.close(w)
+        p = self.without_stdout("127.0.0.1:0", "-S", "-a",
+                                ux.format_addr(saddr), "-P", V_PASSWORD)
+        self.assertEqual((p.wait(30), p.stderr.read()), (
+            1, b"udpexposer: stdout is closed: nowhere to print the stats\n"))
+
+    def test_signals_during_start_up(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        for n, signum in enumerate((signal.SIGTERM, signal.SIGINT,
+                                    signal.SIGUSR1)):
+            with self.subTest(signal=signum):
+                fifo = os.path.join(tmp, "pw%d" % n)
+                os.mkfifo(fifo)
+                p = self.started(tool("-s", "127.0.0.1:0", "--password-file",
+                                      fifo, stdout=subprocess.PIPE))
+                self.addCleanup(p.stdout.close)
+                # It waits for the password: a start-up that takes time.
+                deadline = time.monotonic() + TIMEOUT
+                while True:
+                    try:        # (works once the tool opens it to read)
+                        w = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                        break
+                    except OSError:
+                        self.assertLess(time.monotonic(), deadline)
+                        time.sleep(0.01)
+                self.addCleanup(os.close, w)
+                time.sleep(0.1)                 # now it waits in read()
+                p.send_signal(signum)
+                if signum == signal.SIGUSR1:    # harmless: it starts
+                    os.write(w, V_PASSWORD.encode() + b"\n")
+                    self.assertIn(b"server mode on", p.stdout.readline())
+                    p.terminate()
+                self.assertEqual(p.wait(TIMEOUT), 0)
+                self.assertEqual(p.stderr.read(), b"")
+        # And while the key is derived: the signal right after the password.
+        fifo = os.path.join(tmp, "pw-derive")
+        os.mkfifo(fifo)
+        p = self.started(tool("-s", "127.0.0.1:0", "--password-file", fifo,
+                              stdout=subprocess.DEVNULL))
+        with open(fifo, "w") as f:
+            f.write(V_PASSWORD + "\n")
+        p.send_signal(signal.SIGINT)
+        self.assertEqual(p.wait(TIMEOUT), 0)
+        self.assertEqual(p.stderr.read(), b"")
+
+    def test_a_password_that_is_not_utf8_works_end_to_end(self):
+        raw = b"caf\xe9 au lait"                 # Latin-1, not UTF-8
+        pwfile = tempfile.NamedTemporaryFile("wb", delete=False)
+        pwfile.write(raw + b"\n")
+        pwfile.close()
+        self.addCleanup(os.unlink, pwfile.name)
+        real = self.udp()
+        self.echo(real)
+        server, saddr = self.start("-s", "127.0.0.1:0", b"-P", raw)
+        client, _ = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
+                               "-c", ux.format_addr(real.getsockname()),
+                               "--password-file", pwfile.name, "-i", "200")
+        client.wait_line("Authenticated")
+        conn = self.udp()
+        conn.sendto(b"bonjour", saddr)
+        self.assertEqual(self.recv(conn), (b"bonjour", saddr))
+
+    def notify_socket(self, abstract=False):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        if abstract:
+            name = "udpexposer-test-%d-%d" % (os.getpid(), id(sock))
+            sock.bind("\0" + name)
+            name = "@" + name
+        else:
+            tmp = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, tmp)
+            name = os.path.join(tmp, "notify")
+            sock.bind(name)
+        sock.settimeout(TIMEOUT)
+        return sock, name
+
+    def test_systemd_notify_and_watchdog_server(self):
+        sock, name = self.notify_socket()
+        proc, saddr = self.start("-s", "127.0.0.1:0", env={
+            "NOTIFY_SOCKET": name, "WATCHDOG_USEC": "200000"})
+        self.assertEqual(sock.recv(1000), b"READY=1\nSTATUS=client unknown, "
+                                          b"0 connectees, 0 datagrams relayed")
+        client, conn = self.udp(), self.udp()
+        client.sendto(b"", saddr)
+        conn.sendto(b"x", saddr)
+        self.recv(client)
+        times, status = [], b""
+        while len(times) < 6:
+            msg = sock.recv(1000)
+            self.assertTrue(msg.startswith(b"WATCHDOG=1\nSTATUS="), msg)
+            times.append(time.monotonic())
+            status = msg
+        self.assertRegex(status, rb"STATUS=client 127\.0\.0\.1:\d+, 1 "
+                                 rb"connectees, 1 datagrams relayed$")
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        self.assertLess(max(gaps), 0.2)             # half of WATCHDOG_USEC
+        proc.p.terminate()
+        while sock.recv(1000) != b"STOPPING=1":
+            pass
+        self.assertEqual(proc.p.wait(TIMEOUT), 0)
+
+    def test_systemd_notify_client_abstract_socket(self):
+        sock, name = self.notify_socket(abstract=True)
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start(
+            "127.0.0.1:0", "-a", ux.format_addr(server.getsockname()),
+            "-c", ux.format_addr(real.getsockname()),
+            env={"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "100000",
+                 "WATCHDOG_PID": "1"})          # the watchdog is not ours
+        self.recv(server)                       # the keepalive comes first
+        self.assertRegex(sock.recv(1000), rb"^READY=1\nSTATUS=server "
+                                          rb"127\.0\.0\.1:\d+, 0 channels, "
+                                          rb"0 datagrams relayed$")
+        sock.settimeout(0.5)
+        with self.assertRaises(socket.timeout):
+            sock.recv(1000)                     # no WATCHDOG=1 for pid 1
+        proc.p.send_signal(signal.SIGINT)
+        sock.settimeout(TIMEOUT)
+        self.assertEqual(sock.recv(1000), b"STOPPING=1")
+        self.assertEqual(proc.p.wait(TIMEOUT), 0)
+
+    def test_journald_gets_priorities(self):
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        st = os.fstat(w)
+        p = self.started(tool("-s", "127.0.0.1:0", "-v", stdout=w, env=dict(
+            os.environ, JOURNAL_STREAM="%d:%d" % (st.st_dev, st.st_ino))))
+        os.close(w)
+        reader = os.fdopen(r, "rb", closefd=False)
+        first = reader.readline()
+        self.assertTrue(first.startswith(b"<4>udpexposer.py "), first)
+        saddr = ux.resolve(re.search(rb" mode on (\S+),", first)
+                           .group(1).decode())[1]
+        conn = self.udp()
+        conn.sendto(b"too early", saddr)            # -v: a drop, <7>
+        self.assertRegex(reader.readline(), rb"^<7>Dropped a datagram from")
+        client = self.udp()
+        client.sendto(b"", saddr)
+        self.assertRegex(reader.readline(), rb"^<6>New client address: ")
+
+    def test_a_real_server_that_refuses_and_comes_back(self):
+        server = self.udp()
+        gone = self.udp()
+        real_addr = gone.getsockname()
+        gone.close()                                # nothing listens there
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real_addr))
+        self.recv(server)
+        for i in range(3):
+            server.sendto(b"\x00\x01knock %d" % i, caddr)
+            time.sleep(0.05)
+        proc.wait_line(r"Real server 127\.0\.0\.1:\d+ refuses datagrams "
+                       r"\(port unreachable\)")
+        real = self.udp(port=real_addr[1])
+        self.echo(real)
+        server.sendto(b"\x00\x01hello", caddr)
+        self.assertEqual(self.recv(server)[0], b"\x00\x01hello")
+        proc.wait_line(r"Real server 127\.0\.0\.1:\d+ answers again")
+        self.assertEqual(len([l for l in proc.drain() if "refuses" in l]), 1)
+        self.assertGreaterEqual(
+            usr1_stats(proc, "client")["real_server_refusals"], 1)
 
 
 class TestOperatorFeatures(RelayCase):

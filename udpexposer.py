@@ -58,6 +58,7 @@ DEFAULT_PING_INTERVAL_MS = 25000
 DEFAULT_RESOLVE_INTERVAL = 300  # seconds between lookups of -a's host name
 LOOKUP_POLL = 0.05                # while a lookup runs, look for its result
 PASSWORD_ENV = "UDPEXPOSER_PASSWORD"
+MAX_PASSWORD = 4096     # bytes of --password-file's first line, at most
 
 # Password mode: signed messages are HS256 JSON Web Tokens (PROTOCOL.md).
 TOKEN_PREFIX = b"eyJhbGciOiJIUzI1NiJ9."   # base64url of {"alg":"HS256"}, "."
@@ -101,7 +102,8 @@ CLIENT_STATS = (
     "keepalives", "from_server_msgs", "from_server_bytes",
     "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
     "channels_opened", "channels_closed", "evicted_unanswered",
-    "evicted_answered", "loops_broken", "errors", "server_address_changes",
+    "evicted_answered", "loops_broken", "real_server_refusals", "errors",
+    "server_address_changes",
 )
 
 
@@ -147,7 +149,16 @@ class Budget:
 
 
 class Log:
-    """Event log on stdout, one line per event, flushed at once.
+    """The event log, one line per event.
+
+    On a file descriptor (stdout, in main) the lines go into a bounded queue
+    that a writer thread empties with blocking writes, so the relay never
+    waits for a log reader that stalls (a stuck journald, a paused pager): a
+    line that finds the queue full is dropped and counted, and one line says
+    how many once the reader is back.  Appending to a deque and waking the
+    writer through a pipe take no lock, so a signal handler may log too
+    (SIGUSR1).  Under journald each line starts with its syslog priority.
+    A stream object instead (a test's) is written at once.
 
     Lines that strangers can provoke go through limited(): at most BUDGET per
     kind per WINDOW seconds, then one line saying how many were held back.
@@ -155,31 +166,67 @@ class Log:
 
     BUDGET = 10
     WINDOW = 60.0
+    QUEUE = 1000            # lines waiting for the writer, at most
+    PRIORITY = {WARN: "<4>", INFO: "<6>", DEBUG: "<7>"}     # syslog's
 
-    def __init__(self, stream=None, verbosity=INFO):
-        self.stream = stream if stream is not None else sys.stdout
-        self.verbosity = verbosity
+    def __init__(self, stream=None, verbosity=INFO, fd=None, journal=False):
+        self.stream, self.fd, self.verbosity = stream, fd, verbosity
+        self.prefix = self.PRIORITY if journal \
+            else dict.fromkeys(self.PRIORITY, "")
         self.budgets = {}   # kind -> Budget
-        try:
-            self.fd = self.stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            self.fd = None  # not a file: a test's stream
+        self.queue = collections.deque()
+        self.dropped = self.told = 0    # lines dropped; those said so
+        self.busy = False
+        if fd is not None:
+            self.wake_r, self.wake_w = os.pipe()
+            os.set_blocking(self.wake_w, False)
+            threading.Thread(target=self._writer, daemon=True).start()
 
     def __call__(self, line, level=INFO):
-        """Write one line at once.  On a file it is one os.write, with no
-        buffer and no lock, so a signal handler may log too (SIGUSR1)."""
         if level > self.verbosity:
             return
-        try:
-            if self.fd is None:
-                self.stream.write(line + "\n")
+        line = self.prefix[level] + line + "\n"
+        if self.fd is None:
+            try:
+                self.stream.write(line)
                 self.stream.flush()
-                return
-            data = (line + "\n").encode("utf-8", "replace")
+            except (AttributeError, OSError, ValueError):
+                pass
+            return
+        if len(self.queue) >= self.QUEUE:
+            self.dropped += 1
+            return
+        self.queue.append(line)
+        try:
+            os.write(self.wake_w, b"!")
+        except OSError:
+            pass            # the pipe is full: the writer is awake anyway
+
+    def _writer(self):
+        while os.read(self.wake_r, 4096):
+            while self.queue:
+                self.busy = True
+                self._write(self.queue.popleft())
+                if not self.queue and self.dropped != self.told:
+                    count, self.told = self.dropped - self.told, self.dropped
+                    self._write("%s(%d log lines were dropped: the log reader "
+                                "was not reading)\n" % (self.prefix[WARN],
+                                                        count))
+            self.busy = False
+
+    def _write(self, line):
+        data = line.encode("utf-8", "replace")
+        try:
             while data:
                 data = data[os.write(self.fd, data):]
-        except (OSError, ValueError):
-            pass    # a closed or broken stdout must not stop the relay
+        except OSError:
+            pass            # a closed or broken stdout must not stop us
+
+    def flush(self, timeout=1.0):
+        """Wait up to timeout seconds for the queued lines to go out."""
+        deadline = time.monotonic() + timeout
+        while (self.queue or self.busy) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def limited(self, kind, line, level=INFO):
         """Log line unless kind is over budget.  line may be a callable that
@@ -196,6 +243,63 @@ class Log:
             budget.held = 0
         if shown:
             self(line() if callable(line) else line, level)
+
+
+# ---------------------------------------------------------------- systemd
+
+STATUS_EVERY = 10.0     # seconds between STATUS= lines when no watchdog
+
+
+class Notify:
+    """systemd's notification socket (Type=notify), or nothing at all.
+
+    NOTIFY_SOCKET names an AF_UNIX datagram socket ('@' starts an abstract
+    name).  ready() says READY=1 once; the relay loops call tick() whenever
+    `due` has passed, which feeds the watchdog (WATCHDOG=1 at half of
+    WATCHDOG_USEC, when that is meant for this process) and says STATUS=.
+    Without NOTIFY_SOCKET `due` never comes and nothing is sent.
+    """
+
+    def __init__(self, environ):
+        self.sock, self.watchdog, self.readied = None, False, False
+        self.period, self.due = STATUS_EVERY, float("inf")
+        path = environ.get("NOTIFY_SOCKET", "")
+        if not path or not hasattr(socket, "AF_UNIX"):
+            return
+        if path.startswith("@"):
+            path = "\0" + path[1:]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            return
+        self.sock = sock
+        usec = environ.get("WATCHDOG_USEC", "")
+        if usec.isdigit() and int(usec) > 0 \
+                and environ.get("WATCHDOG_PID", str(os.getpid())) \
+                == str(os.getpid()):
+            self.watchdog, self.period = True, int(usec) / 2e6
+
+    def __call__(self, *fields):
+        if self.sock is not None:
+            try:
+                self.sock.send("\n".join(fields).encode("utf-8", "replace"))
+            except OSError:
+                pass
+
+    def ready(self, status):
+        self.readied = True
+        if self.sock is not None:
+            self("READY=1", "STATUS=" + status)
+            self.due = time.monotonic() + self.period
+
+    def tick(self, status):
+        self.due = time.monotonic() + self.period
+        if self.watchdog:
+            self("WATCHDOG=1", "STATUS=" + status)
+        else:
+            self("STATUS=" + status)
 
 
 # ---------------------------------------------------------------- addresses
@@ -280,8 +384,9 @@ def in_networks(networks, addr):
     return any(ip in net for net in networks)
 
 
-def udp_socket(family, bind_to):
-    """A non-blocking UDP socket bound to bind_to, with roomy buffers."""
+def udp_socket(family, bind_to, connect_to=None):
+    """A non-blocking UDP socket bound to bind_to (and connected to
+    connect_to, if given), with roomy buffers."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -290,6 +395,8 @@ def udp_socket(family, bind_to):
             except OSError:
                 pass
         sock.bind(bind_to)
+        if connect_to is not None:
+            sock.connect(connect_to)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -519,9 +626,12 @@ def argon2i(password, salt, memory_kib, passes, lanes, size=32,
 
 
 def derive_key(password):
-    """The 32-byte HMAC key for a password, as the Rust tool derives it."""
-    return argon2i(password.encode("utf-8"), ARGON2_SALT, ARGON2_MEMORY_KIB,
-                   ARGON2_PASSES, ARGON2_LANES)
+    """The 32-byte HMAC key for a password (bytes, or str as UTF-8), as the
+    Rust tool derives it."""
+    if isinstance(password, str):
+        password = password.encode("utf-8")
+    return argon2i(password, ARGON2_SALT, ARGON2_MEMORY_KIB, ARGON2_PASSES,
+                   ARGON2_LANES)
 
 
 # ---------------------------------------------------------------- tokens (HS256 JWT)
@@ -931,7 +1041,7 @@ SERVER_ERRORS = {"err1": "receive", "err2": "reply",
 
 
 def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
-               allow=(), client_from=()):
+               allow=(), client_from=(), notify=None):
     """Relay between connectees and the client on one socket, forever.
 
     key: the HMAC key in password mode, None in plain mode.
@@ -939,9 +1049,12 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     portable: plain recvfrom/sendto even where recvmmsg/sendmmsg exist.
     allow, client_from: networks connectees and the client must come from
         (empty: anywhere).
+    notify: systemd's Notify, if any.
     """
     if stats is None:
         stats = server_stats()
+    if notify is None:
+        notify = Notify({})
 
     def report(counter, exc):
         stats[counter] += 1
@@ -1119,12 +1232,22 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 stats["last_connectee_s"] = now
         return len(lengths)
 
-    if io.wait_in_receive(WAIT_AT_MOST):
+    def status():
+        return "client %s, %d connectees, %d datagrams relayed" % (
+            "unknown" if client is None else format_addr(address(client)),
+            len(connectees),
+            stats["from_connectee_msgs"] + stats["from_client_msgs"])
+
+    notify.ready(status())
+    wait = min(WAIT_AT_MOST, notify.period)
+    if io.wait_in_receive(wait):
         # This socket is the server's only one: wait in recvmmsg itself and
         # save a selector round trip per burst.  A signal interrupts the
-        # wait; one that lands just before it is handled within WAIT_AT_MOST.
+        # wait; one that lands just before it is handled within `wait`.
         while True:
             relay_burst()
+            if time.monotonic() >= notify.due:
+                notify.tick(status())
 
     def on_readable():
         # Go on while datagrams keep coming: cheaper than a trip through
@@ -1133,9 +1256,15 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             if relay_burst() < BURST:
                 break
 
+    def timers():
+        now = time.monotonic()
+        if now >= notify.due:
+            notify.tick(status())
+        return min(notify.due - now, wait)
+
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, on_readable)
-    run_loop(sel)
+    run_loop(sel, timers)
 
 
 # ---------------------------------------------------------------- the client
@@ -1143,7 +1272,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 def run_client(sock, server, real_family, real_server, max_clients,
                interval, log, key=None, portable=False, stats=None,
                server_name=None, resolve_every=DEFAULT_RESOLVE_INTERVAL,
-               resolver=None, stop=None):
+               resolver=None, stop=None, notify=None):
     """Keep the NAT open towards `server` and relay for `real_server`.
 
     key: the HMAC key in password mode, None in plain mode.
@@ -1153,9 +1282,16 @@ def run_client(sock, server, real_family, real_server, max_clients,
         resolve_every seconds (and when the server stops answering) by
         resolver(text) -> (family, sockaddr) in a helper thread.
     stop: a threading.Event that ends the loop (runs forever without).
+    notify: systemd's Notify, if any.
+
+    Each channel socket is connected to the real server: the kernel drops
+    datagrams from anyone else, and a port unreachable comes back as
+    ECONNREFUSED.
     """
     if stats is None:
         stats = client_stats()
+    if notify is None:
+        notify = Notify({})
 
     def report(where, exc):
         stats["errors"] += 1
@@ -1175,7 +1311,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
     next_ping = last_registered = time.monotonic()
     next_lookup = next_ping + resolve_every
     lookups = queue.Queue()         # results from the resolver thread
-    looking_up = heard = authenticated = silent = False
+    looking_up = heard = authenticated = silent = refused = False
 
     def send_to_server(data, where):
         io.send_now(data, server, where)
@@ -1253,7 +1389,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             close_worker(*workers.evict())
         while True:
             try:
-                worker = udp_socket(real_family, bind_to)
+                worker = udp_socket(real_family, bind_to, real_server)
                 break
             except OSError as e:
                 if e.errno not in (errno.EMFILE, errno.ENFILE) \
@@ -1317,9 +1453,11 @@ def run_client(sock, server, real_family, real_server, max_clients,
             msgs += 1
             size += n
             try:
-                worker.sendto(view[at + 2:at + n], real_server)
+                worker.send(view[at + 2:at + n])
             except (BlockingIOError, InterruptedError):
                 pass
+            except ConnectionRefusedError:
+                refusing()
             except OSError as e:
                 report("send to the real server", e)
         stats["from_server_msgs"] += msgs
@@ -1331,23 +1469,27 @@ def run_client(sock, server, real_family, real_server, max_clients,
         """One datagram from the real server, tagged and sent to the server.
 
         A channel carries one connectee: mostly one datagram per wake-up.
-        So one recvfrom_into and one sendto, and no read that finds the
-        socket empty; while more wait, the selector calls again.
+        So one recv_into and one sendto, and no read that finds the socket
+        empty; while more wait, the selector calls again.
         """
+        nonlocal refused
         if answered.get(tag) is worker:
             answered.move_to_end(tag)
         elif unanswered.get(tag) is not worker:
             return          # evicted earlier in this same wake-up
         try:
-            n, src = worker.recvfrom_into(slot, MAX_DATAGRAM)
+            n = worker.recv_into(slot, MAX_DATAGRAM)
         except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionRefusedError:
+            refusing()
             return
         except OSError as e:
             report("receive", e)
             return
-        if src != real_server:
-            stats["strangers"] += 1
-            return
+        if refused:
+            refused = False
+            log("Real server %s answers again" % format_addr(real_server))
         if tag in unanswered:
             workers.answer(tag)
             firsts.clear()      # a real server answers: this is no loop
@@ -1355,6 +1497,15 @@ def run_client(sock, server, real_family, real_server, max_clients,
         stats["from_real_server_msgs"] += 1
         stats["from_real_server_bytes"] += n
         send_to_server(view[:n + 2], "tag and send to the server")
+
+    def refusing():
+        """An ICMP port unreachable from the real server came back."""
+        nonlocal refused
+        stats["real_server_refusals"] += 1
+        if not refused:
+            refused = True
+            log.limited("refused", "Real server %s refuses datagrams (port "
+                        "unreachable)" % format_addr(real_server), WARN)
 
     def look_up_server():
         """Resolve server_name again, in a thread: the loop never waits."""
@@ -1402,9 +1553,19 @@ def run_client(sock, server, real_family, real_server, max_clients,
         if server_name is not None and now >= next_lookup and not looking_up:
             look_up_server()
             next_lookup = now + resolve_every
+        if now >= notify.due:
+            notify.tick(status())
+        if not notify.readied:      # after the first keepalive
+            notify.ready(status())
+        due = min(next_ping, notify.due)
         if looking_up:
-            return min(next_ping - now, LOOKUP_POLL)
-        return next_ping - now
+            return min(due - now, LOOKUP_POLL)
+        return due - now
+
+    def status():
+        return "server %s, %d channels, %d datagrams relayed" % (
+            format_addr(server), len(workers),
+            stats["from_server_msgs"] + stats["from_real_server_msgs"])
 
     if resolver is None:
         resolver = resolve
@@ -1414,8 +1575,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
 # ---------------------------------------------------------------- stats client
 
-def dump_stats(sock, server, key, out):
-    """Ask the server for its counters and print them as JSON: exit status."""
+def dump_stats(sock, server, key):
+    """Ask the server for its counters: them as one line of JSON, or None."""
     request = sign(key, request_claims(STATS_NONCE))
     size = 8 * len(STAT_NAMES)
     sock.setblocking(True)
@@ -1437,13 +1598,8 @@ def dump_stats(sock, server, key, out):
             except OSError:
                 continue                # an ICMP error from an earlier try
             if src == server and len(data) == size:
-                out.write(stats_json(data) + "\n")
-                out.flush()
-                return 0
-    print("udpexposer: no stats from %s after %d tries (is it a server, "
-          "with the same password?)" % (format_addr(server), STATS_TRIES),
-          file=sys.stderr)
-    return 1
+                return stats_json(data) + "\n"
+    return None
 
 
 # ---------------------------------------------------------------- self-test
@@ -1626,7 +1782,8 @@ def _selftest_rtt(conn, server, count=200):
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line on stderr and exit status 2, instead of usage + error."""
-        self.exit(2, "udpexposer: %s (see --help)\n" % message)
+        say("%s (see --help)" % message)
+        sys.exit(2)
 
 
 def build_parser():
@@ -1693,22 +1850,30 @@ def build_parser():
 
 
 def read_password(args, environ):
-    """The password from -P, --password-file or the environment, or None."""
+    """The password from -P, --password-file or the environment, as bytes,
+    or None.  The key is derived from bytes: a password that is not UTF-8
+    gives the same key from all three (os.fsencode undoes how Python
+    decoded the command line and the environment)."""
     if args.password is not None and args.password_file is not None:
         raise UsageError("give -P or --password-file, not both")
     if args.password_file is not None:
         try:
-            with open(args.password_file, encoding="utf-8") as f:
-                password = f.readline().rstrip("\r\n")
-        except (OSError, UnicodeError) as e:
+            with open(args.password_file, "rb") as f:
+                line = f.readline(MAX_PASSWORD + 2)
+        except OSError as e:
             raise UsageError("cannot read --password-file: %s" % e)
+        password = line.rstrip(b"\r\n")
+        if len(password) > MAX_PASSWORD:
+            raise UsageError("--password-file %s: the first line is longer "
+                             "than %d bytes" % (args.password_file,
+                                                MAX_PASSWORD))
         if not password:
             raise UsageError("--password-file %s holds an empty first line"
                              % args.password_file)
         return password
     if args.password is not None:
-        return args.password
-    return environ.get(PASSWORD_ENV) or None
+        return os.fsencode(args.password)
+    return os.fsencode(environ.get(PASSWORD_ENV, "")) or None
 
 
 def choose_mode(args, password):
@@ -1792,39 +1957,108 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None, environ=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run = setup(args, os.environ if environ is None else environ)
-    except UsageError as e:
-        print("udpexposer: %s" % e, file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _stop)
-    log = Log(verbosity=WARN if args.quiet else DEBUG if args.verbose else INFO)
-    mode = run["mode"]
-    if mode == "selftest":
+def open_closed_std_fds():
+    """Point those of fds 0-2 that are closed at /dev/null, so that no
+    socket takes their place (a log line must never leave as a datagram);
+    returns them."""
+    closed = []
+    for fd in (0, 1, 2):
         try:
-            return selftest(log)
-        except KeyboardInterrupt:
-            return 1
-    sock, key = run["sock"], run["key"]
-    stats = client_stats() if mode == "client" else server_stats()
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, lambda signum, frame: log(json.dumps(
-            dict([("mode", mode)] + list(stats.items())),
-            separators=(",", ":")), WARN))
-    bound = format_addr(sock.getsockname())
-    flavour = "password mode" if key else "plain mode"
-    # The start-up line shows even with -q: it says what is bound where.
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    return closed
+
+
+def say(text):
+    """One line on stderr, or silence where there is no stderr."""
     try:
+        os.write(2, ("udpexposer: %s\n" % text).encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def journal_stream(environ):
+    """Whether stdout is journald's stream (JOURNAL_STREAM='dev:inode')."""
+    dev, _, inode = environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(1)
+        return (int(dev), int(inode)) == (st.st_dev, st.st_ino)
+    except (OSError, ValueError):
+        return False
+
+
+def print_stats(sock, server, key, stdout_closed):
+    """-S: ask, print the JSON on stdout; the exit status."""
+    if stdout_closed:
+        say("stdout is closed: nowhere to print the stats")
+        return 1
+    text = dump_stats(sock, server, key)
+    if text is None:
+        say("no stats from %s after %d tries (is it a server, with the same "
+            "password?)" % (format_addr(server), STATS_TRIES))
+        return 1
+    data = text.encode()
+    try:
+        while data:
+            data = data[os.write(1, data):]
+    except OSError as e:
+        say("cannot print the stats: %s" % (e.strerror or e))
+        return 1
+    return 0
+
+
+def main(argv=None, environ=None):
+    environ = os.environ if environ is None else environ
+    closed = open_closed_std_fds()
+    shown = {}          # what SIGUSR1 logs, once the mode is known
+    log = None
+
+    def log_counters(signum, frame):
+        if shown and log is not None:
+            log(json.dumps(dict([("mode", shown["mode"])]
+                                + list(shown["stats"].items())),
+                           separators=(",", ":")), WARN)
+
+    # Handlers first: a signal while the key is derived ends it cleanly.
+    signal.signal(signal.SIGTERM, _stop)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, log_counters)
+    run, notify = {}, Notify({})
+    try:
+        args = build_parser().parse_args(argv)
+        log = Log(fd=1, journal=journal_stream(environ), verbosity=WARN
+                  if args.quiet else DEBUG if args.verbose else INFO)
+        try:
+            run = setup(args, environ)
+        except UsageError as e:
+            say(e)
+            return 2
+        mode = run["mode"]
+        if mode == "selftest":
+            try:
+                return selftest(log)
+            except KeyboardInterrupt:
+                return 1
+        sock, key = run["sock"], run["key"]
         if mode == "stats":
-            return dump_stats(sock, run["server"], key, sys.stdout)
+            return print_stats(sock, run["server"], key, 1 in closed)
+        stats = client_stats() if mode == "client" else server_stats()
+        shown.update(mode=mode, stats=stats)
+        notify = Notify(environ)
+        bound = format_addr(sock.getsockname())
+        flavour = "password mode" if key else "plain mode"
+        # The start-up line shows even with -q: it says what is bound where.
         if mode == "server":
             log("udpexposer.py %s: server mode on %s, %s, up to %d connectees"
                 % (__version__, bound, flavour, args.max_clients), WARN)
             run_server(sock, args.max_clients, log, key, stats,
                        portable=args.portable_io, allow=run["allow"],
-                       client_from=run["client_from"])
+                       client_from=run["client_from"], notify=notify)
         else:
             log("udpexposer.py %s: client mode on %s, %s, server %s, "
                 "exposing %s, up to %d channels"
@@ -1834,11 +2068,17 @@ def main(argv=None, environ=None):
                        args.max_clients, args.ping_interval_ms, log, key,
                        portable=args.portable_io, stats=stats,
                        server_name=run["server_name"],
-                       resolve_every=args.resolve_interval)
+                       resolve_every=args.resolve_interval, notify=notify)
     except KeyboardInterrupt:
+        for signum in (signal.SIGTERM, signal.SIGINT):     # we are going
+            signal.signal(signum, signal.SIG_IGN)
+        notify("STOPPING=1")
         return 0
     finally:
-        sock.close()
+        if run.get("sock") is not None:
+            run["sock"].close()
+        if log is not None:
+            log.flush()
 
 
 if __name__ == "__main__":
