@@ -519,10 +519,12 @@ class TestBurstIO(RelayCase):
         a.sendto(b"x" * 65000, here)
         deadline = time.monotonic() + TIMEOUT
         got = []
+        ats = []
         while len(got) < 3 and time.monotonic() < deadline:
-            lengths, sources = io.receive()
+            at_list, lengths, sources = io.receive()
             self.assertEqual(len(lengths), len(sources))
-            for at, n, src in zip(ux.SLOTS_AT, lengths, sources):
+            for at, n, src in zip(at_list, lengths, sources):
+                ats.append(at)
                 at += ux.TAG_SIZE
                 got.append((bytes(io.buf[at:at + n]), io.address(src), src))
         self.assertEqual([(d[:5], addr) for d, addr, _ in got],
@@ -533,10 +535,10 @@ class TestBurstIO(RelayCase):
         self.assertEqual(io.key_of(a.getsockname()), got[0][2])
         self.assertNotEqual(got[0][2], got[1][2])
         # relay the first datagram, tagged, to b and the big one to a
-        io.buf[0:2] = b"\x00\x07"
-        io.send(0, 2 + 3, got[1][2], "err4")
-        io.send(2 * ux.SLOT + ux.TAG_SIZE, 65000, got[0][2], "err3")
-        io.send(2 * ux.SLOT, 65000 + 2, got[0][2], "err4")  # fits on IPv6 only
+        io.buf[ats[0]:ats[0] + 2] = b"\x00\x07"
+        io.send(ats[0], 2 + 3, got[1][2], "err4")
+        io.send(ats[2] + ux.TAG_SIZE, 65000, got[0][2], "err3")
+        io.send(ats[2], 65000 + 2, got[0][2], "err4")  # fits on IPv6 only
         io.flush()
         self.assertEqual(self.recv(b), (b"\x00\x07one", here))
         self.assertEqual(self.recv(a)[0], b"x" * 65000)
@@ -598,14 +600,14 @@ class TestBurstIO(RelayCase):
             if not waits[-1]:
                 continue
             start = time.monotonic()
-            self.assertEqual(io.receive(), ((), ()))
+            self.assertEqual(io.receive(), ((), (), ()))
             self.assertGreater(time.monotonic() - start, 0.25)
             self.assertTrue(io.wait_in_receive(TIMEOUT))
             later = threading.Timer(0.1, peer.sendto,
                                     (b"late", sock.getsockname()))
             later.start()
             self.addCleanup(later.cancel)
-            lengths, sources = io.receive()
+            _, lengths, sources = io.receive()
             self.assertEqual(list(lengths), [4])
             self.assertEqual(io.address(sources[0]), peer.getsockname())
             io.send_now(b"back", io.address(sources[0]), "err2")
@@ -629,6 +631,154 @@ class TestBurstIO(RelayCase):
             self.assertEqual(errors, ["err4", "err1"])
             self.assertEqual([len(self.recv(peer)[0]) for _ in range(3)],
                              [10, 11, 12])
+
+
+def send_train(sock, parts, dest=None):
+    """Send parts as one UDP GSO train (the first part's size)."""
+    segment = [(ux.SOL_UDP, ux.UDP_SEGMENT, struct.pack("=H", len(parts[0])))]
+    if dest is None:
+        return sock.sendmsg(parts, segment)
+    return sock.sendmsg(parts, segment, 0, dest)
+
+
+def receive_trains(sock, count):
+    """count datagrams from a socket with UDP_GRO on: (datagrams, sizes of
+    the trains they came in)."""
+    got, trains = [], []
+    while len(got) < count:
+        data, ancillary, _, _ = sock.recvmsg(70000, 64)
+        size = len(data)
+        for level, kind, value in ancillary:
+            if (level, kind) == (ux.SOL_UDP, ux.UDP_GRO):
+                size = struct.unpack("=i", value[:4])[0]
+        got += [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+        trains.append(size if len(data) > size else None)
+    return got, trains
+
+
+def gro_socket(case):
+    sock = case.udp()
+    if not ux.enable_gro(sock):
+        case.skipTest("no UDP_GRO in this kernel")
+    return sock
+
+
+@unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+class TestTrains(RelayCase):
+    """UDP GRO trains in, GSO trains out, in the batched I/O."""
+
+    def io(self, sock, notices=None):
+        return ux.MmsgIO(sock, lambda where, exc: self.fail((where, exc)),
+                         *ux._load_mmsg(),
+                         notice=[].append if notices is None
+                         else notices.append)
+
+    def test_runs(self):
+        keys = list("aaaabbab") + ["c"] * 70
+        sizes = [5, 5, 5, 3, 5, 5, 5, 5] + [10] * 70
+        self.assertEqual(list(ux.runs(keys, sizes, len(keys))),
+                         [(0, 4), (4, 6), (6, 7), (7, 8), (8, 72), (72, 78)])
+        # a train holds at most 65,507 bytes
+        self.assertEqual(list(ux.runs(["d"] * 50, [1454] * 50, 50)),
+                         [(0, 45), (45, 50)])
+
+    def test_a_train_in_is_datagrams_to_the_relay_and_a_train_out(self):
+        sock = gro_socket(self)
+        io = self.io(sock)
+        sender, peer = self.udp(), gro_socket(self)
+        here = sock.getsockname()
+        sizes = [1200] * 20 + [700]
+        parts = [bytes([i]) * size for i, size in enumerate(sizes)]
+        sender.sendto(b"single before", here)
+        send_train(sender, parts, here)
+        sender.sendto(b"single after", here)
+        got, deadline = [], time.monotonic() + TIMEOUT
+        while len(got) < 23 and time.monotonic() < deadline:
+            for at, n, src in zip(*io.receive()):
+                got.append((at, bytes(io.buf[at + 2:at + 2 + n]), src))
+        self.assertTrue(io.trains)                  # it came as a train
+        self.assertEqual([d for _, d, _ in got],
+                         [b"single before"] + parts + [b"single after"])
+        self.assertEqual(len({src for _, _, src in got}), 1)
+        # The relay tags each and sends them on: one train again.
+        dest = io.key_of(peer.getsockname())
+        for i, (at, data, _) in enumerate(got):
+            io.buf[at:at + 2] = struct.pack(">H", i)
+            io.send(at, len(data) + 2, dest, "err4")
+        io.flush()
+        datagrams, trains = receive_trains(peer, 23)
+        self.assertEqual(datagrams, [struct.pack(">H", i) + d
+                                     for i, (_, d, _) in enumerate(got)])
+        self.assertIn(1202, trains)                 # 20 + 1 went as one
+
+    def test_a_refused_train_falls_back_once_and_loses_nothing(self):
+        sock = gro_socket(self)
+        # UDP without checksums: the kernel refuses to make trains (EINVAL)
+        sock.setsockopt(socket.SOL_SOCKET, 11, 1)       # SO_NO_CHECK
+        notices = []
+        io = self.io(sock, notices)
+        sender, peer = self.udp(), self.udp()
+        here, dest = sock.getsockname(), io.key_of(peer.getsockname())
+        for round_ in range(2):
+            send_train(sender, [b"%02d" % i * 50 for i in range(10)], here)
+            got = []
+            while len(got) < 10:
+                got += zip(*io.receive())
+            self.assertTrue(io.trains)
+            for at, n, _ in got:
+                io.send(at + 2, n, dest, "err4")
+            io.flush()
+            self.assertEqual([self.recv(peer)[0] for _ in range(10)],
+                             [b"%02d" % i * 50 for i in range(10)])
+        self.assertFalse(io.gso)
+        self.assertEqual(len(notices), 1)
+        self.assertRegex(notices[0], "refuses UDP trains .*one by one")
+
+    def test_channels_read_and_send_trains(self):
+        io = self.io(self.udp())
+        real = gro_socket(self)
+        chan = io.channel_socket(socket.AF_INET, ("127.0.0.1", 0),
+                                 real.getsockname())
+        self.addCleanup(chan.close)
+        parts = [b"r%02d" % i + bytes(997) for i in range(30)] + [b"last"]
+        send_train(real, parts, chan.getsockname())
+        ats, lengths = io.receive_on(chan)
+        self.assertTrue(io.trains)
+        self.assertEqual([bytes(io.buf[at + 2:at + 2 + n])
+                          for at, n in zip(ats, lengths)], parts)
+        for at, n in zip(ats, lengths):     # on to the real server, a train
+            io.send_on(chan, at + 2, n, "send to the real server")
+        io.flush()
+        datagrams, trains = receive_trains(real, 31)
+        self.assertEqual(datagrams, parts)
+        self.assertIn(1000, trains)
+        real.sendto(b"alone", chan.getsockname())   # and a lone one
+        ats, lengths = io.receive_on(chan)
+        self.assertFalse(io.trains)
+        self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
+                         b"alone")
+
+
+    def test_trains_through_server_and_client(self):
+        real, conn = gro_socket(self), gro_socket(self)
+        server, saddr = self.start("-s", "127.0.0.1:0")
+        client, _ = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
+                               "-c", ux.format_addr(real.getsockname()))
+        server.wait_line("New client address")
+        conn.sendto(b"hello", saddr)
+        data, chan = real.recvfrom(100)
+        self.assertEqual(data, b"hello")
+        for round_ in range(3):
+            there = [bytes([round_, i]) * 650 for i in range(25)] + [b"end"]
+            send_train(conn, there, saddr)
+            got, trains = receive_trains(real, 26)
+            self.assertEqual(got, there)
+            self.assertIn(1300, trains)             # the client made one
+            back = [bytes([i]) * 1000 for i in range(40)]
+            send_train(real, back, chan)
+            got, trains = receive_trains(conn, 40)
+            self.assertEqual(got, back)
+            self.assertIn(1000, trains)             # the server made one
 
 
 # ====================================================================== client

@@ -759,36 +759,56 @@ def run_loop(sel, timers=None, stop=None):
 
 # ---------------------------------------------------------------- datagram I/O in bursts
 
-SLOT = TAG_SIZE + MAX_DATAGRAM    # one datagram with room for a tag in front
-SLOTS_AT = range(0, BURST * SLOT, SLOT)     # where each slot starts in buf
+# UDP segmentation offload (Linux 4.18 and 5.0): a "train" is datagrams of
+# one size (the last may be shorter) to or from one peer, handed to or by
+# the kernel in one call.  Older Pythons lack the names.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)   # send a train
+UDP_GRO = getattr(socket, "UDP_GRO", 104)           # receive trains
+TRAIN_IN = 128            # datagrams in a received train, at most (kernel)
+TRAIN_OUT = 64            # datagrams in a sent train, at most (any kernel)
+MAX_TRAIN_BYTES = 65507   # payload of a sent train, at most
+GRO_ROOM = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+GRO_SIZE_AT = socket.CMSG_LEN(0) if GRO_ROOM else 0  # the int in the cmsg
+HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
+SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
+DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
+PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
 
 
 class BurstIO:
     """Datagram I/O on one socket, a burst at a time, with recvfrom/sendto.
 
-    receive() reads up to BURST datagrams into slots of one buffer and
-    returns (lengths, sources), one item per datagram: datagram i is
-    lengths[i] bytes at buf[SLOTS_AT[i] + TAG_SIZE:], from sources[i].
-    Sources are opaque, hashable address keys; address(key) turns one into a
-    sockaddr tuple.  send() queues a range of buf to relay and flush() sends
-    what is queued.
+    receive() reads what is waiting, up to BURST datagrams or trains, and
+    returns (ats, lengths, sources), one item per datagram: datagram i is
+    lengths[i] bytes at buf[ats[i] + TAG_SIZE:], from sources[i], with
+    TAG_SIZE free bytes before it for a tag.  Sources are opaque, hashable
+    address keys; address(key) turns one into a sockaddr tuple, key_of()
+    back.  send() queues a range of buf for a destination key and flush()
+    sends what is queued.
+    A client's channels go through here too: channel_socket() makes one,
+    receive_on(sock) reads what one has into the first slot ((ats,
+    lengths), as above; errors are raised), send_on() sends buf's bytes on
+    one (queued until flush() where trains are made).
     Errors go to report(where, exc) and never stop the caller.
     """
 
     SEND_FLAGS = 0
 
-    def __init__(self, sock, report):
+    def __init__(self, sock, report, notice=None):
         self.sock = sock
         self.report = report
+        self.notice = notice or (lambda text: None)
         self.buf = bytearray(BURST * SLOT)
         self.view = memoryview(self.buf)
-        self.slots = [self.view[i * SLOT + TAG_SIZE:(i + 1) * SLOT]
-                      for i in range(BURST)]
+        self.first = self.view[HEADROOM:HEADROOM + MAX_DATAGRAM]
         self.receive, self.send = self._closures(sock, report)
 
     def _closures(self, own, report):
         """receive() and send() over locals: this is the hot path."""
-        slots, view = self.slots, self.view
+        view = self.view
+        slots = [view[at + TAG_SIZE:at + TAG_SIZE + MAX_DATAGRAM]
+                 for at in PLAIN_ATS]
         recv_into, sendto = own.recvfrom_into, own.sendto
         lengths, sources = [0] * BURST, [None] * BURST
 
@@ -804,7 +824,7 @@ class BurstIO:
                     report("err1", e)
                     continue
                 k += 1
-            return lengths[:k], sources[:k]
+            return PLAIN_ATS, lengths[:k], sources[:k]
 
         def send(start, length, dest, where):
             """Relay buf[start:start + length] to dest."""
@@ -821,6 +841,20 @@ class BurstIO:
         """Send data to the sockaddr tuple addr at once, outside any burst."""
         try:
             self.sock.sendto(data, self.SEND_FLAGS, addr)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            self.report(where, e)
+
+    def channel_socket(self, family, bind_to, connect_to):
+        return udp_socket(family, bind_to, connect_to)
+
+    def receive_on(self, sock):
+        return (DATA_AT,), (sock.recv_into(self.first, MAX_DATAGRAM),)
+
+    def send_on(self, sock, start, length, where):
+        try:
+            sock.send(self.view[start:start + length], self.SEND_FLAGS)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
@@ -862,11 +896,52 @@ def _load_mmsg():
     return ctypes, libc
 
 
+def split_train(buf, start, n, size):
+    """Spread a train of n bytes at buf[start + HEADROOM:] into its
+    datagrams of `size` bytes, each with TAG_SIZE free bytes before it:
+    (ats, lengths).  Front to back, each moves down by at most HEADROOM."""
+    first = start + HEADROOM
+    ats, lengths = [], []
+    for j, offset in enumerate(range(0, n, size)):
+        length = min(size, n - offset)
+        at = start + j * (size + TAG_SIZE)
+        buf[at + TAG_SIZE:at + TAG_SIZE + length] = \
+            buf[first + offset:first + offset + length]
+        ats.append(at)
+        lengths.append(length)
+    return ats, lengths
+
+
+def runs(keys, sizes, count):
+    """Split items 0..count into trains: (first, end) ranges of one key and
+    one size (the last may be shorter), at most TRAIN_OUT datagrams and
+    MAX_TRAIN_BYTES bytes each."""
+    first = 0
+    while first < count:
+        key, size = keys[first], sizes[first]
+        end = first + 1
+        most = min(TRAIN_OUT, MAX_TRAIN_BYTES // max(size, 1))
+        while end < count and end - first < most and keys[end] == key \
+                and sizes[end] <= size:
+            end += 1
+            if sizes[end - 1] < size:
+                break
+        yield first, end
+        first = end
+
+
 class MmsgIO(BurstIO):
-    """BurstIO with one recvmmsg and one sendmmsg per burst (Linux).
+    """BurstIO on Linux: one recvmmsg and one sendmmsg per burst, and UDP
+    trains (GRO in, GSO out) where the kernel has them.
 
     Sources are raw sockaddr bytes here: cheaper to make, hash and send to.
-    receive and send are closures over locals: this is the hot path.
+    A received train is split in place (split_train).  When a burst brought
+    trains, flush() sends runs of datagrams to one destination with one size
+    as trains, and the rest as before; a burst without trains pays nothing
+    for them.  Where the kernel refuses a train (EIO: no checksum offload;
+    EINVAL: a segment larger than the route allows), the socket falls back
+    to single datagrams for good, says so once, and sends that train's
+    datagrams one by one.
     Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
     receive() waits in recvmmsg for the first datagram.
     """
@@ -875,8 +950,12 @@ class MmsgIO(BurstIO):
     MSG_WAITFORONE = 0x10000
     SEND_FLAGS = MSG_DONTWAIT       # the socket may be blocking: see below
 
-    def __init__(self, sock, report, ctypes, libc):
-        BurstIO.__init__(self, sock, report)
+    def __init__(self, sock, report, ctypes, libc, notice=None):
+        BurstIO.__init__(self, sock, report, notice)
+        gro = enable_gro(sock)
+        self.gso = gro          # until the kernel refuses a train
+        self.trains = False     # whether this burst brought trains
+        self.queued_on = []     # channel sends: (sock, start, length, where)
         c = ctypes
         recvmmsg, sendmmsg, get_errno = libc.recvmmsg, libc.sendmmsg, c.get_errno
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
@@ -901,18 +980,23 @@ class MmsgIO(BurstIO):
         base = address_of(self.buf)
         names_in = bytearray(BURST * name_size)
         names_out = bytearray(BURST * name_size)
+        controls = bytearray(BURST * GRO_ROOM)
         iov_in, iov_out = (IOVec * BURST)(), (IOVec * BURST)()
         msgs_in, msgs_out = (MMsgHdr * BURST)(), (MMsgHdr * BURST)()
         for i in range(BURST):
-            iov_in[i].base = base + i * SLOT + TAG_SIZE
+            iov_in[i].base = base + i * SLOT + HEADROOM
             iov_in[i].len = MAX_DATAGRAM
+            if gro:
+                msgs_in[i].hdr.control = address_of(controls) + i * GRO_ROOM
+                msgs_in[i].hdr.controllen = GRO_ROOM
             for msgs, iov, names in ((msgs_in, iov_in, names_in),
                                      (msgs_out, iov_out, names_out)):
                 msgs[i].hdr.name = address_of(names) + i * name_size
                 msgs[i].hdr.namelen = name_size
                 msgs[i].hdr.iov = c.addressof(iov[i])
                 msgs[i].hdr.iovlen = 1
-        self._keep = (names_in, names_out, iov_in, iov_out, msgs_in, msgs_out)
+        self._keep = (names_in, names_out, controls, iov_in, iov_out,
+                      msgs_in, msgs_out)
         fd = sock.fileno()
         msg_size = c.sizeof(MMsgHdr)
         at_in = c.c_void_p(c.addressof(msgs_in))
@@ -925,13 +1009,20 @@ class MmsgIO(BurstIO):
         def repeated(one, mode="="):
             """Structs for 0..BURST repetitions of the format `one`."""
             return [struct.Struct(mode + one * k) for k in range(BURST + 1)]
-        tail = msg_size - MMsgHdr.len.offset - 4
-        lengths_of = repeated("%dxI%dx" % (MMsgHdr.len.offset, tail))
+        controllen_at = MsgHdr.controllen.offset
+        len_at = MMsgHdr.len.offset
+        meta_of = repeated("%dxN%dxI%dx" % (
+            controllen_at, len_at - controllen_at - c.sizeof(c.c_size_t),
+            msg_size - len_at - 4), "@")        # controllen, len
         sources_of = repeated("%ds" % name_size)
         iovecs_of = repeated("PN", "@")         # void *base, size_t len
         msgs_in_bytes = memoryview(msgs_in).cast("B")
-        names_out_view = memoryview(names_out)
+        pristine = memoryview(bytes(msgs_in_bytes))  # the kernel rewrites
+        names_out_view = memoryview(names_out)       # controllen: restore it
+        buf, view = self.buf, self.view
+        gro_size = struct.Struct("=i").unpack_from
         iovecs, dests, wheres = [], [], []      # what send() queued
+        addresses = {}                          # dest key -> sockaddr tuple
 
         def failure():
             err = get_errno()
@@ -945,31 +1036,70 @@ class MmsgIO(BurstIO):
                 exc = failure()
                 if exc is not None:
                     report("err1", exc)
-                return (), ()
-            return (lengths_of[k].unpack_from(msgs_in_bytes),
-                    sources_of[k].unpack_from(names_in))
+                return (), (), ()
+            meta = meta_of[k].unpack_from(msgs_in_bytes)
+            sources = sources_of[k].unpack_from(names_in)
+            if not gro:
+                return PLAIN_ATS, meta[1::2], sources
+            msgs_in_bytes[:k * msg_size] = pristine[:k * msg_size]
+            self.trains = any(meta[0::2])
+            if not self.trains:
+                return PLAIN_ATS, meta[1::2], sources
+            ats, lengths, froms = [], [], []
+            for i in range(k):
+                n, at = meta[2 * i + 1], i * SLOT
+                size = gro_size(controls, i * GRO_ROOM + GRO_SIZE_AT)[0] \
+                    if meta[2 * i] else n
+                if n <= size:
+                    ats.append(at + DATA_AT)
+                    lengths.append(n)
+                    froms.append(sources[i])
+                    continue
+                more_ats, more = split_train(buf, at, n, size)
+                ats += more_ats
+                lengths += more
+                froms += [sources[i]] * len(more)
+            return ats, lengths, froms
 
         def send(start, length, dest, where):
             iovecs.extend((base + start, length))
             dests.append(dest)
             wheres.append(where)
-            if len(dests) == BURST:
+            if len(dests) == BURST and not self.trains:
                 flush()
 
         def flush():
             queued = len(dests)
+            if self.queued_on:
+                flush_channels()
             if not queued:
                 return
-            iovecs_of[queued].pack_into(iov_out, 0, *iovecs)
-            names_out_view[:queued * name_size] = b"".join(dests)
-            sent = sendmmsg(fd, at_out_p, queued, dontwait, None)
-            if sent != queued:
-                send_rest(sent, queued)
-            iovecs.clear()
-            dests.clear()
-            wheres.clear()
+            if self.trains and self.gso:
+                sent = 0
+                for first, end in runs(dests, iovecs[1::2], queued):
+                    if end - first > 1:
+                        send_batch(sent, first)
+                        send_train(first, end)
+                        sent = end
+                send_batch(sent, queued)
+            else:
+                send_batch(0, queued)
+            del iovecs[:], dests[:], wheres[:]
 
-        def send_rest(sent, queued):
+        def send_batch(first, end):
+            """sendmmsg the queued datagrams first..end, BURST at a time."""
+            while first < end:
+                count = min(end - first, BURST)
+                iovecs_of[count].pack_into(
+                    iov_out, 0, *iovecs[2 * first:2 * (first + count)])
+                names_out_view[:count * name_size] = \
+                    b"".join(dests[first:first + count])
+                sent = sendmmsg(fd, at_out_p, count, dontwait, None)
+                if sent != count:
+                    send_rest(sent, count, first)
+                first += count
+
+        def send_rest(sent, queued, offset):
             """After a sendmmsg that sent less than all: an error, or full."""
             done = 0
             while done < queued:
@@ -979,11 +1109,53 @@ class MmsgIO(BurstIO):
                     exc = failure()
                     if exc is None:
                         break       # socket buffer full: the rest is lost
-                    report(wheres[done], exc)
+                    report(wheres[offset + done], exc)
                     done += 1       # skip the one that failed
                 if done < queued:
                     sent = sendmmsg(fd, c.c_void_p(at_out + done * msg_size),
                                     queued - done, dontwait, None)
+
+        def send_train(first, end):
+            dest = dests[first]
+            addr = addresses.get(dest)
+            if addr is None:
+                if len(addresses) > 1024:
+                    addresses.clear()
+                addr = addresses[dest] = self.address(dest)
+            parts = [view[iovecs[2 * i] - base:
+                          iovecs[2 * i] - base + iovecs[2 * i + 1]]
+                     for i in range(first, end)]
+            error = send_gso(sock, parts, iovecs[2 * first + 1], addr)
+            if error is not None:
+                if error.errno in (errno.EIO, errno.EINVAL):
+                    train_refused(error)
+                    send_batch(first, end)
+                else:
+                    report(wheres[first], error)
+
+        def flush_channels():
+            queue, self.queued_on = self.queued_on, []
+            for first, end in runs([q[0] for q in queue],
+                                   [q[2] for q in queue], len(queue)):
+                chan, start, size, where = queue[first]
+                if end - first == 1 or not self.gso:
+                    for chan, start, size, where in queue[first:end]:
+                        BurstIO.send_on(self, chan, start, size, where)
+                    continue
+                error = send_gso(chan, [view[q[1]:q[1] + q[2]]
+                                        for q in queue[first:end]], size)
+                if error is not None:
+                    if error.errno in (errno.EIO, errno.EINVAL):
+                        train_refused(error)
+                        for chan, start, size, where in queue[first:end]:
+                            BurstIO.send_on(self, chan, start, size, where)
+                    else:
+                        report(where, error)
+
+        def train_refused(error):
+            self.gso = False
+            self.notice("The kernel refuses UDP trains (%s): sending "
+                        "datagrams one by one from now on" % error)
 
         def wait_in_receive(seconds):
             nonlocal read, read_flags
@@ -1002,6 +1174,29 @@ class MmsgIO(BurstIO):
 
         self.receive, self.send, self.flush = receive, send, flush
         self.wait_in_receive = wait_in_receive
+
+    def channel_socket(self, family, bind_to, connect_to):
+        sock = udp_socket(family, bind_to, connect_to)
+        enable_gro(sock)
+        return sock
+
+    def receive_on(self, sock):
+        """One datagram or train from a channel, split as receive() does."""
+        n, ancillary, _, _ = sock.recvmsg_into([self.first], GRO_ROOM)
+        self.trains = False
+        for level, kind, data in ancillary:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                size = struct.unpack_from("=i", data)[0]
+                if n > size:
+                    self.trains = True
+                    return split_train(self.buf, 0, n, size)
+        return (DATA_AT,), (n,)
+
+    def send_on(self, sock, start, length, where):
+        if self.trains:
+            self.queued_on.append((sock, start, length, where))
+        else:
+            BurstIO.send_on(self, sock, start, length, where)
 
     @staticmethod
     def key_of(addr):
@@ -1026,12 +1221,40 @@ class MmsgIO(BurstIO):
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
 
 
-def burst_io(sock, report, portable=False):
+def enable_gro(sock):
+    """Ask for trains on sock (UDP_GRO): whether the kernel agreed."""
+    if not GRO_ROOM or not hasattr(sock, "recvmsg_into"):
+        return False
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def send_gso(sock, parts, size, addr=None):
+    """Send parts as one train of `size`-byte datagrams: None, or the
+    OSError (a full socket buffer loses the train, as it would lose the
+    datagrams)."""
+    segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+    try:
+        if addr is None:
+            sock.sendmsg(parts, segment, MmsgIO.MSG_DONTWAIT)
+        else:
+            sock.sendmsg(parts, segment, MmsgIO.MSG_DONTWAIT, addr)
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError as e:
+        return e
+    return None
+
+
+def burst_io(sock, report, portable=False, notice=None):
     """MmsgIO where the platform has it (unless portable), else BurstIO."""
     mmsg = None if portable else _load_mmsg()
     if mmsg is None:
-        return BurstIO(sock, report)
-    return MmsgIO(sock, report, *mmsg)
+        return BurstIO(sock, report, notice)
+    return MmsgIO(sock, report, *mmsg, notice=notice)
 
 
 # ---------------------------------------------------------------- the server
@@ -1060,7 +1283,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         stats[counter] += 1
         log_socket_error(log, SERVER_ERRORS[counter], exc)
 
-    io = burst_io(sock, report, portable)
+    io = burst_io(sock, report, portable, lambda text: log(text, WARN))
     connectees = Connectees(max_clients,
                             reserved=(TOKEN_LOOKALIKE_TAG,) if key else ())
     client = None                 # the client's address key, once known
@@ -1151,8 +1374,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         """Receive and relay one burst: how many datagrams came in."""
         nonlocal client
         msgs_in = bytes_in = msgs_out = bytes_out = 0
-        lengths, sources = io.receive()
-        for at, n, src in zip(SLOTS_AT, lengths, sources):
+        ats, lengths, sources = io.receive()
+        for at, n, src in zip(ats, lengths, sources):
             if key is not None:
                 if buf.startswith(TOKEN_PREFIX, at + 2, at + 2 + n) \
                         and on_signed(view[at + 2:at + 2 + n], src):
@@ -1294,11 +1517,14 @@ def run_client(sock, server, real_family, real_server, max_clients,
         notify = Notify({})
 
     def report(where, exc):
+        if isinstance(exc, ConnectionRefusedError):
+            refusing()      # on a channel: the real server is not there
+            return
         stats["errors"] += 1
         log_socket_error(log, "receive" if where == "err1" else where, exc)
 
     sel = selectors.DefaultSelector()
-    io = burst_io(sock, report, portable)
+    io = burst_io(sock, report, portable, lambda text: log(text, WARN))
     server_key = io.key_of(server)      # as io.receive() gives sources
     buf, view = io.buf, io.view
     workers = LRU(max_clients)      # tag -> channel socket
@@ -1389,7 +1615,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             close_worker(*workers.evict())
         while True:
             try:
-                worker = udp_socket(real_family, bind_to, real_server)
+                worker = io.channel_socket(real_family, bind_to, real_server)
                 break
             except OSError as e:
                 if e.errno not in (errno.EMFILE, errno.ENFILE) \
@@ -1419,15 +1645,16 @@ def run_client(sock, server, real_family, real_server, max_clients,
         log.limited("evict", lambda: "Closed channel %d, the least recently "
                     "used %s one" % (tag, kind), DEBUG)
 
-    put_tag = TAG.pack_into
+    put_tag, send, send_on, flush = TAG.pack_into, io.send, io.send_on, \
+        io.flush
     # Per datagram, the C methods of the table's dicts: no Python call
     # between.  A channel is answered once the real server sent on it.
     answered, unanswered = workers.answered, workers.unanswered
 
     def on_server_readable():
         msgs = size = 0
-        lengths, sources = io.receive()
-        for at, n, src in zip(SLOTS_AT, lengths, sources):
+        ats, lengths, sources = io.receive()
+        for at, n, src in zip(ats, lengths, sources):
             at += TAG_SIZE
             if src != server_key:
                 stats["strangers"] += 1
@@ -1452,25 +1679,17 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     continue
             msgs += 1
             size += n
-            try:
-                worker.send(view[at + 2:at + n])
-            except (BlockingIOError, InterruptedError):
-                pass
-            except ConnectionRefusedError:
-                refusing()
-            except OSError as e:
-                report("send to the real server", e)
+            send_on(worker, at + 2, n - 2, "send to the real server")
+        flush()
         stats["from_server_msgs"] += msgs
         stats["from_server_bytes"] += size
 
-    slot = io.slots[0]
-
     def on_worker_readable(worker, tag):
-        """One datagram from the real server, tagged and sent to the server.
+        """What the real server sent on a channel, tagged, to the server.
 
-        A channel carries one connectee: mostly one datagram per wake-up.
-        So one recv_into and one sendto, and no read that finds the socket
-        empty; while more wait, the selector calls again.
+        A channel carries one connectee: mostly one datagram (or one train)
+        per wake-up.  So one read, and none that finds the socket empty;
+        while more wait, the selector calls again.
         """
         nonlocal refused
         if answered.get(tag) is worker:
@@ -1478,7 +1697,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         elif unanswered.get(tag) is not worker:
             return          # evicted earlier in this same wake-up
         try:
-            n = worker.recv_into(slot, MAX_DATAGRAM)
+            ats, lengths = io.receive_on(worker)
         except (BlockingIOError, InterruptedError):
             return
         except ConnectionRefusedError:
@@ -1493,10 +1712,12 @@ def run_client(sock, server, real_family, real_server, max_clients,
         if tag in unanswered:
             workers.answer(tag)
             firsts.clear()      # a real server answers: this is no loop
-        put_tag(buf, 0, tag)
-        stats["from_real_server_msgs"] += 1
-        stats["from_real_server_bytes"] += n
-        send_to_server(view[:n + 2], "tag and send to the server")
+        for at, n in zip(ats, lengths):
+            put_tag(buf, at, tag)
+            stats["from_real_server_msgs"] += 1
+            stats["from_real_server_bytes"] += n
+            send(at, n + 2, server_key, "tag and send to the server")
+        flush()
 
     def refusing():
         """An ICMP port unreachable from the real server came back."""
