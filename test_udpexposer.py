@@ -408,7 +408,7 @@ class TestLRU(unittest.TestCase):
 class TestServer(RelayCase):
     """The tool as a server, with test sockets playing client and connectees.
 
-    On Linux this runs the recvmmsg/sendmmsg path; TestServerPortable below
+    On Linux this runs the recvmmsg and trains path; TestServerPortable below
     runs the same tests on the portable recvfrom/sendto path.
     """
 
@@ -735,29 +735,42 @@ class TestTrains(RelayCase):
         self.assertRegex(notices[0], "refuses UDP trains .*one by one")
 
     def test_channels_read_and_send_trains(self):
-        io = self.io(self.udp())
-        real = gro_socket(self)
-        chan = io.channel_socket(socket.AF_INET, ("127.0.0.1", 0),
-                                 real.getsockname())
+        sock = gro_socket(self)
+        io = self.io(sock)
+        server, real = self.udp(), gro_socket(self)
+        chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
+                             real.getsockname())
         self.addCleanup(chan.close)
-        parts = [b"r%02d" % i + bytes(997) for i in range(30)] + [b"last"]
-        send_train(real, parts, chan.getsockname())
+        real.sendto(b"alone", chan.getsockname())   # a lone datagram
         ats, lengths = io.receive_on(chan)
+        self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
+                         b"alone")
+        # A train comes from the server for this channel: it goes on to
+        # the real server as a train, and the channel reads trains now.
+        parts = [b"s%02d" % i + bytes(997) for i in range(30)] + [b"last"]
+        send_train(server, [b"\x00\x01" + p for p in parts],
+                   sock.getsockname())
+        got = []
+        while len(got) < 31:
+            got += zip(*io.receive())
         self.assertTrue(io.trains)
-        self.assertEqual([bytes(io.buf[at + 2:at + 2 + n])
-                          for at, n in zip(ats, lengths)], parts)
-        for at, n in zip(ats, lengths):     # on to the real server, a train
-            io.send_on(chan, at + 2, n, "send to the real server")
+        for at, n, _ in got:
+            io.send_on(chan, at + 4, n - 2, "send to the real server")
         io.flush()
         datagrams, trains = receive_trains(real, 31)
         self.assertEqual(datagrams, parts)
         self.assertIn(1000, trains)
-        real.sendto(b"alone", chan.getsockname())   # and a lone one
+        back = [b"r%02d" % i + bytes(1197) for i in range(20)]
+        send_train(real, back, chan.getsockname())
+        ats, lengths = io.receive_on(chan)
+        self.assertTrue(io.trains)
+        self.assertEqual([bytes(io.buf[at + 2:at + 2 + n])
+                          for at, n in zip(ats, lengths)], back)
+        real.sendto(b"alone again", chan.getsockname())
         ats, lengths = io.receive_on(chan)
         self.assertFalse(io.trains)
         self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
-                         b"alone")
-
+                         b"alone again")
 
     def test_trains_through_server_and_client(self):
         real, conn = gro_socket(self), gro_socket(self)

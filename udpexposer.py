@@ -786,10 +786,10 @@ class BurstIO:
     address keys; address(key) turns one into a sockaddr tuple, key_of()
     back.  send() queues a range of buf for a destination key and flush()
     sends what is queued.
-    A client's channels go through here too: channel_socket() makes one,
-    receive_on(sock) reads what one has into the first slot ((ats,
-    lengths), as above; errors are raised), send_on() sends buf's bytes on
-    one (queued until flush() where trains are made).
+    A client's channels go through here too: receive_on(sock) reads what
+    one has into the first slot ((ats, lengths), as above; errors are
+    raised), send_on() sends buf's bytes on one (queued until flush() where
+    trains are made).
     Errors go to report(where, exc) and never stop the caller.
     """
 
@@ -845,9 +845,6 @@ class BurstIO:
             pass
         except OSError as e:
             self.report(where, e)
-
-    def channel_socket(self, family, bind_to, connect_to):
-        return udp_socket(family, bind_to, connect_to)
 
     def receive_on(self, sock):
         return (DATA_AT,), (sock.recv_into(self.first, MAX_DATAGRAM),)
@@ -931,17 +928,18 @@ def runs(keys, sizes, count):
 
 
 class MmsgIO(BurstIO):
-    """BurstIO on Linux: one recvmmsg and one sendmmsg per burst, and UDP
-    trains (GRO in, GSO out) where the kernel has them.
+    """BurstIO on Linux: one recvmmsg per burst, and UDP trains (GRO in,
+    GSO out) where the kernel has them.
 
     Sources are raw sockaddr bytes here: cheaper to make, hash and send to.
-    A received train is split in place (split_train).  When a burst brought
-    trains, flush() sends runs of datagrams to one destination with one size
-    as trains, and the rest as before; a burst without trains pays nothing
-    for them.  Where the kernel refuses a train (EIO: no checksum offload;
-    EINVAL: a segment larger than the route allows), the socket falls back
-    to single datagrams for good, says so once, and sends that train's
-    datagrams one by one.
+    A received train is split in place (split_train).  Sends wait for
+    flush() (or BURST of them): one goes out with sendto, more with one
+    sendmmsg.  In a burst that brought trains, flush() sends each run to one
+    destination with one size as one train instead (UDP_SEGMENT), and the
+    rest one by one.  Where the kernel refuses a train (EIO:
+    no checksum offload; EINVAL: a segment larger than the route allows),
+    the socket falls back to single datagrams for good, says so once, and
+    sends that train's datagrams one by one.
     Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
     receive() waits in recvmmsg for the first datagram.
     """
@@ -955,9 +953,13 @@ class MmsgIO(BurstIO):
         gro = enable_gro(sock)
         self.gso = gro          # until the kernel refuses a train
         self.trains = False     # whether this burst brought trains
-        self.queued_on = []     # channel sends: (sock, start, length, where)
+        # Channels whose reads may be trains.  A channel turns UDP_GRO on
+        # when trains come for it from the server: recvmsg_into costs half
+        # a microsecond more than recv_into, every read.  (A closed
+        # channel's fd may stay here: a new channel on it reads through
+        # recvmsg_into needlessly, never wrongly.)
+        self.gro_fds = set()
         c = ctypes
-        recvmmsg, sendmmsg, get_errno = libc.recvmmsg, libc.sendmmsg, c.get_errno
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
         name_size = 28 if sock.family == socket.AF_INET6 else 16
@@ -978,184 +980,194 @@ class MmsgIO(BurstIO):
             return c.addressof((c.c_char * len(data)).from_buffer(data))
 
         base = address_of(self.buf)
-        names_in = bytearray(BURST * name_size)
-        names_out = bytearray(BURST * name_size)
+        names, names_out = bytearray(BURST * name_size), \
+            bytearray(BURST * name_size)
         controls = bytearray(BURST * GRO_ROOM)
-        iov_in, iov_out = (IOVec * BURST)(), (IOVec * BURST)()
-        msgs_in, msgs_out = (MMsgHdr * BURST)(), (MMsgHdr * BURST)()
+        iovs, iovs_out = (IOVec * BURST)(), (IOVec * BURST)()
+        msgs, msgs_out = (MMsgHdr * BURST)(), (MMsgHdr * BURST)()
         for i in range(BURST):
-            iov_in[i].base = base + i * SLOT + HEADROOM
-            iov_in[i].len = MAX_DATAGRAM
+            iovs[i].base = base + i * SLOT + HEADROOM
+            iovs[i].len = MAX_DATAGRAM
+            for m, iov, at in ((msgs, iovs, names), (msgs_out, iovs_out,
+                                                       names_out)):
+                m[i].hdr.name = address_of(at) + i * name_size
+                m[i].hdr.namelen = name_size
+                m[i].hdr.iov = c.addressof(iov[i])
+                m[i].hdr.iovlen = 1
             if gro:
-                msgs_in[i].hdr.control = address_of(controls) + i * GRO_ROOM
-                msgs_in[i].hdr.controllen = GRO_ROOM
-            for msgs, iov, names in ((msgs_in, iov_in, names_in),
-                                     (msgs_out, iov_out, names_out)):
-                msgs[i].hdr.name = address_of(names) + i * name_size
-                msgs[i].hdr.namelen = name_size
-                msgs[i].hdr.iov = c.addressof(iov[i])
-                msgs[i].hdr.iovlen = 1
-        self._keep = (names_in, names_out, controls, iov_in, iov_out,
-                      msgs_in, msgs_out)
-        fd = sock.fileno()
-        msg_size = c.sizeof(MMsgHdr)
-        at_in = c.c_void_p(c.addressof(msgs_in))
+                msgs[i].hdr.control = address_of(controls) + i * GRO_ROOM
+                msgs[i].hdr.controllen = GRO_ROOM
+        self._keep = (names, names_out, controls, iovs, iovs_out, msgs,
+                      msgs_out)
+        fd, msg_size = sock.fileno(), c.sizeof(MMsgHdr)
+        at_msgs = c.c_void_p(c.addressof(msgs))
         at_out = c.addressof(msgs_out)
         at_out_p = c.c_void_p(at_out)
-        dontwait = self.MSG_DONTWAIT
-        read, read_flags = recvmmsg, dontwait    # wait_in_receive changes them
-        # The fields are read and written with struct, one call per burst for
-        # all lengths, all sources, all iovecs: far cheaper than field by field.
+        read, read_flags = libc.recvmmsg, self.MSG_DONTWAIT  # see wait_in_receive
+        sendmmsg = libc.sendmmsg
+        # One struct call per burst reads all lengths, one all sources, one
+        # all control lengths: far cheaper than field by field.
         def repeated(one, mode="="):
             """Structs for 0..BURST repetitions of the format `one`."""
             return [struct.Struct(mode + one * k) for k in range(BURST + 1)]
-        controllen_at = MsgHdr.controllen.offset
-        len_at = MMsgHdr.len.offset
-        meta_of = repeated("%dxN%dxI%dx" % (
-            controllen_at, len_at - controllen_at - c.sizeof(c.c_size_t),
-            msg_size - len_at - 4), "@")        # controllen, len
+        controllen_at, len_at = MsgHdr.controllen.offset, MMsgHdr.len.offset
+        lengths_of = repeated("%dxI%dx" % (len_at, msg_size - len_at - 4))
+        controllens_of = repeated("%dxN%dx" % (
+            controllen_at, msg_size - controllen_at - c.sizeof(c.c_size_t)),
+            "@")
         sources_of = repeated("%ds" % name_size)
         iovecs_of = repeated("PN", "@")         # void *base, size_t len
-        msgs_in_bytes = memoryview(msgs_in).cast("B")
-        pristine = memoryview(bytes(msgs_in_bytes))  # the kernel rewrites
-        names_out_view = memoryview(names_out)       # controllen: restore it
-        buf, view = self.buf, self.view
+        names_out_view = memoryview(names_out)
+        msgs_bytes = memoryview(msgs).cast("B")
+        pristine = memoryview(bytes(msgs_bytes))    # the kernel rewrites
+        buf, view = self.buf, self.view             # controllen: restore it
         gro_size = struct.Struct("=i").unpack_from
-        iovecs, dests, wheres = [], [], []      # what send() queued
-        addresses = {}                          # dest key -> sockaddr tuple
-
-        def failure():
-            err = get_errno()
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                return None
-            return OSError(err, os.strerror(err))
+        sendto, dontwait = sock.sendto, self.MSG_DONTWAIT
+        addresses = {}          # dest key -> sockaddr tuple
+        iovecs, dests, wheres = [], [], []      # sends waiting for flush()
+        queue = []              # sends in a burst with trains: see flush()
 
         def receive():
-            k = read(fd, at_in, BURST, read_flags, None)
+            k = read(fd, at_msgs, BURST, read_flags, None)
             if k < 0:
-                exc = failure()
-                if exc is not None:
-                    report("err1", exc)
+                err = c.get_errno()
+                if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    report("err1", OSError(err, os.strerror(err)))
                 return (), (), ()
-            meta = meta_of[k].unpack_from(msgs_in_bytes)
-            sources = sources_of[k].unpack_from(names_in)
+            lengths = lengths_of[k].unpack_from(msgs_bytes)
+            sources = sources_of[k].unpack_from(names)
             if not gro:
-                return PLAIN_ATS, meta[1::2], sources
-            msgs_in_bytes[:k * msg_size] = pristine[:k * msg_size]
-            self.trains = any(meta[0::2])
-            if not self.trains:
-                return PLAIN_ATS, meta[1::2], sources
-            ats, lengths, froms = [], [], []
+                return PLAIN_ATS, lengths, sources
+            controllens = controllens_of[k].unpack_from(msgs_bytes)
+            msgs_bytes[:k * msg_size] = pristine[:k * msg_size]
+            if not any(controllens):
+                if self.trains:
+                    self.trains = False
+                return PLAIN_ATS, lengths, sources
+            self.trains = True
+            ats, datagrams, froms = [], [], []
             for i in range(k):
-                n, at = meta[2 * i + 1], i * SLOT
+                n, at = lengths[i], i * SLOT
                 size = gro_size(controls, i * GRO_ROOM + GRO_SIZE_AT)[0] \
-                    if meta[2 * i] else n
+                    if controllens[i] else n
                 if n <= size:
                     ats.append(at + DATA_AT)
-                    lengths.append(n)
+                    datagrams.append(n)
                     froms.append(sources[i])
                     continue
                 more_ats, more = split_train(buf, at, n, size)
                 ats += more_ats
-                lengths += more
+                datagrams += more
                 froms += [sources[i]] * len(more)
-            return ats, lengths, froms
+            return ats, datagrams, froms
+
+        def address_of_key(dest):
+            """The sockaddr tuple of a destination key, remembered."""
+            addr = addresses.get(dest)
+            if addr is None:
+                if len(addresses) > 1024:
+                    addresses.clear()
+                addr = addresses[dest] = self.address(dest)
+            return addr
 
         def send(start, length, dest, where):
+            if self.trains:
+                queue.append((sock, dest, start, length, where))
+                return
             iovecs.extend((base + start, length))
             dests.append(dest)
             wheres.append(where)
-            if len(dests) == BURST and not self.trains:
-                flush()
+            if len(dests) == BURST:
+                send_queued()
 
-        def flush():
+        def send_queued():
+            """What send() queued: sendto for one, one sendmmsg for more."""
             queued = len(dests)
-            if self.queued_on:
-                flush_channels()
-            if not queued:
-                return
-            if self.trains and self.gso:
-                sent = 0
-                for first, end in runs(dests, iovecs[1::2], queued):
-                    if end - first > 1:
-                        send_batch(sent, first)
-                        send_train(first, end)
-                        sent = end
-                send_batch(sent, queued)
+            if queued == 1:
+                try:
+                    sendto(view[iovecs[0] - base:iovecs[0] - base + iovecs[1]],
+                           dontwait, addresses.get(dests[0])
+                           or address_of_key(dests[0]))
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as e:
+                    report(wheres[0], e)
             else:
-                send_batch(0, queued)
-            del iovecs[:], dests[:], wheres[:]
+                iovecs_of[queued].pack_into(iovs_out, 0, *iovecs)
+                names_out_view[:queued * name_size] = b"".join(dests)
+                sent = sendmmsg(fd, at_out_p, queued, dontwait, None)
+                if sent != queued:
+                    send_rest(sent, queued)
+            iovecs.clear()
+            dests.clear()
+            wheres.clear()
 
-        def send_batch(first, end):
-            """sendmmsg the queued datagrams first..end, BURST at a time."""
-            while first < end:
-                count = min(end - first, BURST)
-                iovecs_of[count].pack_into(
-                    iov_out, 0, *iovecs[2 * first:2 * (first + count)])
-                names_out_view[:count * name_size] = \
-                    b"".join(dests[first:first + count])
-                sent = sendmmsg(fd, at_out_p, count, dontwait, None)
-                if sent != count:
-                    send_rest(sent, count, first)
-                first += count
-
-        def send_rest(sent, queued, offset):
+        def send_rest(sent, queued):
             """After a sendmmsg that sent less than all: an error, or full."""
             done = 0
             while done < queued:
                 if sent > 0:
                     done += sent
                 else:
-                    exc = failure()
-                    if exc is None:
+                    err = c.get_errno()
+                    if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
                         break       # socket buffer full: the rest is lost
-                    report(wheres[offset + done], exc)
+                    report(wheres[done], OSError(err, os.strerror(err)))
                     done += 1       # skip the one that failed
                 if done < queued:
                     sent = sendmmsg(fd, c.c_void_p(at_out + done * msg_size),
                                     queued - done, dontwait, None)
 
-        def send_train(first, end):
-            dest = dests[first]
-            addr = addresses.get(dest)
-            if addr is None:
-                if len(addresses) > 1024:
-                    addresses.clear()
-                addr = addresses[dest] = self.address(dest)
-            parts = [view[iovecs[2 * i] - base:
-                          iovecs[2 * i] - base + iovecs[2 * i + 1]]
-                     for i in range(first, end)]
-            error = send_gso(sock, parts, iovecs[2 * first + 1], addr)
-            if error is not None:
-                if error.errno in (errno.EIO, errno.EINVAL):
-                    train_refused(error)
-                    send_batch(first, end)
-                else:
-                    report(wheres[first], error)
+        def send_on(chan, start, length, where):
+            if self.trains:
+                queue.append((chan, None, start, length, where))
+                if chan.fileno() not in self.gro_fds and enable_gro(chan):
+                    self.gro_fds.add(chan.fileno())
+                return
+            try:
+                chan.send(view[start:start + length], dontwait)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                report(where, e)
 
-        def flush_channels():
-            queue, self.queued_on = self.queued_on, []
-            for first, end in runs([q[0] for q in queue],
-                                   [q[2] for q in queue], len(queue)):
-                chan, start, size, where = queue[first]
-                if end - first == 1 or not self.gso:
-                    for chan, start, size, where in queue[first:end]:
-                        BurstIO.send_on(self, chan, start, size, where)
-                    continue
-                error = send_gso(chan, [view[q[1]:q[1] + q[2]]
-                                        for q in queue[first:end]], size)
-                if error is not None:
-                    if error.errno in (errno.EIO, errno.EINVAL):
-                        train_refused(error)
-                        for chan, start, size, where in queue[first:end]:
-                            BurstIO.send_on(self, chan, start, size, where)
-                    else:
+        def flush():
+            if dests:
+                send_queued()
+            if queue:
+                send_trains()
+
+        def send_trains():
+            """What a burst with trains queued: runs as trains."""
+            items = queue[:]
+            del queue[:]
+            for first, end in runs([item[:2] for item in items],
+                                   [item[3] for item in items], len(items)):
+                target, dest, start, size, where = items[first]
+                addr = dest and address_of_key(dest)
+                if end - first > 1 and self.gso:
+                    error = send_gso(target, [view[i[2]:i[2] + i[3]]
+                                              for i in items[first:end]],
+                                     size, addr)
+                    if error is None:
+                        continue
+                    if error.errno not in (errno.EIO, errno.EINVAL):
                         report(where, error)
-
-        def train_refused(error):
-            self.gso = False
-            self.notice("The kernel refuses UDP trains (%s): sending "
-                        "datagrams one by one from now on" % error)
+                        continue
+                    self.gso = False
+                    self.notice("The kernel refuses UDP trains (%s): sending "
+                                "datagrams one by one from now on" % error)
+                for target, dest, start, size, where in items[first:end]:
+                    try:
+                        if dest is None:
+                            target.send(view[start:start + size], dontwait)
+                        else:
+                            target.sendto(view[start:start + size], dontwait,
+                                          addr)
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError as e:
+                        report(where, e)
 
         def wait_in_receive(seconds):
             nonlocal read, read_flags
@@ -1165,23 +1177,20 @@ class MmsgIO(BurstIO):
                                             int(seconds % 1 * 1000000)))
             except (OSError, AttributeError):
                 return False
-            # The waiting call lets go of the GIL; sends still never block.
+            # The waiting call lets go of the GIL; sends never block.
             read = c.CDLL(None, use_errno=True).recvmmsg
             read.restype = c.c_int
             read_flags = self.MSG_WAITFORONE
             sock.setblocking(True)
             return True
 
-        self.receive, self.send, self.flush = receive, send, flush
-        self.wait_in_receive = wait_in_receive
-
-    def channel_socket(self, family, bind_to, connect_to):
-        sock = udp_socket(family, bind_to, connect_to)
-        enable_gro(sock)
-        return sock
+        self.receive, self.send, self.send_on = receive, send, send_on
+        self.flush, self.wait_in_receive = flush, wait_in_receive
 
     def receive_on(self, sock):
         """One datagram or train from a channel, split as receive() does."""
+        if sock.fileno() not in self.gro_fds:
+            return (DATA_AT,), (sock.recv_into(self.first, MAX_DATAGRAM),)
         n, ancillary, _, _ = sock.recvmsg_into([self.first], GRO_ROOM)
         self.trains = False
         for level, kind, data in ancillary:
@@ -1191,12 +1200,6 @@ class MmsgIO(BurstIO):
                     self.trains = True
                     return split_train(self.buf, 0, n, size)
         return (DATA_AT,), (n,)
-
-    def send_on(self, sock, start, length, where):
-        if self.trains:
-            self.queued_on.append((sock, start, length, where))
-        else:
-            BurstIO.send_on(self, sock, start, length, where)
 
     @staticmethod
     def key_of(addr):
@@ -1269,7 +1272,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
     key: the HMAC key in password mode, None in plain mode.
     stats: the counters (server_stats()), updated in place.
-    portable: plain recvfrom/sendto even where recvmmsg/sendmmsg exist.
+    portable: plain recvfrom/sendto even where recvmmsg and trains exist.
     allow, client_from: networks connectees and the client must come from
         (empty: anywhere).
     notify: systemd's Notify, if any.
@@ -1499,7 +1502,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
     """Keep the NAT open towards `server` and relay for `real_server`.
 
     key: the HMAC key in password mode, None in plain mode.
-    portable: plain recvfrom/sendto even where recvmmsg/sendmmsg exist.
+    portable: plain recvfrom/sendto even where recvmmsg and trains exist.
     stats: the counters (client_stats()), updated in place.
     server_name: the -a text when it is a host name: looked up again every
         resolve_every seconds (and when the server stops answering) by
@@ -1615,7 +1618,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             close_worker(*workers.evict())
         while True:
             try:
-                worker = io.channel_socket(real_family, bind_to, real_server)
+                worker = udp_socket(real_family, bind_to, real_server)
                 break
             except OSError as e:
                 if e.errno not in (errno.EMFILE, errno.ENFILE) \
@@ -1716,7 +1719,11 @@ def run_client(sock, server, real_family, real_server, max_clients,
             put_tag(buf, at, tag)
             stats["from_real_server_msgs"] += 1
             stats["from_real_server_bytes"] += n
-            send(at, n + 2, server_key, "tag and send to the server")
+            if len(ats) == 1:           # the common case: out at once
+                send_to_server(view[at:at + n + 2], "tag and send to the "
+                               "server")
+            else:                       # a train: it leaves as one
+                send(at, n + 2, server_key, "tag and send to the server")
         flush()
 
     def refusing():
@@ -1833,7 +1840,7 @@ def selftest(out):
     """Server, client and echo on loopback, plain and password: exit status."""
     out("selftest: Python %s (%s) on %s, %s I/O" % (
         sys.version.split()[0], sys.implementation.name, sys.platform,
-        "portable" if _load_mmsg() is None else "recvmmsg/sendmmsg"))
+        "portable" if _load_mmsg() is None else "recvmmsg/sendmmsg, UDP trains"))
     failures = sum(_selftest_mode(password, out)
                    for password in (None, "selftest password"))
     out("selftest %s" % ("passed" if not failures
@@ -2063,8 +2070,8 @@ def build_parser():
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also log evictions and dropped datagrams")
     parser.add_argument("--portable-io", action="store_true",
-                        help="plain recvfrom/sendto even where recvmmsg/"
-                             "sendmmsg are available (Linux)")
+                        help="plain recvfrom/sendto even where recvmmsg "
+                             "and UDP trains (GRO/GSO) are available (Linux)")
     parser.add_argument("--version", action="version",
                         version="%(prog)s " + __version__)
     return parser
