@@ -682,6 +682,21 @@ class TestTrains(RelayCase):
         self.assertEqual(list(ux.runs(["d"] * 50, [1454] * 50, 50)),
                          [(0, 45), (45, 50)])
 
+    def test_split_train_makes_room_for_a_tag_before_each(self):
+        buf = bytearray(ux.SLOT)
+        train = bytes(range(256)) * 8 + b"tail"     # 2,052 bytes
+        for size in (1, 17, 100, 2052):
+            n = len(train) if size > 1 else ux.TRAIN_IN
+            buf[ux.HEADROOM:ux.HEADROOM + n] = train[:n]
+            ats, lengths = ux.split_train(buf, 0, n, size)
+            self.assertEqual([bytes(buf[at + 2:at + 2 + k])
+                              for at, k in zip(ats, lengths)],
+                             [train[i:min(i + size, n)]
+                              for i in range(0, n, size)])
+            self.assertEqual(ats[0], 0)
+        with self.assertRaises(OSError):
+            ux.split_train(buf, 0, ux.TRAIN_IN + 1, 1)
+
     def test_a_train_in_is_datagrams_to_the_relay_and_a_train_out(self):
         sock = gro_socket(self)
         io = self.io(sock)

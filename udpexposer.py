@@ -896,7 +896,12 @@ def _load_mmsg():
 def split_train(buf, start, n, size):
     """Spread a train of n bytes at buf[start + HEADROOM:] into its
     datagrams of `size` bytes, each with TAG_SIZE free bytes before it:
-    (ats, lengths).  Front to back, each moves down by at most HEADROOM."""
+    (ats, lengths).  Front to back, each moves down by at most HEADROOM.
+    A train of more than TRAIN_IN datagrams (no kernel makes one) would not
+    fit: OSError."""
+    if n > size * TRAIN_IN:
+        raise OSError(errno.EMSGSIZE, "a train of more than %d datagrams"
+                      % TRAIN_IN)
     first = start + HEADROOM
     ats, lengths = [], []
     for j, offset in enumerate(range(0, n, size)):
@@ -1055,7 +1060,11 @@ class MmsgIO(BurstIO):
                     datagrams.append(n)
                     froms.append(sources[i])
                     continue
-                more_ats, more = split_train(buf, at, n, size)
+                try:
+                    more_ats, more = split_train(buf, at, n, size)
+                except OSError as e:
+                    report("err1", e)
+                    continue
                 ats += more_ats
                 datagrams += more
                 froms += [sources[i]] * len(more)
