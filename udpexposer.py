@@ -964,47 +964,19 @@ class MmsgIO(BurstIO):
         # channel's fd may stay here: a new channel on it reads through
         # recvmsg_into needlessly, never wrongly.)
         self.gro_fds = set()
+        self.queue = []         # sends in a burst with trains: see flush()
+        self.addresses = {}     # dest key -> sockaddr tuple: see sockaddr()
         c = ctypes
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
         name_size = 28 if sock.family == socket.AF_INET6 else 16
-
-        class IOVec(c.Structure):
-            _fields_ = [("base", c.c_void_p), ("len", c.c_size_t)]
-
-        class MsgHdr(c.Structure):
-            _fields_ = [("name", c.c_void_p), ("namelen", c.c_uint32),
-                        ("iov", c.c_void_p), ("iovlen", c.c_size_t),
-                        ("control", c.c_void_p), ("controllen", c.c_size_t),
-                        ("flags", c.c_int)]
-
-        class MMsgHdr(c.Structure):
-            _fields_ = [("hdr", MsgHdr), ("len", c.c_uint)]
-
-        def address_of(data):
-            return c.addressof((c.c_char * len(data)).from_buffer(data))
-
-        base = address_of(self.buf)
-        names, names_out = bytearray(BURST * name_size), \
-            bytearray(BURST * name_size)
-        controls = bytearray(BURST * GRO_ROOM)
-        iovs, iovs_out = (IOVec * BURST)(), (IOVec * BURST)()
-        msgs, msgs_out = (MMsgHdr * BURST)(), (MMsgHdr * BURST)()
-        for i in range(BURST):
-            iovs[i].base = base + i * SLOT + HEADROOM
-            iovs[i].len = MAX_DATAGRAM
-            for m, iov, at in ((msgs, iovs, names), (msgs_out, iovs_out,
-                                                       names_out)):
-                m[i].hdr.name = address_of(at) + i * name_size
-                m[i].hdr.namelen = name_size
-                m[i].hdr.iov = c.addressof(iov[i])
-                m[i].hdr.iovlen = 1
-            if gro:
-                msgs[i].hdr.control = address_of(controls) + i * GRO_ROOM
-                msgs[i].hdr.controllen = GRO_ROOM
-        self._keep = (names, names_out, controls, iovs, iovs_out, msgs,
-                      msgs_out)
-        fd, msg_size = sock.fileno(), c.sizeof(MMsgHdr)
+        base = c.addressof((c.c_char * len(self.buf)).from_buffer(self.buf))
+        arrays = mmsg_array(c, base + HEADROOM, SLOT, name_size, gro)
+        msgs, _, names, controls, (msg_size, controllen_at, len_at) = arrays
+        arrays_out = mmsg_array(c, 0, 0, name_size, False)
+        msgs_out, iovs_out, names_out, _, _ = arrays_out
+        self._keep = (arrays, arrays_out)   # pointers into them live on
+        fd = sock.fileno()
         at_msgs = c.c_void_p(c.addressof(msgs))
         at_out = c.addressof(msgs_out)
         at_out_p = c.c_void_p(at_out)
@@ -1015,7 +987,6 @@ class MmsgIO(BurstIO):
         def repeated(one, mode="="):
             """Structs for 0..BURST repetitions of the format `one`."""
             return [struct.Struct(mode + one * k) for k in range(BURST + 1)]
-        controllen_at, len_at = MsgHdr.controllen.offset, MMsgHdr.len.offset
         lengths_of = repeated("%dxI%dx" % (len_at, msg_size - len_at - 4))
         controllens_of = repeated("%dxN%dx" % (
             controllen_at, msg_size - controllen_at - c.sizeof(c.c_size_t)),
@@ -1028,9 +999,9 @@ class MmsgIO(BurstIO):
         buf, view = self.buf, self.view             # controllen: restore it
         gro_size = struct.Struct("=i").unpack_from
         sendto, dontwait = sock.sendto, self.MSG_DONTWAIT
-        addresses = {}          # dest key -> sockaddr tuple
+        queue, addresses, sockaddr = self.queue, self.addresses, \
+            self.sockaddr
         iovecs, dests, wheres = [], [], []      # sends waiting for flush()
-        queue = []              # sends in a burst with trains: see flush()
 
         def receive():
             k = read(fd, at_msgs, BURST, read_flags, None)
@@ -1070,15 +1041,6 @@ class MmsgIO(BurstIO):
                 froms += [sources[i]] * len(more)
             return ats, datagrams, froms
 
-        def address_of_key(dest):
-            """The sockaddr tuple of a destination key, remembered."""
-            addr = addresses.get(dest)
-            if addr is None:
-                if len(addresses) > 1024:
-                    addresses.clear()
-                addr = addresses[dest] = self.address(dest)
-            return addr
-
         def send(start, length, dest, where):
             if self.trains:
                 queue.append((sock, dest, start, length, where))
@@ -1096,7 +1058,7 @@ class MmsgIO(BurstIO):
                 try:
                     sendto(view[iovecs[0] - base:iovecs[0] - base + iovecs[1]],
                            dontwait, addresses.get(dests[0])
-                           or address_of_key(dests[0]))
+                           or sockaddr(dests[0]))
                 except (BlockingIOError, InterruptedError):
                     pass
                 except OSError as e:
@@ -1144,39 +1106,7 @@ class MmsgIO(BurstIO):
             if dests:
                 send_queued()
             if queue:
-                send_trains()
-
-        def send_trains():
-            """What a burst with trains queued: runs as trains."""
-            items = queue[:]
-            del queue[:]
-            for first, end in runs([item[:2] for item in items],
-                                   [item[3] for item in items], len(items)):
-                target, dest, start, size, where = items[first]
-                addr = dest and address_of_key(dest)
-                if end - first > 1 and self.gso:
-                    error = send_gso(target, [view[i[2]:i[2] + i[3]]
-                                              for i in items[first:end]],
-                                     size, addr)
-                    if error is None:
-                        continue
-                    if error.errno not in (errno.EIO, errno.EINVAL):
-                        report(where, error)
-                        continue
-                    self.gso = False
-                    self.notice("The kernel refuses UDP trains (%s): sending "
-                                "datagrams one by one from now on" % error)
-                for target, dest, start, size, where in items[first:end]:
-                    try:
-                        if dest is None:
-                            target.send(view[start:start + size], dontwait)
-                        else:
-                            target.sendto(view[start:start + size], dontwait,
-                                          addr)
-                    except (BlockingIOError, InterruptedError):
-                        pass
-                    except OSError as e:
-                        report(where, e)
+                self.send_trains()
 
         def wait_in_receive(seconds):
             nonlocal read, read_flags
@@ -1195,6 +1125,49 @@ class MmsgIO(BurstIO):
 
         self.receive, self.send, self.send_on = receive, send, send_on
         self.flush, self.wait_in_receive = flush, wait_in_receive
+
+    def sockaddr(self, dest):
+        """The sockaddr tuple of a destination key, remembered."""
+        addr = self.addresses.get(dest)
+        if addr is None:
+            if len(self.addresses) > 1024:
+                self.addresses.clear()
+            addr = self.addresses[dest] = self.address(dest)
+        return addr
+
+    def send_trains(self):
+        """Send what a burst with trains queued: each run to one target
+        with one size as one train, the rest one by one."""
+        items, view = self.queue[:], self.view
+        del self.queue[:]
+        for first, end in runs([item[:2] for item in items],
+                               [item[3] for item in items], len(items)):
+            target, dest, start, size, where = items[first]
+            addr = dest and self.sockaddr(dest)
+            if end - first > 1 and self.gso:
+                error = send_gso(target, [view[i[2]:i[2] + i[3]]
+                                          for i in items[first:end]],
+                                 size, addr)
+                if error is None:
+                    continue
+                if error.errno not in (errno.EIO, errno.EINVAL):
+                    self.report(where, error)
+                    continue
+                self.gso = False
+                self.notice("The kernel refuses UDP trains (%s): sending "
+                            "datagrams one by one from now on" % error)
+            for target, dest, start, size, where in items[first:end]:
+                try:
+                    if dest is None:
+                        target.send(view[start:start + size],
+                                    self.MSG_DONTWAIT)
+                    else:
+                        target.sendto(view[start:start + size],
+                                      self.MSG_DONTWAIT, addr)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as e:
+                    self.report(where, e)
 
     def receive_on(self, sock):
         """One datagram or train from a channel, split as receive() does."""
@@ -1231,6 +1204,42 @@ class MmsgIO(BurstIO):
         flowinfo = struct.unpack_from(">I", raw, 4)[0]
         scope = struct.unpack_from("=I", raw, 24)[0]
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
+
+
+def mmsg_array(c, first, stride, name_size, control):
+    """ctypes arrays of BURST struct mmsghdr for recvmmsg or sendmmsg:
+    message i has one iovec (MAX_DATAGRAM bytes at first + i * stride;
+    sendmmsg's callers set their own), name_size bytes of sockaddr room and,
+    with control, GRO_ROOM bytes of control buffer.  Returns (msgs, iovs,
+    names, controls, (sizeof mmsghdr, offset of controllen, of len))."""
+
+    class IOVec(c.Structure):
+        _fields_ = [("base", c.c_void_p), ("len", c.c_size_t)]
+
+    class MsgHdr(c.Structure):
+        _fields_ = [("name", c.c_void_p), ("namelen", c.c_uint32),
+                    ("iov", c.c_void_p), ("iovlen", c.c_size_t),
+                    ("control", c.c_void_p), ("controllen", c.c_size_t),
+                    ("flags", c.c_int)]
+
+    class MMsgHdr(c.Structure):
+        _fields_ = [("hdr", MsgHdr), ("len", c.c_uint)]
+
+    def address_of(data):
+        return c.addressof((c.c_char * len(data)).from_buffer(data))
+
+    names, controls = bytearray(BURST * name_size), bytearray(BURST * GRO_ROOM)
+    iovs, msgs = (IOVec * BURST)(), (MMsgHdr * BURST)()
+    for i in range(BURST):
+        iovs[i].base, iovs[i].len = first + i * stride, MAX_DATAGRAM
+        hdr = msgs[i].hdr
+        hdr.name, hdr.namelen = address_of(names) + i * name_size, name_size
+        hdr.iov, hdr.iovlen = c.addressof(iovs[i]), 1
+        if control:
+            hdr.control = address_of(controls) + i * GRO_ROOM
+            hdr.controllen = GRO_ROOM
+    return msgs, iovs, names, controls, (
+        c.sizeof(MMsgHdr), MsgHdr.controllen.offset, MMsgHdr.len.offset)
 
 
 def enable_gro(sock):
