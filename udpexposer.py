@@ -148,6 +148,12 @@ class Budget:
         return False
 
 
+def write_all(fd, data):
+    """os.write until all of data is out (a pipe may take part of it)."""
+    while data:
+        data = data[os.write(fd, data):]
+
+
 class Log:
     """The event log, one line per event.
 
@@ -215,10 +221,8 @@ class Log:
             self.busy = False
 
     def _write(self, line):
-        data = line.encode("utf-8", "replace")
         try:
-            while data:
-                data = data[os.write(self.fd, data):]
+            write_all(self.fd, line.encode("utf-8", "replace"))
         except OSError:
             pass            # a closed or broken stdout must not stop us
 
@@ -1157,17 +1161,10 @@ class MmsgIO(BurstIO):
                 self.notice("The kernel refuses UDP trains (%s): sending "
                             "datagrams one by one from now on" % error)
             for target, dest, start, size, where in items[first:end]:
-                try:
-                    if dest is None:
-                        target.send(view[start:start + size],
-                                    self.MSG_DONTWAIT)
-                    else:
-                        target.sendto(view[start:start + size],
-                                      self.MSG_DONTWAIT, addr)
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as e:
-                    self.report(where, e)
+                if dest is None:
+                    BurstIO.send_on(self, target, start, size, where)
+                else:
+                    self.send_now(view[start:start + size], addr, where)
 
     def receive_on(self, sock):
         """One datagram or train from a channel, split as receive() does."""
@@ -1721,11 +1718,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
             ats, lengths = io.receive_on(worker)
         except (BlockingIOError, InterruptedError):
             return
-        except ConnectionRefusedError:
-            refusing()
-            return
         except OSError as e:
-            report("receive", e)
+            report("receive", e)        # says so if the real server refuses
             return
         if refused:
             refused = False
@@ -2248,10 +2242,8 @@ def print_stats(sock, server, key, stdout_closed):
         say("no stats from %s after %d tries (is it a server, with the same "
             "password?)" % (format_addr(server), STATS_TRIES))
         return 1
-    data = text.encode()
     try:
-        while data:
-            data = data[os.write(1, data):]
+        write_all(1, text.encode())
     except OSError as e:
         say("cannot print the stats: %s" % (e.strerror or e))
         return 1
