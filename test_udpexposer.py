@@ -656,6 +656,17 @@ def receive_trains(sock, count):
     return got, trains
 
 
+def wait_for(receive):
+    """What receive() returns once it returns something."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        got = receive()
+        if got[0]:
+            return got
+        time.sleep(0.001)
+    raise AssertionError("nothing came")
+
+
 def gro_socket(case):
     sock = case.udp()
     if not ux.enable_gro(sock):
@@ -725,6 +736,12 @@ class TestTrains(RelayCase):
         self.assertEqual(datagrams, [struct.pack(">H", i) + d
                                      for i, (_, d, _) in enumerate(got)])
         self.assertIn(1202, trains)                 # 20 + 1 went as one
+        # The next burst has no train: nothing of the last one lingers.
+        sender.sendto(b"x" * 3000, here)
+        ats, lengths, _ = wait_for(io.receive)
+        self.assertFalse(io.trains)
+        self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
+                         b"x" * 3000)
 
     def test_a_refused_train_falls_back_once_and_loses_nothing(self):
         sock = gro_socket(self)
@@ -786,6 +803,8 @@ class TestTrains(RelayCase):
         self.assertFalse(io.trains)
         self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
                          b"alone again")
+        io.forget(chan)             # the client closes it
+        self.assertEqual(io.gro_chans, set())
 
     def test_trains_through_server_and_client(self):
         real, conn = gro_socket(self), gro_socket(self)

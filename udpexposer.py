@@ -778,6 +778,13 @@ HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
 PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
+LONE = (DATA_AT,)                 # ats of a lone datagram in the first slot
+GRO_SIZE = struct.Struct("=i")    # the segment size in a UDP_GRO cmsg
+
+
+def repeated(one, mode="="):
+    """Structs for 0..BURST repetitions of the struct format `one`."""
+    return [struct.Struct(mode + one * k) for k in range(BURST + 1)]
 
 
 class BurstIO:
@@ -793,7 +800,8 @@ class BurstIO:
     A client's channels go through here too: receive_on(sock) reads what
     one has into the first slot ((ats, lengths), as above; errors are
     raised), send_on() sends buf's bytes on one (queued until flush() where
-    trains are made).
+    trains are made), and forget(sock) says the client closes one.
+    send_now() sends bytes at once, outside any burst.
     Errors go to report(where, exc) and never stop the caller.
     """
 
@@ -841,25 +849,27 @@ class BurstIO:
 
         return receive, send
 
-    def send_now(self, data, addr, where):
-        """Send data to the sockaddr tuple addr at once, outside any burst."""
+    def send_now(self, data, addr, where, chan=None):
+        """Send data at once, outside any burst: to the sockaddr tuple addr,
+        or on the connected socket chan."""
         try:
-            self.sock.sendto(data, self.SEND_FLAGS, addr)
+            if chan is None:
+                self.sock.sendto(data, self.SEND_FLAGS, addr)
+            else:
+                chan.send(data, self.SEND_FLAGS)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
             self.report(where, e)
 
     def receive_on(self, sock):
-        return (DATA_AT,), (sock.recv_into(self.first, MAX_DATAGRAM),)
+        return LONE, (sock.recv_into(self.first, MAX_DATAGRAM),)
 
     def send_on(self, sock, start, length, where):
-        try:
-            sock.send(self.view[start:start + length], self.SEND_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as e:
-            self.report(where, e)
+        self.send_now(self.view[start:start + length], None, where, sock)
+
+    def forget(self, sock):
+        """The client closes this channel."""
 
     def flush(self):
         pass
@@ -937,18 +947,17 @@ def runs(keys, sizes, count):
 
 
 class MmsgIO(BurstIO):
-    """BurstIO on Linux: one recvmmsg per burst, and UDP trains (GRO in,
-    GSO out) where the kernel has them.
+    """BurstIO on Linux: recvmmsg and sendmmsg through ctypes, and UDP
+    trains (GRO in, GSO out) where the kernel has them.
 
-    Sources are raw sockaddr bytes here: cheaper to make, hash and send to.
-    A received train is split in place (split_train).  Sends wait for
-    flush() (or BURST of them): one goes out with sendto, more with one
-    sendmmsg.  In a burst that brought trains, flush() sends each run to one
-    destination with one size as one train instead (UDP_SEGMENT), and the
-    rest one by one.  Where the kernel refuses a train (EIO:
-    no checksum offload; EINVAL: a segment larger than the route allows),
-    the socket falls back to single datagrams for good, says so once, and
-    sends that train's datagrams one by one.
+    Sources and destinations are raw sockaddr bytes here: cheaper to make,
+    hash and send to.  In a burst that brought trains (self.trains), each
+    train is split in place (split_train).  send() queues, and so does
+    send_on() in a burst with trains; flush() (or the BURST-th send) sends
+    what is queued: one datagram with sendto, more with one sendmmsg, and
+    after trains each run to one destination with one size as one train
+    (send_trains).  Where the kernel refuses a train, the socket falls back
+    to single datagrams for good, says so once, and loses none.
     Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
     receive() waits in recvmmsg for the first datagram.
     """
@@ -959,56 +968,44 @@ class MmsgIO(BurstIO):
 
     def __init__(self, sock, report, ctypes, libc, notice=None):
         BurstIO.__init__(self, sock, report, notice)
-        gro = enable_gro(sock)
-        self.gso = gro          # until the kernel refuses a train
-        self.trains = False     # whether this burst brought trains
-        # Channels whose reads may be trains.  A channel turns UDP_GRO on
-        # when trains come for it from the server: recvmsg_into costs half
-        # a microsecond more than recv_into, every read.  (A closed
-        # channel's fd may stay here: a new channel on it reads through
-        # recvmsg_into needlessly, never wrongly.)
-        self.gro_fds = set()
-        self.queue = []         # sends in a burst with trains: see flush()
-        self.addresses = {}     # dest key -> sockaddr tuple: see sockaddr()
-        c = ctypes
+        self.c, self.fd = ctypes, sock.fileno()
+        self.gro = enable_gro(sock)     # trains in
+        self.gso = self.gro             # trains out, until the kernel refuses
+        self.trains = False             # whether this burst brought trains
+        # Channels that read trains: a channel turns UDP_GRO on when trains
+        # come for it from the server (recvmsg_into costs half a microsecond
+        # more than recv_into, every read), and the client forgets it when
+        # it closes the channel.
+        self.gro_chans = set()
+        self.addresses = {}             # dest key -> sockaddr tuple
+        self.iovecs, self.dests, self.wheres = [], [], []   # the send queue
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
-        name_size = 28 if sock.family == socket.AF_INET6 else 16
-        base = c.addressof((c.c_char * len(self.buf)).from_buffer(self.buf))
-        arrays = mmsg_array(c, base + HEADROOM, SLOT, name_size, gro)
-        msgs, _, names, controls, (msg_size, controllen_at, len_at) = arrays
-        arrays_out = mmsg_array(c, 0, 0, name_size, False)
-        msgs_out, iovs_out, names_out, _, _ = arrays_out
-        self._keep = (arrays, arrays_out)   # pointers into them live on
-        fd = sock.fileno()
+        self.name_size = 28 if sock.family == socket.AF_INET6 else 16
+        self.base = ctypes.addressof(
+            (ctypes.c_char * len(self.buf)).from_buffer(self.buf))
+        self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
+        self.send, self.send_on, self.flush = self._sender(libc.sendmmsg)
+
+    def _receiver(self, read, flags):
+        """receive() over one call read(fd, msgs, BURST, flags, None)."""
+        c, fd, report, gro = self.c, self.fd, self.report, self.gro
+        msgs, _, names, controls, (msg_size, _, len_at) = self.arrays_in = \
+            mmsg_array(c, self.base + HEADROOM, SLOT, self.name_size, gro)
         at_msgs = c.c_void_p(c.addressof(msgs))
-        at_out = c.addressof(msgs_out)
-        at_out_p = c.c_void_p(at_out)
-        read, read_flags = libc.recvmmsg, self.MSG_DONTWAIT  # see wait_in_receive
-        sendmmsg = libc.sendmmsg
-        # One struct call per burst reads all lengths, one all sources, one
-        # all control lengths: far cheaper than field by field.
-        def repeated(one, mode="="):
-            """Structs for 0..BURST repetitions of the format `one`."""
-            return [struct.Struct(mode + one * k) for k in range(BURST + 1)]
+        # One struct call per burst reads all lengths, one all sources.
         lengths_of = repeated("%dxI%dx" % (len_at, msg_size - len_at - 4))
-        controllens_of = repeated("%dxN%dx" % (
-            controllen_at, msg_size - controllen_at - c.sizeof(c.c_size_t)),
-            "@")
-        sources_of = repeated("%ds" % name_size)
-        iovecs_of = repeated("PN", "@")         # void *base, size_t len
-        names_out_view = memoryview(names_out)
+        sources_of = repeated("%ds" % self.name_size)
+        # The kernel sets each msg_controllen to what it wrote there (0 but
+        # for a train): a slice assignment puts back all it read.
         msgs_bytes = memoryview(msgs).cast("B")
-        pristine = memoryview(bytes(msgs_bytes))    # the kernel rewrites
-        buf, view = self.buf, self.view             # controllen: restore it
-        gro_size = struct.Struct("=i").unpack_from
-        sendto, dontwait = sock.sendto, self.MSG_DONTWAIT
-        queue, addresses, sockaddr = self.queue, self.addresses, \
-            self.sockaddr
-        iovecs, dests, wheres = [], [], []      # sends waiting for flush()
+        pristine = memoryview(bytes(msgs_bytes))
+        headers = [slice(0, k * msg_size) for k in range(BURST + 1)]
+        pristines = [pristine[:k * msg_size] for k in range(BURST + 1)]
+        no_trains = bytes(len(controls))    # no control message anywhere
 
         def receive():
-            k = read(fd, at_msgs, BURST, read_flags, None)
+            k = read(fd, at_msgs, BURST, flags, None)
             if k < 0:
                 err = c.get_errno()
                 if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
@@ -1016,49 +1013,83 @@ class MmsgIO(BurstIO):
                 return (), (), ()
             lengths = lengths_of[k].unpack_from(msgs_bytes)
             sources = sources_of[k].unpack_from(names)
-            if not gro:
-                return PLAIN_ATS, lengths, sources
-            controllens = controllens_of[k].unpack_from(msgs_bytes)
-            msgs_bytes[:k * msg_size] = pristine[:k * msg_size]
-            if not any(controllens):
-                if self.trains:
-                    self.trains = False
-                return PLAIN_ATS, lengths, sources
-            self.trains = True
-            ats, datagrams, froms = [], [], []
-            for i in range(k):
-                n, at = lengths[i], i * SLOT
-                size = gro_size(controls, i * GRO_ROOM + GRO_SIZE_AT)[0] \
-                    if controllens[i] else n
-                if n <= size:
-                    ats.append(at + DATA_AT)
-                    datagrams.append(n)
-                    froms.append(sources[i])
-                    continue
-                try:
-                    more_ats, more = split_train(buf, at, n, size)
-                except OSError as e:
-                    report("err1", e)
-                    continue
-                ats += more_ats
-                datagrams += more
-                froms += [sources[i]] * len(more)
-            return ats, datagrams, froms
+            if gro:
+                msgs_bytes[headers[k]] = pristines[k]
+                if controls != no_trains:
+                    return self.split(k, lengths, sources)
+                self.trains = False
+            return PLAIN_ATS, lengths, sources
+
+        return receive
+
+    def split(self, k, lengths, sources):
+        """What a burst with trains read: (ats, lengths, sources), each
+        train spread into its datagrams."""
+        self.trains = True
+        controls = self.arrays_in[3]
+        ats, datagrams, froms = [], [], []
+        for i in range(k):
+            n, at = lengths[i], i * SLOT
+            size = GRO_SIZE.unpack_from(controls, i * GRO_ROOM + GRO_SIZE_AT)[0]
+            if n <= size or not size:
+                ats.append(at + DATA_AT)
+                datagrams.append(n)
+                froms.append(sources[i])
+                continue
+            try:
+                more_ats, more = split_train(self.buf, at, n, size)
+            except OSError as e:
+                self.report("err1", e)
+                continue
+            ats += more_ats
+            datagrams += more
+            froms += [sources[i]] * len(more)
+        controls[:] = bytes(len(controls))
+        return ats, datagrams, froms
+
+    def _sender(self, sendmmsg):
+        """send(), send_on() and flush(): see the class."""
+        c, fd, report, view, base = self.c, self.fd, self.report, \
+            self.view, self.base
+        name_size = self.name_size
+        msgs, iovs, names, _, (msg_size, _, _) = self.arrays_out = \
+            mmsg_array(c, 0, 0, name_size, False)
+        at_out = c.addressof(msgs)
+        at_out_p = c.c_void_p(at_out)
+        iovecs_of = repeated("PN", "@")         # void *base, size_t len
+        names_view = memoryview(names)
+        sendto, dontwait = self.sock.sendto, self.MSG_DONTWAIT
+        addresses, sockaddr = self.addresses, self.sockaddr
+        iovecs, dests, wheres, gro_chans = self.iovecs, self.dests, \
+            self.wheres, self.gro_chans
 
         def send(start, length, dest, where):
-            if self.trains:
-                queue.append((sock, dest, start, length, where))
-                return
             iovecs.extend((base + start, length))
             dests.append(dest)
             wheres.append(where)
             if len(dests) == BURST:
-                send_queued()
+                flush()
 
-        def send_queued():
-            """What send() queued: sendto for one, one sendmmsg for more."""
+        def send_on(chan, start, length, where):
+            if self.trains:             # the channel is the destination
+                send(start, length, chan, where)
+                if chan not in gro_chans and enable_gro(chan):
+                    gro_chans.add(chan)
+                return
+            try:
+                chan.send(view[start:start + length], dontwait)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                report(where, e)
+
+        def flush():
             queued = len(dests)
-            if queued == 1:
+            if not queued:
+                return
+            if self.trains:
+                self.send_trains()
+            elif queued == 1:           # half the cost of a sendmmsg of one
                 try:
                     sendto(view[iovecs[0] - base:iovecs[0] - base + iovecs[1]],
                            dontwait, addresses.get(dests[0])
@@ -1068,8 +1099,8 @@ class MmsgIO(BurstIO):
                 except OSError as e:
                     report(wheres[0], e)
             else:
-                iovecs_of[queued].pack_into(iovs_out, 0, *iovecs)
-                names_out_view[:queued * name_size] = b"".join(dests)
+                iovecs_of[queued].pack_into(iovs, 0, *iovecs)
+                names_view[:queued * name_size] = b"".join(dests)
                 sent = sendmmsg(fd, at_out_p, queued, dontwait, None)
                 if sent != queued:
                     send_rest(sent, queued)
@@ -1093,42 +1124,31 @@ class MmsgIO(BurstIO):
                     sent = sendmmsg(fd, c.c_void_p(at_out + done * msg_size),
                                     queued - done, dontwait, None)
 
-        def send_on(chan, start, length, where):
-            if self.trains:
-                queue.append((chan, None, start, length, where))
-                if chan.fileno() not in self.gro_fds and enable_gro(chan):
-                    self.gro_fds.add(chan.fileno())
-                return
-            try:
-                chan.send(view[start:start + length], dontwait)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as e:
-                report(where, e)
+        return send, send_on, flush
 
-        def flush():
-            if dests:
-                send_queued()
-            if queue:
-                self.send_trains()
-
-        def wait_in_receive(seconds):
-            nonlocal read, read_flags
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                struct.pack("@ll", int(seconds),
-                                            int(seconds % 1 * 1000000)))
-            except (OSError, AttributeError):
-                return False
-            # The waiting call lets go of the GIL; sends never block.
-            read = c.CDLL(None, use_errno=True).recvmmsg
-            read.restype = c.c_int
-            read_flags = self.MSG_WAITFORONE
-            sock.setblocking(True)
-            return True
-
-        self.receive, self.send, self.send_on = receive, send, send_on
-        self.flush, self.wait_in_receive = flush, wait_in_receive
+    def send_trains(self):
+        """Send the queue of a burst with trains: each run to one
+        destination with one size as one train, the rest one by one."""
+        view, base, wheres = self.view, self.base, self.wheres
+        starts, sizes, dests = self.iovecs[0::2], self.iovecs[1::2], self.dests
+        for first, end in runs(dests, sizes, len(dests)):
+            chan = dests[first] if isinstance(dests[first], socket.socket) \
+                else None
+            addr = None if chan else self.sockaddr(dests[first])
+            parts = [view[start - base:start - base + size] for start, size
+                     in zip(starts[first:end], sizes[first:end])]
+            if len(parts) > 1 and self.gso:
+                error = send_gso(chan or self.sock, parts, sizes[first], addr)
+                if error is None:
+                    continue
+                if error.errno not in (errno.EIO, errno.EINVAL):
+                    self.report(wheres[first], error)
+                    continue
+                self.gso = False
+                self.notice("The kernel refuses UDP trains (%s): sending "
+                            "datagrams one by one from now on" % error)
+            for part, where in zip(parts, wheres[first:end]):
+                self.send_now(part, addr, where, chan)
 
     def sockaddr(self, dest):
         """The sockaddr tuple of a destination key, remembered."""
@@ -1139,46 +1159,37 @@ class MmsgIO(BurstIO):
             addr = self.addresses[dest] = self.address(dest)
         return addr
 
-    def send_trains(self):
-        """Send what a burst with trains queued: each run to one target
-        with one size as one train, the rest one by one."""
-        items, view = self.queue[:], self.view
-        del self.queue[:]
-        for first, end in runs([item[:2] for item in items],
-                               [item[3] for item in items], len(items)):
-            target, dest, start, size, where = items[first]
-            addr = dest and self.sockaddr(dest)
-            if end - first > 1 and self.gso:
-                error = send_gso(target, [view[i[2]:i[2] + i[3]]
-                                          for i in items[first:end]],
-                                 size, addr)
-                if error is None:
-                    continue
-                if error.errno not in (errno.EIO, errno.EINVAL):
-                    self.report(where, error)
-                    continue
-                self.gso = False
-                self.notice("The kernel refuses UDP trains (%s): sending "
-                            "datagrams one by one from now on" % error)
-            for target, dest, start, size, where in items[first:end]:
-                if dest is None:
-                    BurstIO.send_on(self, target, start, size, where)
-                else:
-                    self.send_now(view[start:start + size], addr, where)
+    def wait_in_receive(self, seconds):
+        sock, c = self.sock, self.c
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            struct.pack("@ll", int(seconds),
+                                        int(seconds % 1 * 1000000)))
+        except (OSError, AttributeError):
+            return False
+        # The waiting call lets go of the GIL; sends never block.
+        read = c.CDLL(None, use_errno=True).recvmmsg
+        read.restype = c.c_int
+        self.receive = self._receiver(read, self.MSG_WAITFORONE)
+        sock.setblocking(True)
+        return True
 
-    def receive_on(self, sock):
+    def receive_on(self, chan):
         """One datagram or train from a channel, split as receive() does."""
-        if sock.fileno() not in self.gro_fds:
-            return (DATA_AT,), (sock.recv_into(self.first, MAX_DATAGRAM),)
-        n, ancillary, _, _ = sock.recvmsg_into([self.first], GRO_ROOM)
+        if chan not in self.gro_chans:
+            return LONE, (chan.recv_into(self.first, MAX_DATAGRAM),)
+        n, ancillary, _, _ = chan.recvmsg_into([self.first], GRO_ROOM)
         self.trains = False
         for level, kind, data in ancillary:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
-                size = struct.unpack_from("=i", data)[0]
+                size = GRO_SIZE.unpack_from(data)[0]
                 if n > size:
                     self.trains = True
                     return split_train(self.buf, 0, n, size)
-        return (DATA_AT,), (n,)
+        return LONE, (n,)
+
+    def forget(self, chan):
+        self.gro_chans.discard(chan)
 
     @staticmethod
     def key_of(addr):
@@ -1485,9 +1496,10 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         # This socket is the server's only one: wait in recvmmsg itself and
         # save a selector round trip per burst.  A signal interrupts the
         # wait; one that lands just before it is handled within `wait`.
+        timed = notify.sock is not None     # else `due` never comes
         while True:
             relay_burst()
-            if time.monotonic() >= notify.due:
+            if timed and time.monotonic() >= notify.due:
                 notify.tick(status())
 
     def on_readable():
@@ -1656,6 +1668,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def close_worker(tag, worker, answered):
         sel.unregister(worker)
+        io.forget(worker)
         worker.close()
         kind = "answered" if answered else "unanswered"
         stats["channels_closed"] += 1
@@ -1665,6 +1678,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     put_tag, send, send_on, flush = TAG.pack_into, io.send, io.send_on, \
         io.flush
+    send_now, receive_on = io.send_now, io.receive_on
+    TO_SERVER = "tag and send to the server"
     # Per datagram, the C methods of the table's dicts: no Python call
     # between.  A channel is answered once the real server sent on it.
     answered, unanswered = workers.answered, workers.unanswered
@@ -1715,7 +1730,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         elif unanswered.get(tag) is not worker:
             return          # evicted earlier in this same wake-up
         try:
-            ats, lengths = io.receive_on(worker)
+            ats, lengths = receive_on(worker)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -1727,16 +1742,19 @@ def run_client(sock, server, real_family, real_server, max_clients,
         if tag in unanswered:
             workers.answer(tag)
             firsts.clear()      # a real server answers: this is no loop
-        for at, n in zip(ats, lengths):
+        if len(ats) == 1:               # the common case: out at once
+            at, n = ats[0], lengths[0]
             put_tag(buf, at, tag)
+            send_now(view[at:at + n + 2], server, TO_SERVER)
             stats["from_real_server_msgs"] += 1
             stats["from_real_server_bytes"] += n
-            if len(ats) == 1:           # the common case: out at once
-                send_to_server(view[at:at + n + 2], "tag and send to the "
-                               "server")
-            else:                       # a train: it leaves as one
-                send(at, n + 2, server_key, "tag and send to the server")
+            return
+        for at, n in zip(ats, lengths):     # a train: it leaves as one
+            put_tag(buf, at, tag)
+            send(at, n + 2, server_key, TO_SERVER)
         flush()
+        stats["from_real_server_msgs"] += len(ats)
+        stats["from_real_server_bytes"] += sum(lengths)
 
     def refusing():
         """An ICMP port unreachable from the real server came back."""
@@ -1785,6 +1803,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
             send_to_server(keepalive, "send a keepalive")
             stats["keepalives"] += 1
             next_ping = now + period
+            if not notify.readied:      # after the first keepalive
+                notify.ready(status())
             if key is not None and not silent \
                     and now - last_registered >= UNANSWERED_PINGS * period:
                 silent = True
@@ -1793,11 +1813,11 @@ def run_client(sock, server, real_family, real_server, max_clients,
         if server_name is not None and now >= next_lookup and not looking_up:
             look_up_server()
             next_lookup = now + resolve_every
+        due = next_ping
         if now >= notify.due:
             notify.tick(status())
-        if not notify.readied:      # after the first keepalive
-            notify.ready(status())
-        due = min(next_ping, notify.due)
+        if notify.due < due:
+            due = notify.due
         if looking_up:
             return min(due - now, LOOKUP_POLL)
         return due - now
