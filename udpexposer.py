@@ -953,11 +953,12 @@ class MmsgIO(BurstIO):
     Sources and destinations are raw sockaddr bytes here: cheaper to make,
     hash and send to.  In a burst that brought trains (self.trains), each
     train is split in place (split_train).  send() queues, and so does
-    send_on() in a burst with trains; flush() (or the BURST-th send) sends
-    what is queued: one datagram with sendto, more with one sendmmsg, and
-    after trains each run to one destination with one size as one train
-    (send_trains).  Where the kernel refuses a train, the socket falls back
-    to single datagrams for good, says so once, and loses none.
+    send_on() in a burst with trains; flush() (or the BURST-th send, but
+    for trains) sends what is queued: one datagram with sendto, more with
+    one sendmmsg, and after trains each run to one destination with one
+    size as one train (send_trains).  Where the kernel refuses a train,
+    the socket falls back to single datagrams for good, says so once, and
+    loses none.
     Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
     receive() waits in recvmmsg for the first datagram.
     """
@@ -1067,7 +1068,7 @@ class MmsgIO(BurstIO):
             iovecs.extend((base + start, length))
             dests.append(dest)
             wheres.append(where)
-            if len(dests) == BURST:
+            if len(dests) == BURST and not self.trains:     # sendmmsg's most
                 flush()
 
         def send_on(chan, start, length, where):
