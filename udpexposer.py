@@ -1395,10 +1395,13 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         return tag
 
     send, flush, put_tag = io.send, io.flush, TAG.pack_into
-    # Per datagram, the C methods of the table's dicts: no Python call
-    # between.  A connectee is answered once the client sent for its tag.
-    tag_of, table = connectees.tag_of, connectees.table
-    answered, unanswered = table.answered, table.unanswered
+    # Per datagram, the C methods of the table's dicts, bound once: no
+    # Python call between.  A connectee is answered once the client sent
+    # for its tag.
+    table, tag_of = connectees.table, connectees.tag_of.get
+    answered = table.answered
+    address_of, touch = answered.get, answered.move_to_end
+    touch_unanswered = table.unanswered.move_to_end
 
     def relay_burst():
         """Receive and relay one burst: how many datagrams came in."""
@@ -1433,9 +1436,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                                 WARN)
                     continue
                 tag = buf[at + 2] << 8 | buf[at + 3]
-                dest = answered.get(tag)
+                dest = address_of(tag)
                 if dest is not None:
-                    answered.move_to_end(tag)
+                    touch(tag)
                 else:
                     dest = table.answer(tag)    # its first reply, or unknown
                     if dest is None:
@@ -1454,7 +1457,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                             "no client address yet"
                             % format_addr(address(src)), DEBUG)
                 continue
-            tag = tag_of.get(src)                       # connectee -> client
+            tag = tag_of(src)                           # connectee -> client
             if tag is None:
                 if allow and not in_networks(allow, address(src)):
                     stats["not_allowed"] += 1
@@ -1464,9 +1467,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                     continue
                 tag = new_connectee(src)
             elif tag in answered:
-                answered.move_to_end(tag)
+                touch(tag)
             else:
-                unanswered.move_to_end(tag)
+                touch_unanswered(tag)
             put_tag(buf, at, tag)
             msgs_in += 1
             bytes_in += n
@@ -1681,9 +1684,11 @@ def run_client(sock, server, real_family, real_server, max_clients,
         io.flush
     send_now, receive_on = io.send_now, io.receive_on
     TO_SERVER = "tag and send to the server"
-    # Per datagram, the C methods of the table's dicts: no Python call
-    # between.  A channel is answered once the real server sent on it.
-    answered, unanswered = workers.answered, workers.unanswered
+    # Per datagram, the C methods of the table's dicts, bound once: no
+    # Python call between.  A channel is answered once the real server sent
+    # on it.
+    unanswered = workers.unanswered
+    worker_of, touch = workers.answered.get, workers.answered.move_to_end
 
     def on_server_readable():
         msgs = size = 0
@@ -1703,9 +1708,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 on_token(view[at:at + n])
                 continue
             tag = buf[at] << 8 | buf[at + 1]
-            worker = answered.get(tag)
+            worker = worker_of(tag)
             if worker is not None:
-                answered.move_to_end(tag)
+                touch(tag)
             else:
                 worker = workers.get(tag) \
                     or open_worker(tag, view[at + 2:at + n])
@@ -1726,8 +1731,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
         while more wait, the selector calls again.
         """
         nonlocal refused
-        if answered.get(tag) is worker:
-            answered.move_to_end(tag)
+        if worker_of(tag) is worker:
+            touch(tag)
         elif unanswered.get(tag) is not worker:
             return          # evicted earlier in this same wake-up
         try:
