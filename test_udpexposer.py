@@ -743,6 +743,18 @@ class TestTrains(RelayCase):
         self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
                          b"x" * 3000)
 
+    def test_only_a_udp_gro_control_message_makes_a_train(self):
+        sock = gro_socket(self)
+        sock.setsockopt(socket.IPPROTO_IP,
+                        getattr(socket, "IP_RECVTOS", 13), 1)  # Linux: 13
+        io = self.io(sock)
+        sender = self.udp()
+        sender.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x20)
+        sender.sendto(b"y" * 100, sock.getsockname())
+        ats, lengths, _ = wait_for(io.receive)
+        self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
+                         b"y" * 100)         # not cut at the TOS byte, 0x20
+
     def test_a_refused_train_falls_back_once_and_loses_nothing(self):
         sock = gro_socket(self)
         # UDP without checksums: the kernel refuses to make trains (EINVAL)
@@ -1965,7 +1977,7 @@ class TestService(RelayCase):
     def test_a_stuck_log_reader_never_stops_the_relay(self):
         r, w = os.pipe()
         self.addCleanup(os.close, r)
-        p = self.started(tool("-s", "127.0.0.1:0", stdout=w))
+        self.started(tool("-s", "127.0.0.1:0", stdout=w))
         os.close(w)
         first = b""
         while b"\n" not in first:                  # the start-up line
@@ -2151,7 +2163,7 @@ class TestService(RelayCase):
         r, w = os.pipe()
         self.addCleanup(os.close, r)
         st = os.fstat(w)
-        p = self.started(tool("-s", "127.0.0.1:0", "-v", stdout=w, env=dict(
+        self.started(tool("-s", "127.0.0.1:0", "-v", stdout=w, env=dict(
             os.environ, JOURNAL_STREAM="%d:%d" % (st.st_dev, st.st_ino))))
         os.close(w)
         reader = os.fdopen(r, "rb", closefd=False)

@@ -773,13 +773,15 @@ TRAIN_IN = 128            # datagrams in a received train, at most (kernel)
 TRAIN_OUT = 64            # datagrams in a sent train, at most (any kernel)
 MAX_TRAIN_BYTES = 65507   # payload of a sent train, at most
 GRO_ROOM = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
-GRO_SIZE_AT = socket.CMSG_LEN(0) if GRO_ROOM else 0  # the int in the cmsg
 HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
 PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
 LONE = (DATA_AT,)                 # ats of a lone datagram in the first slot
 GRO_SIZE = struct.Struct("=i")    # the segment size in a UDP_GRO cmsg
+# A control message as the kernel writes it: cmsg_len, cmsg_level,
+# cmsg_type, and for UDP_GRO the segment size.
+GRO_CMSG = struct.Struct("@Niii")
 
 
 def repeated(one, mode="="):
@@ -1031,8 +1033,8 @@ class MmsgIO(BurstIO):
         ats, datagrams, froms = [], [], []
         for i in range(k):
             n, at = lengths[i], i * SLOT
-            size = GRO_SIZE.unpack_from(controls, i * GRO_ROOM + GRO_SIZE_AT)[0]
-            if n <= size or not size:
+            _, level, kind, size = GRO_CMSG.unpack_from(controls, i * GRO_ROOM)
+            if (level, kind) != (SOL_UDP, UDP_GRO) or n <= size:    # lone
                 ats.append(at + DATA_AT)
                 datagrams.append(n)
                 froms.append(sources[i])
