@@ -749,14 +749,19 @@ def log_socket_error(log, where, exc):
 def run_loop(sel, timers=None, stop=None):
     """Dispatch readable sockets to the callables in key.data.
 
-    timers() runs whatever is due and returns the seconds to its next deadline.
-    Runs until the threading.Event stop is set (checked at each wake-up), or
-    forever without one.
+    timers() runs whatever is due and returns the seconds to its next
+    deadline; it is called again once that deadline has passed, not at every
+    wake-up (so a handler never makes a timer due sooner).  Runs until the
+    threading.Event stop is set (checked at each wake-up), or forever
+    without one.
     """
-    timeout = None
+    timeout, deadline = None, 0.0
     while stop is None or not stop.is_set():
         if timers is not None:
-            timeout = max(0.0, timers())
+            now = time.monotonic()
+            if now >= deadline:
+                deadline = now + max(0.0, timers())
+            timeout = deadline - now
         for key, _ in sel.select(timeout):
             key.data()
 
