@@ -5,8 +5,9 @@ Three network namespaces, as in the NAT tests: on the internet side (wan)
 the remote WireGuard peer and the udpexposer server, then a router doing
 stateful source NAT that drops unsolicited datagrams, then the hidden lan
 with the client and the hidden WireGuard peer.  iperf3 sends TCP through the
-tunnel from the remote peer to the hidden one for --seconds, in these ways,
-interleaved round by round:
+tunnel from the remote peer to the hidden one (--reverse: from the hidden
+peer to the remote one) for --seconds, in these ways, interleaved round by
+round:
 
   direct         the router forwards the WireGuard port (no relay)
   udpexposer.py  the remote peer's endpoint is the server; the client next
@@ -168,13 +169,15 @@ def make_keys(tmp):
     return keys
 
 
-def iperf(net, seconds):
-    """(Mbit/s, bytes) of TCP from the remote peer to the hidden one."""
+def iperf(net, seconds, reverse=False):
+    """(Mbit/s, bytes) of TCP from the remote peer to the hidden one, or
+    the other way round."""
     for _ in range(10):     # until the iperf3 server listens
         server = net.start(net.lan, ["iperf3", "-s", "-1", "-B", TUNNEL_B])
         time.sleep(0.3)
         r = subprocess.run(["ip", "netns", "exec", net.wan, "iperf3", "-c",
-                            TUNNEL_B, "-t", str(seconds), "-J"],
+                            TUNNEL_B, "-t", str(seconds), "-J"]
+                           + ["-R"] * reverse,
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                            universal_newlines=True, timeout=seconds + 60)
         server.wait(10)
@@ -185,7 +188,7 @@ def iperf(net, seconds):
     raise RuntimeError("iperf3: %s" % report.get("error"))
 
 
-def run(net, wg, keys, name, command, seconds):
+def run(net, wg, keys, name, command, seconds, reverse):
     """One case: (Mbit/s, relay CPU seconds per GB or None)."""
     relays = []
     try:
@@ -201,7 +204,7 @@ def run(net, wg, keys, name, command, seconds):
             time.sleep(0.5)
             net.tunnel(wg, keys, "%s:%d" % (HELPER, RELAY_PORT))
         cpu0 = [cpu_seconds(p.pid) for p in relays]
-        mbits, size = iperf(net, seconds)
+        mbits, size = iperf(net, seconds, reverse)
         cpu = sum(cpu_seconds(p.pid) - c for p, c in zip(relays, cpu0))
         return mbits, (cpu / (size / 1e9) if relays else None)
     finally:
@@ -216,6 +219,8 @@ def main():
                         metavar="NAME=COMMAND")
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reverse", action="store_true",
+                        help="TCP from the hidden peer to the remote one")
     args = parser.parse_args()
     for tool in ("ip", "nft", "iperf3", "wg"):
         if shutil.which(tool) is None:
@@ -235,13 +240,15 @@ def main():
             for round_ in range(args.rounds):
                 for name, command in cases:
                     results.setdefault(name, []).append(
-                        run(net, args.wg, keys, name, command, args.seconds))
+                        run(net, args.wg, keys, name, command, args.seconds,
+                            args.reverse))
                 print("round %d of %d done" % (round_ + 1, args.rounds),
                       file=sys.stderr)
     finally:
         shutil.rmtree(tmp)
-    print("%s, TCP for %d s through the tunnel, median of %d rounds"
-          % (version, args.seconds, args.rounds))
+    print("%s, TCP for %d s through the tunnel %s, median of %d rounds"
+          % (version, args.seconds, "from the hidden peer" if args.reverse
+             else "to the hidden peer", args.rounds))
     direct = statistics.median(r[0] for r in results["direct"])
     for name, runs in results.items():
         mbits = statistics.median(r[0] for r in runs)
