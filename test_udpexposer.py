@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 import udpexposer as ux
 
@@ -816,7 +818,57 @@ class TestTrains(RelayCase):
         self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
                          b"alone again")
         io.forget(chan)             # the client closes it
-        self.assertEqual(io.gro_chans, set())
+        self.assertNotIn(chan, io.gro_chans)
+
+    def test_a_channel_tries_trains_from_the_real_server(self):
+        sock = gro_socket(self)
+        with mock.patch.object(ux, "TRIAL_EVERY", 5), \
+                mock.patch.object(ux, "TRIAL_READS", 3):
+            io = self.io(sock)
+            real = self.udp()
+            chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
+                                 real.getsockname())
+            self.addCleanup(chan.close)
+            here = chan.getsockname()
+
+            def read(count):
+                """count reads from chan: the datagrams, each as a list of
+                what split it into, and whether each read was a train."""
+                got = []
+                for _ in range(count):
+                    select.select([chan], [], [], TIMEOUT)
+                    ats, lengths = io.receive_on(chan)
+                    got.append(([bytes(io.buf[at + 2:at + 2 + n])
+                                 for at, n in zip(ats, lengths)],
+                                len(ats) > 1 and io.trains))
+                return got
+
+            train = [b"%02d" % i * 300 for i in range(7)]
+            # The 5th read of a channel tries UDP_GRO: the train after it
+            # is read as one and spread.
+            for i in range(5):
+                real.sendto(b"lone %d" % i, here)
+            self.assertEqual(read(5), [([b"lone %d" % i], False)
+                                       for i in range(5)])
+            self.assertIn(chan, io.gro_chans)
+            send_train(real, train, here)
+            self.assertEqual(read(1), [(train, True)])
+            # 3 reads without a train end the trial, but a train queued
+            # then is still read as one: UDP_GRO stays on for it.
+            for i in range(3):
+                real.sendto(b"more %d" % i, here)
+            send_train(real, train, here)
+            time.sleep(0.05)            # all of it queued
+            self.assertEqual(read(4), [([b"more %d" % i], False)
+                                       for i in range(3)] + [(train, True)])
+            # 3 more with nothing queued after them end it: a train comes
+            # cut into datagrams by the kernel then.
+            for i in range(3):
+                real.sendto(b"last %d" % i, here)
+                read(1)
+            self.assertNotIn(chan, io.gro_chans)
+            send_train(real, train, here)
+            self.assertEqual(read(7), [([d], False) for d in train])
 
     def test_trains_through_server_and_client(self):
         real, conn = gro_socket(self), gro_socket(self)

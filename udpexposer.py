@@ -782,6 +782,8 @@ HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
 PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
+TRIAL_EVERY = 4096        # channel reads between trials of UDP_GRO on one
+TRIAL_READS = 64          # reads without a train that end a channel's trial
 LONE = (DATA_AT,)                 # ats of a lone datagram in the first slot
 GRO_SIZE = struct.Struct("=i")    # the segment size in a UDP_GRO cmsg
 # A control message as the kernel writes it: cmsg_len, cmsg_level,
@@ -980,11 +982,10 @@ class MmsgIO(BurstIO):
         self.gro = enable_gro(sock)     # trains in
         self.gso = self.gro             # trains out, until the kernel refuses
         self.trains = False             # whether this burst brought trains
-        # Channels that read trains: a channel turns UDP_GRO on when trains
-        # come for it from the server (recvmsg_into costs half a microsecond
-        # more than recv_into, every read), and the client forgets it when
-        # it closes the channel.
-        self.gro_chans = set()
+        # Channels reading with UDP_GRO on, and how many more reads each
+        # goes on without a train: see receive_on().
+        self.gro_chans = {}
+        self.until_trial = TRIAL_EVERY
         self.addresses = {}             # dest key -> sockaddr tuple
         self.iovecs, self.dests, self.wheres = [], [], []   # the send queue
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
@@ -1081,8 +1082,8 @@ class MmsgIO(BurstIO):
         def send_on(chan, start, length, where):
             if self.trains:             # the channel is the destination
                 send(start, length, chan, where)
-                if chan not in gro_chans and enable_gro(chan):
-                    gro_chans.add(chan)
+                if chan not in gro_chans:   # its connectee sends trains
+                    self.try_trains(chan)
                 return
             try:
                 chan.send(view[start:start + length], dontwait)
@@ -1183,21 +1184,58 @@ class MmsgIO(BurstIO):
         return True
 
     def receive_on(self, chan):
-        """One datagram or train from a channel, split as receive() does."""
+        """One datagram or train from a channel, split as receive() does.
+
+        Reading with UDP_GRO costs a channel half a microsecond more per
+        read (recvmsg_into against recv_into), and turning it off is safe
+        only with nothing queued.  So a channel reads with it on trial: every
+        TRIAL_EVERY-th channel read (the busiest channels are the likeliest)
+        and when trains come for it from the server (try_trains).  A trial
+        ends after TRIAL_READS reads without a train (end_trial).
+        """
         if chan not in self.gro_chans:
-            return LONE, (chan.recv_into(self.first, MAX_DATAGRAM),)
+            self.until_trial -= 1
+            if self.until_trial:
+                return LONE, (chan.recv_into(self.first, MAX_DATAGRAM),)
+            self.until_trial = TRIAL_EVERY
+            if not self.try_trains(chan):
+                return LONE, (chan.recv_into(self.first, MAX_DATAGRAM),)
         n, ancillary, _, _ = chan.recvmsg_into([self.first], GRO_ROOM)
-        self.trains = False
         for level, kind, data in ancillary:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                 size = GRO_SIZE.unpack_from(data)[0]
                 if n > size:
                     self.trains = True
+                    self.gro_chans[chan] = TRIAL_READS
                     return split_train(self.buf, 0, n, size)
+        self.trains = False
+        self.gro_chans[chan] -= 1
+        if not self.gro_chans[chan]:
+            self.end_trial(chan)
         return LONE, (n,)
 
+    def try_trains(self, chan):
+        """Turn UDP_GRO on for a channel: whether the kernel agreed."""
+        if enable_gro(chan):
+            self.gro_chans[chan] = TRIAL_READS
+            return True
+        return False
+
+    def end_trial(self, chan):
+        """Turn UDP_GRO off for a channel, unless something is queued on it
+        (it may be a train, readable only with UDP_GRO on)."""
+        try:
+            chan.setsockopt(SOL_UDP, UDP_GRO, 0)
+            chan.recv(1, socket.MSG_PEEK | self.MSG_DONTWAIT)
+        except BlockingIOError:         # nothing queued: what comes is cut
+            del self.gro_chans[chan]    # into datagrams by the kernel
+            return
+        except OSError:
+            pass
+        self.try_trains(chan)           # read the queue with it on
+
     def forget(self, chan):
-        self.gro_chans.discard(chan)
+        self.gro_chans.pop(chan, None)
 
     @staticmethod
     def key_of(addr):
