@@ -891,6 +891,29 @@ class TestTrains(RelayCase):
             self.assertEqual(got, back)
             self.assertIn(1000, trains)             # the server made one
 
+    def test_trains_from_the_real_server_alone(self):
+        """A download: the real server sends trains, the connectee none.
+        A channel tries UDP_GRO every TRIAL_EVERY-th read; from then on
+        the trains stay trains all the way."""
+        real, conn = gro_socket(self), gro_socket(self)
+        server, saddr = self.start("-s", "127.0.0.1:0")
+        client, _ = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
+                               "-c", ux.format_addr(real.getsockname()))
+        server.wait_line("New client address")
+        conn.sendto(b"hello", saddr)
+        data, chan = real.recvfrom(100)
+        trains, deadline = [], time.monotonic() + 30
+        for i in range(2 * ux.TRIAL_EVERY // 8):
+            back = [struct.pack(">HH", i, j) * 300 for j in range(8)]
+            send_train(real, back, chan)
+            got, sizes = receive_trains(conn, 8)
+            self.assertEqual(got, back)
+            trains += [size for size in sizes if size]
+            if len(trains) > 10 or time.monotonic() > deadline:
+                break
+        self.assertGreater(len(trains), 10)
+        self.assertEqual(set(trains), {1200})
+
 
 # ====================================================================== client
 
