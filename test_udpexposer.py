@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -2020,6 +2021,29 @@ class TestService(RelayCase):
         return self.started(subprocess.Popen(
             ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, lone_copy()]
             + list(args), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE))
+
+    @unittest.skipUnless(hasattr(signal, "pthread_kill"), "no pthread_kill")
+    def test_a_signal_in_another_thread_ends_the_wait(self):
+        """The kernel may hand a signal to the log writer's thread; the
+        main thread, waiting in the selector, must still run the handler."""
+        stop = threading.Event()
+        old = signal.signal(signal.SIGUSR1, lambda signum, frame: stop.set())
+        self.addCleanup(signal.signal, signal.SIGUSR1, old)
+        sel = selectors.DefaultSelector()
+        self.addCleanup(sel.close)
+        waiting = threading.Event()
+
+        def elsewhere():
+            waiting.wait(TIMEOUT)
+            time.sleep(0.2)                 # the main thread waits by now
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+        helper = threading.Thread(target=elsewhere)
+        helper.start()
+        self.addCleanup(helper.join)
+        started = time.monotonic()
+        ux.run_loop(sel, lambda: waiting.set() or 30.0, stop)
+        self.assertLess(time.monotonic() - started, TIMEOUT)
+        self.assertEqual(len(sel.get_map()), 0)     # the wakeup pipe is gone
 
     def test_closed_stdout_both_modes(self):
         real = self.udp()

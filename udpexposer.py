@@ -754,16 +754,35 @@ def run_loop(sel, timers=None, stop=None):
     wake-up (so a handler never makes a timer due sooner).  Runs until the
     threading.Event stop is set (checked at each wake-up), or forever
     without one.
+    In the main thread a signal also ends a wait: Python runs its handler
+    only between bytecodes, so one that lands in another thread, or just
+    before the wait begins, would wait with it (up to a keepalive interval)
+    but for the byte it writes to a wakeup pipe (signal.set_wakeup_fd).
     """
+    wake = None
+    if threading.current_thread() is threading.main_thread():
+        wake = os.pipe()
+        for fd in wake:
+            os.set_blocking(fd, False)
+        previous = signal.set_wakeup_fd(wake[1])
+        sel.register(wake[0], selectors.EVENT_READ,
+                     lambda: os.read(wake[0], 512))
     timeout, deadline = None, 0.0
-    while stop is None or not stop.is_set():
-        if timers is not None:
-            now = time.monotonic()
-            if now >= deadline:
-                deadline = now + max(0.0, timers())
-            timeout = deadline - now
-        for key, _ in sel.select(timeout):
-            key.data()
+    try:
+        while stop is None or not stop.is_set():
+            if timers is not None:
+                now = time.monotonic()
+                if now >= deadline:
+                    deadline = now + max(0.0, timers())
+                timeout = deadline - now
+            for key, _ in sel.select(timeout):
+                key.data()
+    finally:
+        if wake is not None:
+            signal.set_wakeup_fd(previous)
+            sel.unregister(wake[0])
+            for fd in wake:
+                os.close(fd)
 
 
 # ---------------------------------------------------------------- datagram I/O in bursts
