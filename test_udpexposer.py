@@ -819,7 +819,55 @@ class TestTrains(RelayCase):
         self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
                          b"alone again")
         io.forget(chan)             # the client closes it
-        self.assertNotIn(chan, io.gro_chans)
+        self.assertNotIn(chan, io.trial)
+
+    def test_the_socket_tries_trains_too(self):
+        sock = gro_socket(self)
+        sock.setblocking(False)             # as udp_socket() makes it
+        with mock.patch.object(ux, "TRIAL_EVERY", 8), \
+                mock.patch.object(ux, "TRIAL_READS", 2):
+            io = self.io(sock)
+            sender = self.udp()
+            here = sock.getsockname()
+            train = [b"%02d" % i * 300 for i in range(6)]
+
+            def burst(*sends):
+                """Send, then what one receive() gets: its datagrams, and
+                whether a train brought them."""
+                for send in sends:
+                    send()
+                ats, lengths, _ = wait_for(io.receive)
+                return [bytes(io.buf[at + 2:at + 2 + n])
+                        for at, n in zip(ats, lengths)], io.trains
+
+            def lone(data):
+                return lambda: sender.sendto(data, here)
+
+            def a_train():
+                send_train(sender, train, here)
+            # On at start: 2 bursts without a train end the trial...
+            self.assertEqual(burst(lone(b"a")), ([b"a"], False))
+            self.assertIn(sock, io.trial)
+            self.assertEqual(burst(lone(b"b")), ([b"b"], False))
+            self.assertNotIn(sock, io.trial)
+            # ... then the kernel cuts trains into datagrams, until the 8th
+            # datagram read since starts the next trial.
+            self.assertEqual(burst(a_train), (train, False))
+            self.assertEqual(burst(lone(b"c"), lone(b"d")),
+                             ([b"c", b"d"], False))
+            self.assertIn(sock, io.trial)
+            self.assertEqual(burst(a_train), (train, True))
+            # A trial ending with datagrams queued stays on: one of them may
+            # be a train.
+            self.assertEqual(burst(lone(b"e")), ([b"e"], False))
+            for i in range(ux.BURST):
+                sender.sendto(b"f%d" % i, here)
+            send_train(sender, train, here)
+            time.sleep(0.05)
+            got = burst()
+            self.assertEqual(len(got[0]), ux.BURST)     # 1 of 2: it ends
+            self.assertIn(sock, io.trial)               # but stays on
+            self.assertEqual(burst(), (train, True))
 
     def test_a_channel_tries_trains_from_the_real_server(self):
         sock = gro_socket(self)
@@ -851,7 +899,7 @@ class TestTrains(RelayCase):
                 real.sendto(b"lone %d" % i, here)
             self.assertEqual(read(5), [([b"lone %d" % i], False)
                                        for i in range(5)])
-            self.assertIn(chan, io.gro_chans)
+            self.assertIn(chan, io.trial)
             send_train(real, train, here)
             self.assertEqual(read(1), [(train, True)])
             # 3 reads without a train end the trial, but a train queued
@@ -867,7 +915,7 @@ class TestTrains(RelayCase):
             for i in range(3):
                 real.sendto(b"last %d" % i, here)
                 read(1)
-            self.assertNotIn(chan, io.gro_chans)
+            self.assertNotIn(chan, io.trial)
             send_train(real, train, here)
             self.assertEqual(read(7), [([d], False) for d in train])
 

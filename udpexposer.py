@@ -801,8 +801,8 @@ HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
 PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
-TRIAL_EVERY = 4096        # channel reads between trials of UDP_GRO on one
-TRIAL_READS = 64          # reads without a train that end a channel's trial
+TRIAL_EVERY = 4096        # datagrams read between trials of UDP_GRO
+TRIAL_READS = 64          # reads without a train that end a trial
 LONE = (DATA_AT,)                 # ats of a lone datagram in the first slot
 GRO_SIZE = struct.Struct("=i")    # the segment size in a UDP_GRO cmsg
 # A control message as the kernel writes it: cmsg_len, cmsg_level,
@@ -979,8 +979,9 @@ class MmsgIO(BurstIO):
     trains (GRO in, GSO out) where the kernel has them.
 
     Sources and destinations are raw sockaddr bytes here: cheaper to make,
-    hash and send to.  In a burst that brought trains (self.trains), each
-    train is split in place (split_train).  send() queues, and so does
+    hash and send to.  UDP_GRO is on trial (try_trains).  In a burst that
+    brought trains (self.trains), each train is split in place
+    (split_train).  send() queues, and so does
     send_on() in a burst with trains; flush() (or the BURST-th send, but
     for trains) sends what is queued: one datagram with sendto, more with
     one sendmmsg, and after trains each run to one destination with one
@@ -988,7 +989,8 @@ class MmsgIO(BurstIO):
     the socket falls back to single datagrams for good, says so once, and
     loses none.
     Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
-    receive() waits in recvmmsg for the first datagram.
+    receive() waits in recvmmsg for the first datagram.  Sockets are
+    non-blocking, as udp_socket() makes them, or blocking without a timeout.
     """
 
     MSG_DONTWAIT = 0x40
@@ -998,13 +1000,13 @@ class MmsgIO(BurstIO):
     def __init__(self, sock, report, ctypes, libc, notice=None):
         BurstIO.__init__(self, sock, report, notice)
         self.c, self.fd = ctypes, sock.fileno()
-        self.gro = enable_gro(sock)     # trains in
+        self.gro = enable_gro(sock)     # trains in: see try_trains()
         self.gso = self.gro             # trains out, until the kernel refuses
         self.trains = False             # whether this burst brought trains
-        # Channels reading with UDP_GRO on, and how many more reads each
-        # goes on without a train: see receive_on().
-        self.gro_chans = {}
-        self.until_trial = TRIAL_EVERY
+        # Sockets (this one, channels) reading with UDP_GRO on, on trial,
+        # each with how many reads it goes on without a train.
+        self.trial = {sock: TRIAL_READS} if self.gro else {}
+        self.until_trial = TRIAL_EVERY  # datagrams read until the next trial
         self.addresses = {}             # dest key -> sockaddr tuple
         self.iovecs, self.dests, self.wheres = [], [], []   # the send queue
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
@@ -1017,9 +1019,11 @@ class MmsgIO(BurstIO):
 
     def _receiver(self, read, flags):
         """receive() over one call read(fd, msgs, BURST, flags, None)."""
-        c, fd, report, gro = self.c, self.fd, self.report, self.gro
+        c, fd, report, sock, trial = self.c, self.fd, self.report, \
+            self.sock, self.trial
         msgs, _, names, controls, (msg_size, _, len_at) = self.arrays_in = \
-            mmsg_array(c, self.base + HEADROOM, SLOT, self.name_size, gro)
+            mmsg_array(c, self.base + HEADROOM, SLOT, self.name_size,
+                       self.gro)
         at_msgs = c.c_void_p(c.addressof(msgs))
         # One struct call per burst reads all lengths, one all sources.
         lengths_of = repeated("%dxI%dx" % (len_at, msg_size - len_at - 4))
@@ -1028,6 +1032,7 @@ class MmsgIO(BurstIO):
         # for a train): a slice assignment puts back all it read.
         msgs_bytes = memoryview(msgs).cast("B")
         pristine = memoryview(bytes(msgs_bytes))
+        self.headers_in = msgs_bytes, pristine      # see try_trains()
         headers = [slice(0, k * msg_size) for k in range(BURST + 1)]
         pristines = [pristine[:k * msg_size] for k in range(BURST + 1)]
         no_trains = bytes(len(controls))    # no control message anywhere
@@ -1041,11 +1046,18 @@ class MmsgIO(BurstIO):
                 return (), (), ()
             lengths = lengths_of[k].unpack_from(msgs_bytes)
             sources = sources_of[k].unpack_from(names)
-            if gro:
+            if sock in trial:                   # UDP_GRO is on
                 msgs_bytes[headers[k]] = pristines[k]
                 if controls != no_trains:
                     return self.split(k, lengths, sources)
                 self.trains = False
+                trial[sock] -= 1
+                if not trial[sock]:
+                    self.end_trial(sock)
+            else:
+                self.until_trial -= k
+                if self.until_trial <= 0:
+                    self.try_trains(sock)
             return PLAIN_ATS, lengths, sources
 
         return receive
@@ -1054,6 +1066,7 @@ class MmsgIO(BurstIO):
         """What a burst with trains read: (ats, lengths, sources), each
         train spread into its datagrams."""
         self.trains = True
+        self.trial[self.sock] = TRIAL_READS
         controls = self.arrays_in[3]
         ats, datagrams, froms = [], [], []
         for i in range(k):
@@ -1088,8 +1101,8 @@ class MmsgIO(BurstIO):
         names_view = memoryview(names)
         sendto, dontwait = self.sock.sendto, self.MSG_DONTWAIT
         addresses, sockaddr = self.addresses, self.sockaddr
-        iovecs, dests, wheres, gro_chans = self.iovecs, self.dests, \
-            self.wheres, self.gro_chans
+        iovecs, dests, wheres, trial = self.iovecs, self.dests, \
+            self.wheres, self.trial
 
         def send(start, length, dest, where):
             iovecs.extend((base + start, length))
@@ -1101,7 +1114,7 @@ class MmsgIO(BurstIO):
         def send_on(chan, start, length, where):
             if self.trains:             # the channel is the destination
                 send(start, length, chan, where)
-                if chan not in gro_chans:   # its connectee sends trains
+                if chan not in trial:       # its connectee sends trains
                     self.try_trains(chan)
                 return
             try:
@@ -1203,21 +1216,10 @@ class MmsgIO(BurstIO):
         return True
 
     def receive_on(self, chan):
-        """One datagram or train from a channel, split as receive() does.
-
-        Reading with UDP_GRO costs a channel half a microsecond more per
-        read (recvmsg_into against recv_into), and turning it off is safe
-        only with nothing queued.  So a channel reads with it on trial: every
-        TRIAL_EVERY-th channel read (the busiest channels are the likeliest)
-        and when trains come for it from the server (try_trains).  A trial
-        ends after TRIAL_READS reads without a train (end_trial).
-        """
-        if chan not in self.gro_chans:
+        """One datagram or train from a channel, split as receive() does."""
+        if chan not in self.trial:
             self.until_trial -= 1
-            if self.until_trial:
-                return LONE, (chan.recv_into(self.first, MAX_DATAGRAM),)
-            self.until_trial = TRIAL_EVERY
-            if not self.try_trains(chan):
+            if self.until_trial > 0 or not self.try_trains(chan):
                 return LONE, (chan.recv_into(self.first, MAX_DATAGRAM),)
         n, ancillary, _, _ = chan.recvmsg_into([self.first], GRO_ROOM)
         for level, kind, data in ancillary:
@@ -1225,36 +1227,51 @@ class MmsgIO(BurstIO):
                 size = GRO_SIZE.unpack_from(data)[0]
                 if n > size:
                     self.trains = True
-                    self.gro_chans[chan] = TRIAL_READS
+                    self.trial[chan] = TRIAL_READS
                     return split_train(self.buf, 0, n, size)
         self.trains = False
-        self.gro_chans[chan] -= 1
-        if not self.gro_chans[chan]:
+        self.trial[chan] -= 1
+        if not self.trial[chan]:
             self.end_trial(chan)
         return LONE, (n,)
 
-    def try_trains(self, chan):
-        """Turn UDP_GRO on for a channel: whether the kernel agreed."""
-        if enable_gro(chan):
-            self.gro_chans[chan] = TRIAL_READS
+    def try_trains(self, sock):
+        """Put sock (this socket or a channel) on trial with UDP_GRO on:
+        whether the kernel agreed.
+
+        Reading with UDP_GRO costs: a channel half a microsecond more per
+        read (recvmsg_into against recv_into), this socket a tenth of one
+        per burst (the headers put back, the control buffers compared).  So
+        it is on at start and then on trial: at every TRIAL_EVERY-th
+        datagram read, for the socket that read it (the busiest sockets are
+        the likeliest), and for a channel when trains come for it from the
+        server.  A trial ends after TRIAL_READS reads without a train, and
+        each train starts it anew (end_trial).
+        """
+        self.until_trial = TRIAL_EVERY
+        if sock is self.sock:           # the kernel zeroed what it read:
+            msgs_bytes, pristine = self.headers_in      # room for a train
+            msgs_bytes[:] = pristine
+        if enable_gro(sock):
+            self.trial[sock] = TRIAL_READS
             return True
         return False
 
-    def end_trial(self, chan):
-        """Turn UDP_GRO off for a channel, unless something is queued on it
-        (it may be a train, readable only with UDP_GRO on)."""
+    def end_trial(self, sock):
+        """Turn UDP_GRO off, unless something is queued on sock (it may be
+        a train, readable only with UDP_GRO on)."""
         try:
-            chan.setsockopt(SOL_UDP, UDP_GRO, 0)
-            chan.recv(1, socket.MSG_PEEK | self.MSG_DONTWAIT)
+            sock.setsockopt(SOL_UDP, UDP_GRO, 0)
+            sock.recv(1, socket.MSG_PEEK | self.MSG_DONTWAIT)
         except BlockingIOError:         # nothing queued: what comes is cut
-            del self.gro_chans[chan]    # into datagrams by the kernel
+            del self.trial[sock]        # into datagrams by the kernel
             return
         except OSError:
             pass
-        self.try_trains(chan)           # read the queue with it on
+        self.try_trains(sock)           # read the queue with it on
 
     def forget(self, chan):
-        self.gro_chans.pop(chan, None)
+        self.trial.pop(chan, None)
 
     @staticmethod
     def key_of(addr):
