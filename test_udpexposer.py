@@ -918,6 +918,13 @@ class TestTrains(RelayCase):
             self.assertNotIn(chan, io.trial)
             send_train(real, train, here)
             self.assertEqual(read(7), [([d], False) for d in train])
+            # The 5th of those was due a trial, but a trial without a train
+            # makes a channel rest for one; the next one starts.
+            self.assertNotIn(chan, io.trial)
+            for i in range(3):
+                real.sendto(b"rest %d" % i, here)
+            read(3)
+            self.assertIn(chan, io.trial)
 
     def test_trains_through_server_and_client(self):
         real, conn = gro_socket(self), gro_socket(self)

@@ -803,6 +803,7 @@ DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
 PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
 TRIAL_EVERY = 4096        # datagrams read between trials of UDP_GRO
 TRIAL_READS = 64          # reads without a train that end a trial
+MAX_REST = 6              # a socket skips 2 ** MAX_REST trials at most
 LONE = (DATA_AT,)                 # ats of a lone datagram in the first slot
 GRO_SIZE = struct.Struct("=i")    # the segment size in a UDP_GRO cmsg
 # A control message as the kernel writes it: cmsg_len, cmsg_level,
@@ -1007,6 +1008,8 @@ class MmsgIO(BurstIO):
         # each with how many reads it goes on without a train.
         self.trial = {sock: TRIAL_READS} if self.gro else {}
         self.until_trial = TRIAL_EVERY  # datagrams read until the next trial
+        self.trials = 0                 # trials due so far
+        self.failures, self.rest = {}, {}   # see end_trial()
         self.addresses = {}             # dest key -> sockaddr tuple
         self.iovecs, self.dests, self.wheres = [], [], []   # the send queue
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
@@ -1032,7 +1035,7 @@ class MmsgIO(BurstIO):
         # for a train): a slice assignment puts back all it read.
         msgs_bytes = memoryview(msgs).cast("B")
         pristine = memoryview(bytes(msgs_bytes))
-        self.headers_in = msgs_bytes, pristine      # see try_trains()
+        self.headers_in = msgs_bytes, pristine      # see gro_on()
         headers = [slice(0, k * msg_size) for k in range(BURST + 1)]
         pristines = [pristine[:k * msg_size] for k in range(BURST + 1)]
         no_trains = bytes(len(controls))    # no control message anywhere
@@ -1066,7 +1069,7 @@ class MmsgIO(BurstIO):
         """What a burst with trains read: (ats, lengths, sources), each
         train spread into its datagrams."""
         self.trains = True
-        self.trial[self.sock] = TRIAL_READS
+        self.trained(self.sock)
         controls = self.arrays_in[3]
         ats, datagrams, froms = [], [], []
         for i in range(k):
@@ -1115,7 +1118,7 @@ class MmsgIO(BurstIO):
             if self.trains:             # the channel is the destination
                 send(start, length, chan, where)
                 if chan not in trial:       # its connectee sends trains
-                    self.try_trains(chan)
+                    self.gro_on(chan)
                 return
             try:
                 chan.send(view[start:start + length], dontwait)
@@ -1227,7 +1230,7 @@ class MmsgIO(BurstIO):
                 size = GRO_SIZE.unpack_from(data)[0]
                 if n > size:
                     self.trains = True
-                    self.trial[chan] = TRIAL_READS
+                    self.trained(chan)
                     return split_train(self.buf, 0, n, size)
         self.trains = False
         self.trial[chan] -= 1
@@ -1236,19 +1239,23 @@ class MmsgIO(BurstIO):
         return LONE, (n,)
 
     def try_trains(self, sock):
-        """Put sock (this socket or a channel) on trial with UDP_GRO on:
-        whether the kernel agreed.
+        """At every TRIAL_EVERY-th datagram read: UDP_GRO on trial for the
+        socket that read it (the busiest sockets are the likeliest), unless
+        it rests from trials that brought no train (end_trial).  Whether
+        it is on now.
 
         Reading with UDP_GRO costs: a channel half a microsecond more per
         read (recvmsg_into against recv_into), this socket a tenth of one
         per burst (the headers put back, the control buffers compared).  So
-        it is on at start and then on trial: at every TRIAL_EVERY-th
-        datagram read, for the socket that read it (the busiest sockets are
-        the likeliest), and for a channel when trains come for it from the
-        server.  A trial ends after TRIAL_READS reads without a train, and
-        each train starts it anew (end_trial).
+        it is on at start and then on trial, as here and for a channel when
+        trains come for it from the server; each train starts a trial anew.
         """
         self.until_trial = TRIAL_EVERY
+        self.trials += 1
+        return self.trials >= self.rest.get(sock, 0) and self.gro_on(sock)
+
+    def gro_on(self, sock):
+        """UDP_GRO on for sock, on trial: whether the kernel agreed."""
         if sock is self.sock:           # the kernel zeroed what it read:
             msgs_bytes, pristine = self.headers_in      # room for a train
             msgs_bytes[:] = pristine
@@ -1258,8 +1265,13 @@ class MmsgIO(BurstIO):
         return False
 
     def end_trial(self, sock):
-        """Turn UDP_GRO off, unless something is queued on sock (it may be
-        a train, readable only with UDP_GRO on)."""
+        """TRIAL_READS reads without a train: a channel rests for twice as
+        many trials as after the last such (up to 2 ** MAX_REST), and
+        UDP_GRO goes off, unless something is queued (it may be a train,
+        readable only with UDP_GRO on: then the trial goes on)."""
+        if sock is not self.sock:       # its trials cost little: no rest
+            failures = self.failures[sock] = self.failures.get(sock, 0) + 1
+            self.rest[sock] = self.trials + 2 ** min(failures, MAX_REST)
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 0)
             sock.recv(1, socket.MSG_PEEK | self.MSG_DONTWAIT)
@@ -1268,10 +1280,16 @@ class MmsgIO(BurstIO):
             return
         except OSError:
             pass
-        self.try_trains(sock)           # read the queue with it on
+        self.gro_on(sock)
+
+    def trained(self, sock):
+        """A train came on sock: a trial starts anew, with no rest."""
+        self.trial[sock] = TRIAL_READS
+        self.failures.pop(sock, None)
 
     def forget(self, chan):
-        self.trial.pop(chan, None)
+        for table in (self.trial, self.failures, self.rest):
+            table.pop(chan, None)
 
     @staticmethod
     def key_of(addr):
