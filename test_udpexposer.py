@@ -926,15 +926,22 @@ class TestTrains(RelayCase):
             read(3)
             self.assertIn(chan, io.trial)
 
-    def test_trains_through_server_and_client(self):
+    def relayed(self):
+        """A server and a client, a real server and a connectee (both
+        reading trains) that has said hello through them: (real server,
+        connectee, the server's address, the channel's)."""
         real, conn = gro_socket(self), gro_socket(self)
         server, saddr = self.start("-s", "127.0.0.1:0")
-        client, _ = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
-                               "-c", ux.format_addr(real.getsockname()))
+        self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
+                   "-c", ux.format_addr(real.getsockname()))
         server.wait_line("New client address")
         conn.sendto(b"hello", saddr)
         data, chan = real.recvfrom(100)
         self.assertEqual(data, b"hello")
+        return real, conn, saddr, chan
+
+    def test_trains_through_server_and_client(self):
+        real, conn, saddr, chan = self.relayed()
         for round_ in range(3):
             there = [bytes([round_, i]) * 650 for i in range(25)] + [b"end"]
             send_train(conn, there, saddr)
@@ -951,13 +958,7 @@ class TestTrains(RelayCase):
         """A download: the real server sends trains, the connectee none.
         A channel tries UDP_GRO every TRIAL_EVERY-th read; from then on
         the trains stay trains all the way."""
-        real, conn = gro_socket(self), gro_socket(self)
-        server, saddr = self.start("-s", "127.0.0.1:0")
-        client, _ = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
-                               "-c", ux.format_addr(real.getsockname()))
-        server.wait_line("New client address")
-        conn.sendto(b"hello", saddr)
-        data, chan = real.recvfrom(100)
+        real, conn, saddr, chan = self.relayed()
         trains, deadline = [], time.monotonic() + 30
         for i in range(2 * ux.TRIAL_EVERY // 8):
             back = [struct.pack(">HH", i, j) * 300 for j in range(8)]
