@@ -1053,10 +1053,7 @@ class MmsgIO(BurstIO):
                 msgs_bytes[headers[k]] = pristines[k]
                 if controls != no_trains:
                     return self.split(k, lengths, sources)
-                self.trains = False
-                trial[sock] -= 1
-                if not trial[sock]:
-                    self.end_trial(sock)
+                self.untrained(sock)
             else:
                 self.until_trial -= k
                 if self.until_trial <= 0:
@@ -1068,7 +1065,6 @@ class MmsgIO(BurstIO):
     def split(self, k, lengths, sources):
         """What a burst with trains read: (ats, lengths, sources), each
         train spread into its datagrams."""
-        self.trains = True
         self.trained(self.sock)
         controls = self.arrays_in[3]
         ats, datagrams, froms = [], [], []
@@ -1229,13 +1225,9 @@ class MmsgIO(BurstIO):
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                 size = GRO_SIZE.unpack_from(data)[0]
                 if n > size:
-                    self.trains = True
                     self.trained(chan)
                     return split_train(self.buf, 0, n, size)
-        self.trains = False
-        self.trial[chan] -= 1
-        if not self.trial[chan]:
-            self.end_trial(chan)
+        self.untrained(chan)
         return LONE, (n,)
 
     def try_trains(self, sock):
@@ -1283,9 +1275,19 @@ class MmsgIO(BurstIO):
         self.gro_on(sock)
 
     def trained(self, sock):
-        """A train came on sock: a trial starts anew, with no rest."""
+        """A read with UDP_GRO on brought a train: a trial starts anew,
+        with no rest."""
+        self.trains = True
         self.trial[sock] = TRIAL_READS
         self.failures.pop(sock, None)
+
+    def untrained(self, sock):
+        """A read with UDP_GRO on brought no train: one more towards the
+        trial's end."""
+        self.trains = False
+        self.trial[sock] -= 1
+        if not self.trial[sock]:
+            self.end_trial(sock)
 
     def forget(self, chan):
         for table in (self.trial, self.failures, self.rest):
