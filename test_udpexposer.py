@@ -653,8 +653,11 @@ def receive_trains(sock, count):
         size = len(data)
         for level, kind, value in ancillary:
             if (level, kind) == (ux.SOL_UDP, ux.UDP_GRO):
-                size = struct.unpack("=i", value[:4])[0]
-        got += [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+                size = struct.unpack("=i", value[:4])[0] or size
+        if not data:
+            got.append(data)
+        else:
+            got += [data[i:i + size] for i in range(0, len(data), size)]
         trains.append(size if len(data) > size else None)
     return got, trains
 
@@ -2132,20 +2135,19 @@ class TestService(RelayCase):
     def test_a_stuck_log_reader_never_stops_the_relay(self):
         r, w = os.pipe()
         self.addCleanup(os.close, r)
-        self.started(tool("-s", "127.0.0.1:0", stdout=w))
+        p = self.started(tool("-s", "127.0.0.1:0", stdout=w))
         os.close(w)
         first = b""
         while b"\n" not in first:                  # the start-up line
             first += os.read(r, 1000)
         saddr = ux.resolve(re.search(rb" mode on (\S+),", first)
                            .group(1).decode())[1]
-        a, b, conn = self.udp(), self.udp(), self.udp()
-        # Each change of client address is a line; nobody reads them.  A
-        # pipe holds about 1,600 of them and the tool's queue 1,000.
-        for i in range(6000):
-            (a if i % 2 else b).sendto(b"", saddr)
-            if i % 100 == 0:
-                time.sleep(0.005)
+        b, conn = self.udp(), self.udp()
+        # Each SIGUSR1 is a line of counters; nobody reads them.  A pipe
+        # holds about 100 of them and the tool's queue 1,000.
+        for i in range(3000):
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(0.0002)          # most lead to a line of their own
         b.settimeout(0.1)
         for i in range(20):                         # relaying goes on
             deadline = time.monotonic() + TIMEOUT
@@ -2171,7 +2173,7 @@ class TestService(RelayCase):
         m = re.search(rb"\((\d+) log lines were dropped: the log reader was "
                       rb"not reading\)\n", text)
         self.assertGreater(int(m.group(1)), 0)
-        self.assertGreater(text.count(b"New client address"), 1000)
+        self.assertGreater(text.count(b'{"mode":"server"'), 500)
 
     def dump_stats_to(self, saddr, **popen):
         p = tool("127.0.0.1:0", "-S", "-a", ux.format_addr(saddr),
@@ -2524,6 +2526,290 @@ class TestCommandLine(RelayCase):
         proc.p.send_signal(signal.SIGTERM)
         self.assertEqual(proc.p.wait(TIMEOUT), 0)
         self.assertNotIn("Traceback", proc.stop())
+
+
+# ====================================================================== the edges
+
+def stopped(proc):
+    """A context in which proc is stopped (SIGSTOP): what is sent to it
+    meanwhile waits in its socket and is read in one burst after."""
+    class Stopped:
+        def __enter__(self):
+            proc.p.send_signal(signal.SIGSTOP)
+
+        def __exit__(self, *exc):
+            proc.p.send_signal(signal.SIGCONT)
+    return Stopped()
+
+
+def storm(pid, count):
+    """Two processes that each send pid count SIGUSR1s as fast as they can."""
+    code = "import os, sys\nfor _ in range(%d): os.kill(%d, %d)" % (
+        count, pid, signal.SIGUSR1)
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    for p in procs:
+        p.wait(60)
+
+
+class TestEdges(RelayCase):
+    """Datagrams at the edges of trains, a manager that stops reading,
+    signal storms, floods of lines: nothing is lost, nothing stalls."""
+
+    def tool_pair(self, *extra, real=None, conn=None):
+        """Server and client (both with extra) before a real server that
+        reads trains, and a connectee that has said hello: (real, conn,
+        server address, channel address, server, client)."""
+        real, conn = real or gro_socket(self), conn or gro_socket(self)
+        server, saddr = self.start("-s", "127.0.0.1:0", *extra)
+        client, _ = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
+                               "-c", ux.format_addr(real.getsockname()),
+                               "-i", 200, *extra)
+        deadline = time.monotonic() + TIMEOUT
+        conn.settimeout(0.2)
+        while True:                     # password mode: once registered
+            conn.sendto(b"hello", saddr)
+            real.settimeout(0.2)
+            try:
+                data, chan = real.recvfrom(100)
+                break
+            except socket.timeout:
+                self.assertLess(time.monotonic(), deadline)
+            finally:
+                real.settimeout(TIMEOUT)
+        self.assertEqual(data, b"hello")
+        while True:                     # the later hellos
+            real.settimeout(0.3)
+            try:
+                real.recvfrom(100)
+            except socket.timeout:
+                break
+        real.settimeout(TIMEOUT)
+        conn.settimeout(TIMEOUT)
+        return real, conn, saddr, chan, server, client
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_empty_datagrams_from_a_client_in_one_burst(self):
+        conn = gro_socket(self)
+        proc, saddr = self.start("-s", "127.0.0.1:0")
+        client = self.udp()
+        client.sendto(b"", saddr)
+        proc.wait_line("New client address")
+        conn.sendto(b"hi", saddr)
+        self.assertEqual(self.recv(client)[0], b"\x00\x01hi")
+        with stopped(proc):
+            send_train(client, [b"\x00\x01"] * 5, saddr)     # tags alone
+            send_train(client, [b"\x00\x01" + bytes([i]) * 100
+                                for i in range(5)], saddr)
+            for _ in range(3):
+                client.sendto(b"\x00\x01", saddr)
+        got, _ = receive_trains(conn, 13)
+        self.assertEqual(got, [b""] * 5 + [bytes([i]) * 100 for i in range(5)]
+                         + [b""] * 3)
+        self.assertEqual(usr1_stats(proc, "server")["from_client_msgs"], 13)
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_empty_datagrams_with_trains_both_ways(self):
+        # (In plain mode an empty datagram to the server is a keepalive:
+        # connectees can send none.)
+        for extra, empty in (((), []), (("-P", V_PASSWORD), [b""] * 3)):
+            with self.subTest(extra=extra):
+                real, conn, saddr, chan, server, client = \
+                    self.tool_pair(*extra)
+                train = [bytes([i]) * 100 for i in range(5)]
+                with stopped(client):
+                    send_train(conn, train, saddr)
+                    for data in empty:
+                        conn.sendto(data, saddr)
+                    time.sleep(0.1)     # the server has sent it all
+                self.assertEqual(receive_trains(real, 5 + len(empty))[0],
+                                 train + empty)
+                with stopped(server):
+                    send_train(real, train, chan)
+                    for _ in range(3):
+                        real.sendto(b"", chan)
+                    time.sleep(0.1)
+                self.assertEqual(receive_trains(conn, 8)[0],
+                                 train + [b""] * 3)
+                self.assertNotIn("Traceback", server.stop() + client.stop())
+
+    @unittest.skipIf(NETNS_MISSING, NETNS_MISSING)
+    def test_trains_above_the_path_mtu(self):
+        """lo with an MTU of 1500: a connectee's train of 1472-byte
+        datagrams fits, the tagged one does not.  The relay sends those
+        one by one (the kernel fragments them), and trains that fit still
+        go as trains."""
+        ns = "uxmtu%x%04x" % (os.getpid() % 0xFFFF, id(self) % 0xFFFF)
+        sh("ip", "netns", "add", ns)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns],
+                        stderr=subprocess.DEVNULL)
+        sh("ip", "-n", ns, "link", "set", "lo", "mtu", "1500", "up")
+        for host, biggest in (("127.0.0.1", 1472), ("::1", 1452)):
+            with self.subTest(host=host):
+                def gro(host=host):
+                    sock = self.udp(host, netns=ns)
+                    self.assertTrue(ux.enable_gro(sock))
+                    return sock
+                real, conn = gro(), gro()
+                server, saddr = self.start("-s", "%s:0" % fmt_host(host),
+                                           netns=ns)
+                self.start("%s:0" % fmt_host(host), "-a",
+                           ux.format_addr(saddr), "-c",
+                           ux.format_addr(real.getsockname()), netns=ns)
+                server.wait_line("New client address")
+                conn.sendto(b"hello", saddr)
+                _, chan = real.recvfrom(100)
+                for size in (biggest, 1000, biggest, 1000):
+                    there = [bytes([i]) * size for i in range(40)]
+                    send_train(conn, there, saddr)
+                    got, trains = receive_trains(real, 40)
+                    self.assertEqual(got, there)
+                    back = [bytes([i, 1]) * (size // 2) for i in range(40)]
+                    send_train(real, back, chan)
+                    got, back_trains = receive_trains(conn, 40)
+                    self.assertEqual(got, back)
+                    if size == 1000:    # fits: still trains all the way
+                        self.assertIn(1000, trains)
+                        self.assertIn(1000, back_trains)
+                self.assertNotIn("too big", "\n".join(server.drain()))
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_a_channel_evicted_in_the_burst_that_fills_it(self):
+        server, real = self.udp(), gro_socket(self)
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "-n", 1)
+        self.recv(server)                       # the keepalive
+        with stopped(proc):
+            send_train(server, [b"\x00\x01A%d" % i for i in range(10)],
+                       caddr)
+            server.sendto(b"\x00\x02B", caddr)
+        got, _ = receive_trains(real, 11)
+        self.assertEqual(sorted(got), sorted([b"A%d" % i for i in range(10)]
+                                             + [b"B"]))
+        stats = usr1_stats(proc, "client")
+        self.assertEqual((stats["errors"], stats["channels_closed"]), (0, 1))
+        self.assertNotIn("Bad file descriptor", "\n".join(proc.lines))
+
+    def test_a_notify_socket_nobody_reads(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        for mode in ("server", "client"):
+            with self.subTest(mode=mode):
+                notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.addCleanup(notify.close)
+                path = os.path.join(tmp, mode)
+                notify.bind(path)               # and never read
+                env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "20000"}
+                peer, real = self.udp(), self.udp()
+                if mode == "server":
+                    proc, addr = self.start("-s", "127.0.0.1:0", env=env)
+                    peer.sendto(b"", addr)      # peer is the client
+                    proc.wait_line("New client address")
+                else:
+                    proc, addr = self.start(
+                        "127.0.0.1:0", "-a",
+                        ux.format_addr(peer.getsockname()),
+                        "-c", ux.format_addr(real.getsockname()), env=env)
+                    self.recv(peer)             # peer is the server
+                time.sleep(0.5)                 # the queue is full by now
+                for i in range(3):
+                    if mode == "server":
+                        conn = self.udp()
+                        conn.sendto(b"ping %d" % i, addr)
+                        self.assertEqual(self.recv(peer)[0][2:],
+                                         b"ping %d" % i)
+                    else:
+                        peer.sendto(b"\x00\x07ping %d" % i, addr)
+                        self.assertEqual(self.recv(real)[0], b"ping %d" % i)
+                t0 = time.monotonic()
+                proc.p.terminate()
+                self.assertEqual(proc.p.wait(TIMEOUT), 0)
+                self.assertLess(time.monotonic() - t0, 1.0)
+                self.assertNotIn("Traceback", proc.stop())
+
+    def test_sigusr1_storms(self):
+        for mode in ("server", "client"):
+            with self.subTest(mode=mode):
+                peer, real = self.udp(), self.udp()
+                if mode == "server":
+                    proc, addr = self.start("-s", "127.0.0.1:0")
+                else:
+                    proc, addr = self.start(
+                        "127.0.0.1:0", "-a",
+                        ux.format_addr(peer.getsockname()),
+                        "-c", ux.format_addr(real.getsockname()))
+                for _ in range(2):
+                    storm(proc.p.pid, 100000)
+                self.assertIsNone(proc.p.poll())        # alive
+                lines = proc.drain()
+                self.assertTrue(any(l.startswith('{"mode":"%s"' % mode)
+                                    for l in lines))
+                self.assertEqual(usr1_stats(proc, mode)["mode"], mode)
+                proc.p.terminate()
+                self.assertEqual(proc.p.wait(TIMEOUT), 0)
+                self.assertNotIn("Traceback", proc.stop())
+
+    def test_watchdog_usec_that_is_odd(self):
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(notify.close)
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "notify")
+        notify.bind(path)
+        notify.settimeout(TIMEOUT)
+        proc, _ = self.start("-s", "127.0.0.1:0", env={
+            "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "\u00b2"})
+        self.assertIn("WATCHDOG_USEC=%r is not a number of microseconds: "
+                      "no watchdog" % "\u00b2", proc.drain())
+        self.assertTrue(notify.recv(1000).startswith(b"READY=1"))
+        proc.p.terminate()
+        self.assertEqual(proc.p.wait(TIMEOUT), 0)
+        self.assertEqual(proc.stop(), "")
+        self.assertEqual(notify.recv(1000), b"STOPPING=1")
+        # One microsecond: as often as the loop can, not never.
+        proc, _ = self.start("-s", "127.0.0.1:0", env={
+            "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1"})
+        self.assertTrue(notify.recv(1000).startswith(b"READY=1"))
+        for _ in range(5):
+            self.assertTrue(notify.recv(1000).startswith(b"WATCHDOG=1\n"))
+
+    def test_lines_strangers_provoke_are_limited(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0")
+        a, b = self.udp(), self.udp()
+        for i in range(400):
+            (a if i % 2 else b).sendto(b"", saddr)
+            if i % 50 == 0:
+                time.sleep(0.01)        # no socket buffer overflows
+        deadline = time.monotonic() + TIMEOUT
+        while usr1_stats(proc, "server")["simple_address_switches"] < 400:
+            self.assertLess(time.monotonic(), deadline)
+        lines = [l for l in proc.drain() if "New client address" in l]
+        self.assertEqual(len(lines), ux.Log.BUDGET)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs 127/8")
+    def test_retry_replies_are_limited(self):
+        proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
+        socks = [self.udp(host) for host in many_sources(200)]
+        for s in socks:                 # one replayed keepalive each
+            s.sendto(V_INITIAL_REQUEST, saddr)
+        one = socks[0]
+        for _ in range(10):             # and ten more from one of them
+            one.sendto(V_INITIAL_REQUEST, saddr)
+        replies = 0
+        for s in socks:
+            s.settimeout(0.02 if replies else TIMEOUT)
+            try:
+                while True:
+                    s.recvfrom(1000)
+                    replies += 1
+                    s.settimeout(0.02)
+            except socket.timeout:
+                pass
+        self.assertLessEqual(replies, ux.RETRIES_PER_SECOND)
+        self.assertGreater(replies, 0)
+        stats = usr1_stats(proc, "server")
+        self.assertEqual(stats["retries_refused"], 210 - replies)
 
 
 if __name__ == "__main__":

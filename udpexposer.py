@@ -52,6 +52,7 @@ BURST = 64                # datagrams read from a socket at a time
 BURSTS_PER_WAKEUP = 8     # the server reads on while there is more
 WAIT_AT_MOST = 1.0        # seconds a wait inside recvmmsg lasts (see MmsgIO)
 SOCKET_BUFFER = 1 << 20   # asked of the kernel for SO_RCVBUF / SO_SNDBUF
+ASCII_DIGITS = re.compile("[0-9]+")     # str.isdigit() takes "²" too
 
 DEFAULT_MAX_CLIENTS = 4
 DEFAULT_PING_INTERVAL_MS = 25000
@@ -74,6 +75,9 @@ AUTH_WINDOW = (-10, 1)                    # seconds around now a nonce may be
 UNANSWERED_PINGS = 3                      # then the client says so
 STATS_TRIES, STATS_WAIT = 3, 1.5
 STATS_REPLIES_PER_SECOND = 5              # a replayed -S request reflects
+# A replayed keepalive from many forged sources gets Retry replies, each
+# larger than the request: at most this many a second, and per address.
+RETRIES_PER_SECOND, RETRIES_PER_ADDRESS = 50, 3
 
 # A client whose -c leads back to its server turns one datagram into a new
 # connectee, a new channel and the same datagram again, for ever, and no
@@ -97,7 +101,7 @@ STAT_NAMES = (
 # Counters this tool keeps beyond the wire blob (SIGUSR1 shows them).
 SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed",
                       "evicted_unanswered", "evicted_answered",
-                      "stats_refused")
+                      "stats_refused", "retries_refused")
 CLIENT_STATS = (
     "keepalives", "from_server_msgs", "from_server_bytes",
     "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
@@ -125,24 +129,32 @@ WARN, INFO, DEBUG = 0, 1, 2     # -q shows WARN lines only, -v adds DEBUG
 
 
 class Budget:
-    """At most `count` events per `window` seconds.
+    """At most `count` events per `window` seconds, and with per_key at
+    most that many of them for one key.
 
-    take() says whether one more fits.  held is how many the window that
-    ended last held back; the caller reads it and sets it to 0.
+    take(key) says whether one more fits.  held is how many the window that
+    ended last held back; the caller reads it and sets it to 0.  The keys
+    a window remembers are at most `count`: only those that took.
     """
 
-    def __init__(self, count, window):
-        self.count, self.window = count, window
+    def __init__(self, count, window, per_key=None):
+        self.count, self.window, self.per_key = count, window, per_key
         self.start = None
         self.used = self.refused = self.held = 0
+        self.keys = {}
 
-    def take(self):
+    def take(self, key=None):
         now = time.monotonic()
         if self.start is None or now - self.start >= self.window:
             self.held += self.refused
             self.start, self.used, self.refused = now, 0, 0
-        if self.used < self.count:
+            self.keys.clear()
+        if self.used < self.count and (
+                self.per_key is None
+                or self.keys.get(key, 0) < self.per_key):
             self.used += 1
+            if self.per_key is not None:
+                self.keys[key] = self.keys.get(key, 0) + 1
             return True
         self.refused += 1
         return False
@@ -252,6 +264,7 @@ class Log:
 # ---------------------------------------------------------------- systemd
 
 STATUS_EVERY = 10.0     # seconds between STATUS= lines when no watchdog
+SHORTEST_TICK = 0.01    # seconds: a shorter watchdog period is clamped
 
 
 class Notify:
@@ -262,11 +275,16 @@ class Notify:
     `due` has passed, which feeds the watchdog (WATCHDOG=1 at half of
     WATCHDOG_USEC, when that is meant for this process) and says STATUS=.
     Without NOTIFY_SOCKET `due` never comes and nothing is sent.
+    Sends never wait: a message that finds the manager's queue full is
+    dropped (a late WATCHDOG=1 or STATUS= is worth nothing), so a manager
+    that stops reading never stops the relay.  `problem` says what was
+    wrong with WATCHDOG_USEC, for the log.
     """
 
     def __init__(self, environ):
         self.sock, self.watchdog, self.readied = None, False, False
         self.period, self.due = STATUS_EVERY, float("inf")
+        self.problem = None
         path = environ.get("NOTIFY_SOCKET", "")
         if not path or not hasattr(socket, "AF_UNIX"):
             return
@@ -275,22 +293,28 @@ class Notify:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.connect(path)
+            sock.setblocking(False)
         except OSError:
             sock.close()
             return
         self.sock = sock
         usec = environ.get("WATCHDOG_USEC", "")
-        if usec.isdigit() and int(usec) > 0 \
-                and environ.get("WATCHDOG_PID", str(os.getpid())) \
-                == str(os.getpid()):
-            self.watchdog, self.period = True, int(usec) / 2e6
+        if environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+            return
+        if not ASCII_DIGITS.fullmatch(usec) or not int(usec):
+            if usec:
+                self.problem = "WATCHDOG_USEC=%r is not a number of " \
+                    "microseconds: no watchdog" % usec
+            return
+        self.watchdog = True
+        self.period = max(int(usec) / 2e6, SHORTEST_TICK)
 
     def __call__(self, *fields):
         if self.sock is not None:
             try:
                 self.sock.send("\n".join(fields).encode("utf-8", "replace"))
             except OSError:
-                pass
+                pass            # full (dropped), or the manager is gone
 
     def ready(self, status):
         self.readied = True
@@ -321,7 +345,7 @@ def split_host_port(text):
         if ":" in host:
             raise ValueError("put an IPv6 address in brackets: [%s]:%s"
                              % (host, port))
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not ASCII_DIGITS.fullmatch(port) or not 0 <= int(port) <= 65535:
         raise ValueError("bad port %r in %r" % (port, text))
     return host, int(port)
 
@@ -742,11 +766,32 @@ def log_socket_error(log, where, exc):
     """Tier two of the error rules: the caller counts it, this logs it."""
     if exc.errno == errno.EMSGSIZE:
         log.limited(where, "Dropped a datagram too big to %s" % where, WARN)
+    elif exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        log.limited(where, "Dropped a datagram to %s: the send buffer is "
+                    "full" % where, WARN)
     else:
         log.limited(where, "Socket error (%s): %s" % (where, exc), WARN)
 
 
-def run_loop(sel, timers=None, stop=None):
+SIGNALLED = set()       # SIGUSR1 was received: the relay loop logs counters
+
+
+def note_signal(signum, frame):
+    """SIGUSR1's handler only takes note.  One that did the work could be
+    interrupted by the next signal and run again inside itself: a storm of
+    signals would exhaust the stack.  The loops call log_counters()."""
+    SIGNALLED.add(signum)
+
+
+def log_counters(log, mode, stats):
+    """If SIGUSR1 came since the last call: the counters as one JSON line."""
+    if SIGNALLED:
+        SIGNALLED.clear()
+        log(json.dumps(dict([("mode", mode)] + list(stats.items())),
+                       separators=(",", ":")), WARN)
+
+
+def run_loop(sel, timers=None, stop=None, signalled=None):
     """Dispatch readable sockets to the callables in key.data.
 
     timers() runs whatever is due and returns the seconds to its next
@@ -758,15 +803,18 @@ def run_loop(sel, timers=None, stop=None):
     only between bytecodes, so one that lands in another thread, or just
     before the wait begins, would wait with it (up to a keepalive interval)
     but for the byte it writes to a wakeup pipe (signal.set_wakeup_fd).
+    Then, and once at the start, signalled() does what the handlers noted.
     """
     wake = None
+    signalled = signalled or (lambda: None)
     if threading.current_thread() is threading.main_thread():
         wake = os.pipe()
         for fd in wake:
             os.set_blocking(fd, False)
         previous = signal.set_wakeup_fd(wake[1])
         sel.register(wake[0], selectors.EVENT_READ,
-                     lambda: os.read(wake[0], 512))
+                     lambda: os.read(wake[0], 512) and signalled())
+    signalled()
     timeout, deadline = None, 0.0
     try:
         while stop is None or not stop.is_set():
@@ -871,9 +919,7 @@ class BurstIO:
             """Relay buf[start:start + length] to dest."""
             try:
                 sendto(view[start:start + length], dest)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as e:
+            except OSError as e:        # a full send buffer drops it too
                 report(where, e)
 
         return receive, send
@@ -886,8 +932,6 @@ class BurstIO:
                 self.sock.sendto(data, self.SEND_FLAGS, addr)
             else:
                 chan.send(data, self.SEND_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            pass
         except OSError as e:
             self.report(where, e)
 
@@ -960,14 +1004,15 @@ def split_train(buf, start, n, size):
 def runs(keys, sizes, count):
     """Split items 0..count into trains: (first, end) ranges of one key and
     one size (the last may be shorter), at most TRAIN_OUT datagrams and
-    MAX_TRAIN_BYTES bytes each."""
+    MAX_TRAIN_BYTES bytes each.  An empty datagram is a run of its own: in
+    a train it would be no segment at all."""
     first = 0
     while first < count:
         key, size = keys[first], sizes[first]
         end = first + 1
-        most = min(TRAIN_OUT, MAX_TRAIN_BYTES // max(size, 1))
+        most = min(TRAIN_OUT, MAX_TRAIN_BYTES // max(size, 1)) if size else 1
         while end < count and end - first < most and keys[end] == key \
-                and sizes[end] <= size:
+                and 0 < sizes[end] <= size:
             end += 1
             if sizes[end - 1] < size:
                 break
@@ -1011,6 +1056,7 @@ class MmsgIO(BurstIO):
         self.trials = 0                 # trials due so far
         self.failures, self.rest = {}, {}   # see end_trial()
         self.addresses = {}             # dest key -> sockaddr tuple
+        self.too_big = {}               # dest -> a segment size refused
         self.iovecs, self.dests, self.wheres = [], [], []   # the send queue
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
@@ -1118,8 +1164,6 @@ class MmsgIO(BurstIO):
                 return
             try:
                 chan.send(view[start:start + length], dontwait)
-            except (BlockingIOError, InterruptedError):
-                pass
             except OSError as e:
                 report(where, e)
 
@@ -1134,8 +1178,6 @@ class MmsgIO(BurstIO):
                     sendto(view[iovecs[0] - base:iovecs[0] - base + iovecs[1]],
                            dontwait, addresses.get(dests[0])
                            or sockaddr(dests[0]))
-                except (BlockingIOError, InterruptedError):
-                    pass
                 except OSError as e:
                     report(wheres[0], e)
             else:
@@ -1156,9 +1198,12 @@ class MmsgIO(BurstIO):
                     done += sent
                 else:
                     err = c.get_errno()
-                    if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                        break       # socket buffer full: the rest is lost
-                    report(wheres[done], OSError(err, os.strerror(err)))
+                    error = OSError(err, os.strerror(err))
+                    if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                        for where in wheres[done:queued]:   # all lost
+                            report(where, error)
+                        break
+                    report(wheres[done], error)
                     done += 1       # skip the one that failed
                 if done < queued:
                     sent = sendmmsg(fd, c.c_void_p(at_out + done * msg_size),
@@ -1168,25 +1213,40 @@ class MmsgIO(BurstIO):
 
     def send_trains(self):
         """Send the queue of a burst with trains: each run to one
-        destination with one size as one train, the rest one by one."""
+        destination with one size as one train, the rest one by one.
+
+        A train whose segments exceed the path's MTU is refused
+        (EMSGSIZE), where single datagrams would be fragmented: it goes
+        one by one, and so do later trains of that size or more to that
+        destination (self.too_big).  A kernel that cannot make trains at
+        all (EIO, EINVAL) turns them off for good, said once.  Either way
+        no datagram is lost."""
         view, base, wheres = self.view, self.base, self.wheres
         starts, sizes, dests = self.iovecs[0::2], self.iovecs[1::2], self.dests
+        too_big = self.too_big
         for first, end in runs(dests, sizes, len(dests)):
-            chan = dests[first] if isinstance(dests[first], socket.socket) \
-                else None
-            addr = None if chan else self.sockaddr(dests[first])
-            parts = [view[start - base:start - base + size] for start, size
+            dest, size = dests[first], sizes[first]
+            chan = dest if isinstance(dest, socket.socket) else None
+            addr = None if chan else self.sockaddr(dest)
+            parts = [view[start - base:start - base + n] for start, n
                      in zip(starts[first:end], sizes[first:end])]
-            if len(parts) > 1 and self.gso:
-                error = send_gso(chan or self.sock, parts, sizes[first], addr)
+            if len(parts) > 1 and self.gso \
+                    and size < too_big.get(dest, MAX_DATAGRAM):
+                error = send_gso(chan or self.sock, parts, size, addr)
                 if error is None:
                     continue
-                if error.errno not in (errno.EIO, errno.EINVAL):
-                    self.report(wheres[first], error)
+                if error.errno == errno.EMSGSIZE:
+                    if len(too_big) >= 1024:
+                        too_big.clear()
+                    too_big[dest] = size
+                elif error.errno in (errno.EIO, errno.EINVAL):
+                    self.gso = False
+                    self.notice("The kernel refuses UDP trains (%s): sending "
+                                "datagrams one by one from now on" % error)
+                else:                   # a full buffer, a firewall: lost
+                    for where in wheres[first:end]:
+                        self.report(where, error)
                     continue
-                self.gso = False
-                self.notice("The kernel refuses UDP trains (%s): sending "
-                            "datagrams one by one from now on" % error)
             for part, where in zip(parts, wheres[first:end]):
                 self.send_now(part, addr, where, chan)
 
@@ -1290,7 +1350,10 @@ class MmsgIO(BurstIO):
             self.end_trial(sock)
 
     def forget(self, chan):
-        for table in (self.trial, self.failures, self.rest):
+        """The client closes chan: what is queued for it leaves first."""
+        if chan in self.dests:
+            self.flush()
+        for table in (self.trial, self.failures, self.rest, self.too_big):
             table.pop(chan, None)
 
     @staticmethod
@@ -1365,16 +1428,13 @@ def enable_gro(sock):
 
 def send_gso(sock, parts, size, addr=None):
     """Send parts as one train of `size`-byte datagrams: None, or the
-    OSError (a full socket buffer loses the train, as it would lose the
-    datagrams)."""
+    OSError (BlockingIOError: a full socket buffer lost the train)."""
     segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
     try:
         if addr is None:
             sock.sendmsg(parts, segment, MmsgIO.MSG_DONTWAIT)
         else:
             sock.sendmsg(parts, segment, MmsgIO.MSG_DONTWAIT, addr)
-    except (BlockingIOError, InterruptedError):
-        pass
     except OSError as e:
         return e
     return None
@@ -1421,6 +1481,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     secret = os.urandom(32)       # keys the address hash of the Retry nonces
     registered = sign(key, REGISTERED_CLAIMS) if key else None
     stats_budget = Budget(STATS_REPLIES_PER_SECOND, 1.0)
+    retry_budget = Budget(RETRIES_PER_SECOND, 1.0, RETRIES_PER_ADDRESS)
     buf, view, address = io.buf, io.view, io.address
 
     def address_hash(src):
@@ -1468,6 +1529,14 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             earliest, latest = now + AUTH_WINDOW[0], now + AUTH_WINDOW[1]
             if nonce is None or not (
                     earliest <= nonce ^ address_hash(src) <= latest):
+                if not retry_budget.take(src):
+                    stats["retries_refused"] += 1
+                    log.limited("retry budget", lambda: "Sent no Retry to "
+                                "%s: over %d a second, or %d for one address"
+                                % (format_addr(address(src)),
+                                   RETRIES_PER_SECOND, RETRIES_PER_ADDRESS),
+                                WARN)
+                    return True
                 log.limited("auth", "Authenticating: %s"
                             % format_addr(address(src)))
                 io.send_now(sign(key, retry_claims(now ^ address_hash(src))),
@@ -1526,8 +1595,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 stats["last_ka_s"] = int(time.time())
                 if src != client:
                     stats["simple_address_switches"] += 1
-                    client = src
-                    log("New client address: %s" % format_addr(address(src)))
+                    client = src        # anyone can send an empty datagram:
+                    log.limited("client address", lambda: "New client "
+                                "address: %s" % format_addr(address(src)))
                 continue
 
             if src == client:                           # client -> connectee
@@ -1595,7 +1665,11 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             len(connectees),
             stats["from_connectee_msgs"] + stats["from_client_msgs"])
 
+    def counters():
+        log_counters(log, "server", stats)
+
     notify.ready(status())
+    counters()
     wait = min(WAIT_AT_MOST, notify.period)
     if io.wait_in_receive(wait):
         # This socket is the server's only one: wait in recvmmsg itself and
@@ -1604,6 +1678,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         timed = notify.sock is not None     # else `due` never comes
         while True:
             relay_burst()
+            if SIGNALLED:
+                counters()
             if timed and time.monotonic() >= notify.due:
                 notify.tick(status())
 
@@ -1622,7 +1698,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, on_readable)
-    run_loop(sel, timers)
+    run_loop(sel, timers, signalled=counters)
 
 
 # ---------------------------------------------------------------- the client
@@ -1937,7 +2013,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
     if resolver is None:
         resolver = resolve
     sel.register(sock, selectors.EVENT_READ, on_server_readable)
-    run_loop(sel, timers, stop)
+    run_loop(sel, timers, stop, lambda: log_counters(log, "client", stats))
 
 
 # ---------------------------------------------------------------- stats client
@@ -2380,19 +2456,11 @@ def print_stats(sock, server, key, stdout_closed):
 def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
     closed = open_closed_std_fds()
-    shown = {}          # what SIGUSR1 logs, once the mode is known
     log = None
-
-    def log_counters(signum, frame):
-        if shown and log is not None:
-            log(json.dumps(dict([("mode", shown["mode"])]
-                                + list(shown["stats"].items())),
-                           separators=(",", ":")), WARN)
-
     # Handlers first: a signal while the key is derived ends it cleanly.
     signal.signal(signal.SIGTERM, _stop)
     if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, log_counters)
+        signal.signal(signal.SIGUSR1, note_signal)
     run, notify = {}, Notify({})
     try:
         args = build_parser().parse_args(argv)
@@ -2413,8 +2481,9 @@ def main(argv=None, environ=None):
         if mode == "stats":
             return print_stats(sock, run["server"], key, 1 in closed)
         stats = client_stats() if mode == "client" else server_stats()
-        shown.update(mode=mode, stats=stats)
         notify = Notify(environ)
+        if notify.problem:
+            log(notify.problem, WARN)
         bound = format_addr(sock.getsockname())
         flavour = "password mode" if key else "plain mode"
         # The start-up line shows even with -q: it says what is bound where.
