@@ -40,7 +40,10 @@ import sys
 import threading
 import time
 
-__version__ = "0.3.0"
+__version__ = "1.0.0"        # this tool's own (semantic versioning)
+WIRE_VERSION = "0.3.0"       # the Rust udpexposer whose bytes it speaks
+VERSION_TEXT = "%s (wire protocol of udpexposer %s)" % (__version__,
+                                                        WIRE_VERSION)
 
 # ---------------------------------------------------------------- constants
 
@@ -57,6 +60,7 @@ ASCII_DIGITS = re.compile("[0-9]+")     # str.isdigit() takes "²" too
 DEFAULT_MAX_CLIENTS = 4
 DEFAULT_PING_INTERVAL_MS = 25000
 DEFAULT_RESOLVE_INTERVAL = 300  # seconds between lookups of -a's host name
+MAX_LOOKUP_BACKOFF = 60.0       # seconds between tries of one never resolved
 LOOKUP_POLL = 0.05                # while a lookup runs, look for its result
 PASSWORD_ENV = "UDPEXPOSER_PASSWORD"
 MAX_PASSWORD = 4096     # bytes of --password-file's first line, at most
@@ -350,15 +354,32 @@ def split_host_port(text):
     return host, int(port)
 
 
+class LookupFailed(ValueError):
+    """A well-formed host name that did not resolve (this time)."""
+
+
+HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
 def resolve(text, passive=False):
-    """Address text -> (family, sockaddr), looked up once."""
+    """Address text -> (family, sockaddr), looked up once.  ValueError for
+    text that no lookup can make sense of; LookupFailed for a lookup that
+    failed."""
     host, port = split_host_port(text)
     flags = socket.AI_PASSIVE if passive else 0
+    if not is_ip_literal(host):
+        try:
+            labels = host.encode("idna").decode("ascii").rstrip(".")
+        except UnicodeError as e:
+            raise ValueError("bad host name %r: %s" % (host, e))
+        if len(labels) > 253 or not all(
+                HOST_LABEL.fullmatch(label) for label in labels.split(".")):
+            raise ValueError("bad host name %r" % host)
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM,
                                    socket.IPPROTO_UDP, flags)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ValueError("cannot resolve %r: %s" % (host, e))
+    except socket.gaierror as e:
+        raise LookupFailed("cannot resolve %r: %s" % (host, e))
     infos.sort(key=lambda info: info[0] != socket.AF_INET)   # IPv4 first
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr
@@ -754,6 +775,10 @@ def pack_stats(stats):
                        *[stats[name] & M64 for name in STAT_NAMES])
 
 
+# What a stats request signs, whatever the key: its token starts so.
+STATS_REQUEST_SIGNED = TOKEN_PREFIX + _b64url(request_claims(STATS_NONCE))
+
+
 def stats_json(blob):
     """A stats blob as one compact JSON object, keys in wire order."""
     values = struct.unpack(">%dQ" % len(STAT_NAMES), blob)
@@ -845,6 +870,10 @@ TRAIN_IN = 128            # datagrams in a received train, at most (kernel)
 TRAIN_OUT = 64            # datagrams in a sent train, at most (any kernel)
 MAX_TRAIN_BYTES = 65507   # payload of a sent train, at most
 GRO_ROOM = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+# The local address of a datagram (Linux's numbers; older Pythons lack them).
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
@@ -924,12 +953,12 @@ class BurstIO:
 
         return receive, send
 
-    def send_now(self, data, addr, where, chan=None):
-        """Send data at once, outside any burst: to the sockaddr tuple addr,
-        or on the connected socket chan."""
+    def send_now(self, data, dest, where, chan=None):
+        """Send data at once, outside any burst: to the destination key
+        dest, or on the connected socket chan."""
         try:
             if chan is None:
-                self.sock.sendto(data, self.SEND_FLAGS, addr)
+                self.sock.sendto(data, self.SEND_FLAGS, dest)
             else:
                 chan.send(data, self.SEND_FLAGS)
         except OSError as e:
@@ -955,8 +984,7 @@ class BurstIO:
     def address(key):
         return key
 
-    @staticmethod
-    def key_of(addr):
+    def key_of(self, addr):
         """The source key recvfrom gives for a sockaddr tuple."""
         return addr
 
@@ -1043,9 +1071,13 @@ class MmsgIO(BurstIO):
     MSG_WAITFORONE = 0x10000
     SEND_FLAGS = MSG_DONTWAIT       # the socket may be blocking: see below
 
-    def __init__(self, sock, report, ctypes, libc, notice=None):
+    def __init__(self, sock, report, ctypes, libc, notice=None,
+                 reply_from_local=False):
         BurstIO.__init__(self, sock, report, notice)
         self.c, self.fd = ctypes, sock.fileno()
+        # On a wildcard bind, with reply_from_local: sources are keyed by
+        # the local address too, and replies leave from it (LocalReplies).
+        self.local = LocalReplies.of(sock) if reply_from_local else None
         self.gro = enable_gro(sock)     # trains in: see try_trains()
         self.gso = self.gro             # trains out, until the kernel refuses
         self.trains = False             # whether this burst brought trains
@@ -1061,6 +1093,8 @@ class MmsgIO(BurstIO):
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
         self.name_size = 28 if sock.family == socket.AF_INET6 else 16
+        self.room = (GRO_ROOM if self.gro else 0) \
+            + (0 if self.local is None else self.local.space)
         self.base = ctypes.addressof(
             (ctypes.c_char * len(self.buf)).from_buffer(self.buf))
         self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
@@ -1070,13 +1104,20 @@ class MmsgIO(BurstIO):
         """receive() over one call read(fd, msgs, BURST, flags, None)."""
         c, fd, report, sock, trial = self.c, self.fd, self.report, \
             self.sock, self.trial
-        msgs, _, names, controls, (msg_size, _, len_at) = self.arrays_in = \
-            mmsg_array(c, self.base + HEADROOM, SLOT, self.name_size,
-                       self.gro)
+        msgs, _, names, controls, (msg_size, controllen_at, len_at) = \
+            self.arrays_in = mmsg_array(c, self.base + HEADROOM, SLOT,
+                                        self.name_size, self.room)
         at_msgs = c.c_void_p(c.addressof(msgs))
         # One struct call per burst reads all lengths, one all sources.
         lengths_of = repeated("%dxI%dx" % (len_at, msg_size - len_at - 4))
         sources_of = repeated("%ds" % self.name_size)
+        local, room = self.local, self.room
+        if local is not None:
+            controllens_of = repeated("%dxN%dx" % (
+                controllen_at, msg_size - controllen_at - c.sizeof(c.c_size_t)),
+                "@")
+            locals_of = repeated("%ds%dx" % (local.space, room - local.space))
+            add, replies = bytes.__add__, local.__getitem__
         # The kernel sets each msg_controllen to what it wrote there (0 but
         # for a train): a slice assignment puts back all it read.
         msgs_bytes = memoryview(msgs).cast("B")
@@ -1095,10 +1136,19 @@ class MmsgIO(BurstIO):
                 return (), (), ()
             lengths = lengths_of[k].unpack_from(msgs_bytes)
             sources = sources_of[k].unpack_from(names)
-            if sock in trial:                   # UDP_GRO is on
+            if local is not None:   # each message's control: pktinfo first,
+                trains = sock in trial and max(controllens_of[k].unpack_from(
+                    msgs_bytes)) > local.space  # a train's after UDP_GRO's
+                msgs_bytes[headers[k]] = pristines[k]
+                sources = list(map(add, sources, map(
+                    replies, locals_of[k].unpack_from(controls))))
+                if trains:
+                    return self.split(k, lengths, sources)
+            elif sock in trial:                 # UDP_GRO is on
                 msgs_bytes[headers[k]] = pristines[k]
                 if controls != no_trains:
                     return self.split(k, lengths, sources)
+            if sock in trial:
                 self.untrained(sock)
             else:
                 self.until_trial -= k
@@ -1112,13 +1162,22 @@ class MmsgIO(BurstIO):
         """What a burst with trains read: (ats, lengths, sources), each
         train spread into its datagrams."""
         self.trained(self.sock)
-        controls = self.arrays_in[3]
+        controls, room, local = self.arrays_in[3], self.room, self.local
         ats, datagrams, froms = [], [], []
         for i in range(k):
             n, at = lengths[i], i * SLOT
-            _, level, kind, size = GRO_CMSG.unpack_from(controls, i * GRO_ROOM)
-            if (level, kind) != (SOL_UDP, UDP_GRO) or n <= size:    # lone
-                ats.append(at + DATA_AT)
+            _, level, kind, size = GRO_CMSG.unpack_from(controls, i * room)
+            if (level, kind) != (SOL_UDP, UDP_GRO):
+                ats.append(at + DATA_AT)                # lone
+                datagrams.append(n)
+                froms.append(sources[i])
+                continue
+            if local is not None:   # its pktinfo follows: the source anew
+                sources[i] = sources[i][:self.name_size] + local[bytes(
+                    controls[i * room + GRO_ROOM:i * room + GRO_ROOM
+                             + local.space])]
+            if n <= size:
+                ats.append(at + DATA_AT)                # lone
                 datagrams.append(n)
                 froms.append(sources[i])
                 continue
@@ -1137,14 +1196,19 @@ class MmsgIO(BurstIO):
         """send(), send_on() and flush(): see the class."""
         c, fd, report, view, base = self.c, self.fd, self.report, \
             self.view, self.base
-        name_size = self.name_size
+        name_size, local = self.name_size, self.local
+        # A destination key fills its message's name, and with local its
+        # control message too: they lie one after the other (mmsg_array).
+        key_size = name_size + (0 if local is None else len(local.tail))
         msgs, iovs, names, _, (msg_size, _, _) = self.arrays_out = \
-            mmsg_array(c, 0, 0, name_size, False)
+            mmsg_array(c, 0, 0, name_size,
+                       0 if local is None else local.space, inline=True)
         at_out = c.addressof(msgs)
         at_out_p = c.c_void_p(at_out)
         iovecs_of = repeated("PN", "@")         # void *base, size_t len
         names_view = memoryview(names)
-        sendto, dontwait = self.sock.sendto, self.MSG_DONTWAIT
+        sendto, sendmsg, dontwait = self.sock.sendto, self.sock.sendmsg, \
+            self.MSG_DONTWAIT
         addresses, sockaddr = self.addresses, self.sockaddr
         iovecs, dests, wheres, trial = self.iovecs, self.dests, \
             self.wheres, self.trial
@@ -1174,15 +1238,20 @@ class MmsgIO(BurstIO):
             if self.trains:
                 self.send_trains()
             elif queued == 1:           # half the cost of a sendmmsg of one
+                data = view[iovecs[0] - base:iovecs[0] - base + iovecs[1]]
+                dest = dests[0]
                 try:
-                    sendto(view[iovecs[0] - base:iovecs[0] - base + iovecs[1]],
-                           dontwait, addresses.get(dests[0])
-                           or sockaddr(dests[0]))
+                    if local is None:
+                        sendto(data, dontwait,
+                               addresses.get(dest) or sockaddr(dest))
+                    else:
+                        sendmsg([data], local.ancillary(dest), dontwait,
+                                sockaddr(dest))
                 except OSError as e:
                     report(wheres[0], e)
             else:
                 iovecs_of[queued].pack_into(iovs, 0, *iovecs)
-                names_view[:queued * name_size] = b"".join(dests)
+                names_view[:queued * key_size] = b"".join(dests)
                 sent = sendmmsg(fd, at_out_p, queued, dontwait, None)
                 if sent != queued:
                     send_rest(sent, queued)
@@ -1227,12 +1296,16 @@ class MmsgIO(BurstIO):
         for first, end in runs(dests, sizes, len(dests)):
             dest, size = dests[first], sizes[first]
             chan = dest if isinstance(dest, socket.socket) else None
-            addr = None if chan else self.sockaddr(dest)
             parts = [view[start - base:start - base + n] for start, n
                      in zip(starts[first:end], sizes[first:end])]
             if len(parts) > 1 and self.gso \
                     and size < too_big.get(dest, MAX_DATAGRAM):
-                error = send_gso(chan or self.sock, parts, size, addr)
+                if chan:
+                    error = send_gso(chan, parts, size)
+                else:
+                    error = send_gso(self.sock, parts, size,
+                                     self.sockaddr(dest),
+                                     self.ancillary(dest))
                 if error is None:
                     continue
                 if error.errno == errno.EMSGSIZE:
@@ -1248,7 +1321,23 @@ class MmsgIO(BurstIO):
                         self.report(where, error)
                     continue
             for part, where in zip(parts, wheres[first:end]):
-                self.send_now(part, addr, where, chan)
+                self.send_now(part, dest, where, chan)
+
+    def send_now(self, data, dest, where, chan=None):
+        try:
+            if chan is not None:
+                chan.send(data, self.MSG_DONTWAIT)
+            elif self.local is None:
+                self.sock.sendto(data, self.MSG_DONTWAIT, self.sockaddr(dest))
+            else:
+                self.sock.sendmsg([data], self.local.ancillary(dest),
+                                  self.MSG_DONTWAIT, self.sockaddr(dest))
+        except OSError as e:
+            self.report(where, e)
+
+    def ancillary(self, dest):
+        """The control messages a datagram to dest carries (sendmsg's)."""
+        return [] if self.local is None else self.local.ancillary(dest)
 
     def sockaddr(self, dest):
         """The sockaddr tuple of a destination key, remembered."""
@@ -1356,16 +1445,20 @@ class MmsgIO(BurstIO):
         for table in (self.trial, self.failures, self.rest, self.too_big):
             table.pop(chan, None)
 
-    @staticmethod
-    def key_of(addr):
-        """sockaddr tuple -> the sockaddr bytes recvmmsg gives (Linux layout)."""
+    def key_of(self, addr):
+        """sockaddr tuple -> the key receive() gives: the sockaddr bytes
+        (Linux layout), and with local the control message of a reply
+        from whichever address the kernel chooses."""
         host, port = addr[0].split("%")[0], struct.pack(">H", addr[1])
         if len(addr) == 2:
-            return struct.pack("=H", socket.AF_INET) + port \
+            key = struct.pack("=H", socket.AF_INET) + port \
                 + socket.inet_pton(socket.AF_INET, host) + bytes(8)
-        return struct.pack("=H", socket.AF_INET6) + port \
-            + struct.pack(">I", addr[2]) \
-            + socket.inet_pton(socket.AF_INET6, host) + struct.pack("=I", addr[3])
+        else:
+            key = struct.pack("=H", socket.AF_INET6) + port \
+                + struct.pack(">I", addr[2]) \
+                + socket.inet_pton(socket.AF_INET6, host) \
+                + struct.pack("=I", addr[3])
+        return key if self.local is None else key + self.local.any_for(host)
 
     @staticmethod
     def address(raw):
@@ -1379,12 +1472,92 @@ class MmsgIO(BurstIO):
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
 
 
-def mmsg_array(c, first, stride, name_size, control):
+class LocalReplies(dict):
+    """Replies from the address each datagram came to, on a socket bound to
+    a wildcard address: on a host with several addresses a peer hears from
+    the one it sent to, not from whichever the route prefers.
+
+    IP_PKTINFO (IPV6_RECVPKTINFO) puts each datagram's local address in a
+    control message.  A source key is then the sockaddr followed by the
+    control message a reply carries (that address alone, no interface: the
+    route still picks the way out), so that the relay's tables key peers by
+    both, and sendmmsg takes name and control message from one slot.  This
+    dict maps a control message received to that key tail: one lookup per
+    datagram, at C speed (map over __getitem__); tail is its shape.
+    """
+
+    HEADER = socket.CMSG_LEN(0) if hasattr(socket, "CMSG_LEN") else 16
+
+    def __init__(self, family):
+        dict.__init__(self)
+        self.v6 = family == socket.AF_INET6
+        if self.v6:
+            self.level, self.kind, self.size = \
+                socket.IPPROTO_IPV6, IPV6_PKTINFO, 20    # in6_pktinfo
+            self.pad = bytes(4)     # after the 28-byte sockaddr_in6
+        else:
+            self.level, self.kind, self.size = \
+                socket.IPPROTO_IP, IP_PKTINFO, 12        # in_pktinfo
+            self.pad = b""
+        self.space = socket.CMSG_SPACE(self.size)
+        self.data_at = (28 if self.v6 else 16) + len(self.pad) + self.HEADER
+        self.tail = self.reply(bytes(self.size))
+
+    @classmethod
+    def of(cls, sock):
+        """LocalReplies for sock if it is bound to a wildcard address and
+        the kernel reports local addresses, else None."""
+        if sock.getsockname()[0] not in ("0.0.0.0", "::") \
+                or not hasattr(socket, "CMSG_SPACE"):
+            return None
+        try:
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        except OSError:
+            return None
+        return cls(sock.family)
+
+    def reply(self, data):
+        """The key tail of a reply whose pktinfo struct is data."""
+        return self.pad + struct.pack("@Nii", self.HEADER + self.size,
+                                      self.level, self.kind) \
+            + data + bytes(self.space - self.HEADER - self.size)
+
+    def __missing__(self, raw):
+        if len(self) >= 1024:
+            self.clear()
+        data = raw[self.HEADER:self.HEADER + self.size]
+        if self.v6:                             # the address, no interface
+            data = data[:16] + bytes(4)
+        else:                                   # ipi_spec_dst alone
+            data = bytes(4) + data[4:8] + bytes(4)
+        tail = self[raw] = self.reply(data)
+        return tail
+
+    def any_for(self, host):
+        """The key tail for a peer known by name, not by a datagram: the
+        kernel chooses the address (for an IPv4-mapped peer that choice is
+        ::ffff:0.0.0.0, the kernel wants an IPv4 address there)."""
+        if self.v6 and host.startswith("::ffff:"):
+            return self.reply(socket.inet_pton(socket.AF_INET6,
+                                               "::ffff:0.0.0.0") + bytes(4))
+        return self.tail
+
+    def ancillary(self, key):
+        """sendmsg's control messages for a datagram to key."""
+        return [(self.level, self.kind,
+                 key[self.data_at:self.data_at + self.size])]
+
+
+def mmsg_array(c, first, stride, name_size, room, inline=False):
     """ctypes arrays of BURST struct mmsghdr for recvmmsg or sendmmsg:
     message i has one iovec (MAX_DATAGRAM bytes at first + i * stride;
-    sendmmsg's callers set their own), name_size bytes of sockaddr room and,
-    with control, GRO_ROOM bytes of control buffer.  Returns (msgs, iovs,
-    names, controls, (sizeof mmsghdr, offset of controllen, of len))."""
+    sendmmsg's callers set their own), name_size bytes of sockaddr room and
+    `room` bytes of control buffer: in controls, or with inline right after
+    its name (at 8-byte alignment) in names.  Returns (msgs, iovs, names,
+    controls, (sizeof mmsghdr, offset of controllen, of len))."""
 
     class IOVec(c.Structure):
         _fields_ = [("base", c.c_void_p), ("len", c.c_size_t)]
@@ -1401,16 +1574,25 @@ def mmsg_array(c, first, stride, name_size, control):
     def address_of(data):
         return c.addressof((c.c_char * len(data)).from_buffer(data))
 
-    names, controls = bytearray(BURST * name_size), bytearray(BURST * GRO_ROOM)
+    name_slot = (name_size + 7) // 8 * 8 if inline and room else name_size
+    names = bytearray(BURST * (name_slot + room if inline else name_size))
+    controls = bytearray(0 if inline else BURST * room)
     iovs, msgs = (IOVec * BURST)(), (MMsgHdr * BURST)()
     for i in range(BURST):
         iovs[i].base, iovs[i].len = first + i * stride, MAX_DATAGRAM
         hdr = msgs[i].hdr
-        hdr.name, hdr.namelen = address_of(names) + i * name_size, name_size
+        if inline:
+            hdr.name = address_of(names) + i * (name_slot + room)
+            hdr.control = hdr.name + name_slot
+        else:
+            hdr.name = address_of(names) + i * name_size
+            hdr.control = address_of(controls) + i * room
+        hdr.namelen = name_size
         hdr.iov, hdr.iovlen = c.addressof(iovs[i]), 1
-        if control:
-            hdr.control = address_of(controls) + i * GRO_ROOM
-            hdr.controllen = GRO_ROOM
+        if room:
+            hdr.controllen = room
+        else:
+            hdr.control = None
     return msgs, iovs, names, controls, (
         c.sizeof(MMsgHdr), MsgHdr.controllen.offset, MMsgHdr.len.offset)
 
@@ -1426,10 +1608,12 @@ def enable_gro(sock):
     return True
 
 
-def send_gso(sock, parts, size, addr=None):
-    """Send parts as one train of `size`-byte datagrams: None, or the
-    OSError (BlockingIOError: a full socket buffer lost the train)."""
+def send_gso(sock, parts, size, addr=None, ancillary=()):
+    """Send parts as one train of `size`-byte datagrams (to addr, with the
+    control messages ancillary): None, or the OSError (BlockingIOError: a
+    full socket buffer lost the train)."""
     segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+    segment.extend(ancillary)
     try:
         if addr is None:
             sock.sendmsg(parts, segment, MmsgIO.MSG_DONTWAIT)
@@ -1440,12 +1624,15 @@ def send_gso(sock, parts, size, addr=None):
     return None
 
 
-def burst_io(sock, report, portable=False, notice=None):
-    """MmsgIO where the platform has it (unless portable), else BurstIO."""
+def burst_io(sock, report, portable=False, notice=None,
+             reply_from_local=False):
+    """MmsgIO where the platform has it (unless portable), else BurstIO.
+    reply_from_local: see MmsgIO and LocalReplies."""
     mmsg = None if portable else _load_mmsg()
     if mmsg is None:
         return BurstIO(sock, report, notice)
-    return MmsgIO(sock, report, *mmsg, notice=notice)
+    return MmsgIO(sock, report, *mmsg, notice=notice,
+                  reply_from_local=reply_from_local)
 
 
 # ---------------------------------------------------------------- the server
@@ -1474,7 +1661,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         stats[counter] += 1
         log_socket_error(log, SERVER_ERRORS[counter], exc)
 
-    io = burst_io(sock, report, portable, lambda text: log(text, WARN))
+    io = burst_io(sock, report, portable, lambda text: log(text, WARN),
+                  reply_from_local=True)
     connectees = Connectees(max_clients,
                             reserved=(TOKEN_LOOKALIKE_TAG,) if key else ())
     client = None                 # the client's address key, once known
@@ -1499,8 +1687,11 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         claims = verify(key, token)
         if claims is None:
             stats["invalid_auths"] += 1
-            log.limited("auth failed", lambda: "A client from %s failed to "
-                        "authenticate" % format_addr(address(src)), WARN)
+            who = "A stats request (-S)" if bytes(token).startswith(
+                STATS_REQUEST_SIGNED) else "A client"
+            log.limited("auth failed", lambda: "%s from %s failed to "
+                        "authenticate (another password?)"
+                        % (who, format_addr(address(src))), WARN)
             return False
         is_request, nonce = request_nonce(claims)
         if not is_request:
@@ -1508,7 +1699,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         if nonce == STATS_NONCE:
             stats["stats_requests"] += 1
             if stats_budget.take():
-                io.send_now(pack_stats(stats), address(src), "err2")
+                io.send_now(pack_stats(stats), src, "err2")
             else:
                 stats["stats_refused"] += 1
                 log.limited("stats budget", lambda: "Refused a stats request "
@@ -1540,13 +1731,13 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 log.limited("auth", "Authenticating: %s"
                             % format_addr(address(src)))
                 io.send_now(sign(key, retry_claims(now ^ address_hash(src))),
-                            address(src), "err2")
+                            src, "err2")
                 return True
             stats["auth_completeds"] += 1
             client = src
             log("New client address: %s" % format_addr(address(src)))
         stats["last_ka_s"] = now
-        io.send_now(registered, address(src), "err2")
+        io.send_now(registered, src, "err2")
         return True
 
     def new_connectee(src):
@@ -1703,6 +1894,12 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
 # ---------------------------------------------------------------- the client
 
+def server_text(server, name):
+    """How logs and STATUS= name the client's server."""
+    return "%s (not resolved yet)" % name if server is None \
+        else format_addr(server)
+
+
 def run_client(sock, server, real_family, real_server, max_clients,
                interval, log, key=None, portable=False, stats=None,
                server_name=None, resolve_every=DEFAULT_RESOLVE_INTERVAL,
@@ -1736,7 +1933,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     sel = selectors.DefaultSelector()
     io = burst_io(sock, report, portable, lambda text: log(text, WARN))
-    server_key = io.key_of(server)      # as io.receive() gives sources
+    # server: None while server_name has not resolved since the start.
+    server_key = None if server is None else io.key_of(server)
     buf, view = io.buf, io.view
     workers = LRU(max_clients)      # tag -> channel socket
     firsts = collections.OrderedDict()  # see looped(): hash -> (laps, when)
@@ -1748,10 +1946,12 @@ def run_client(sock, server, real_family, real_server, max_clients,
     next_ping = last_registered = time.monotonic()
     next_lookup = next_ping + resolve_every
     lookups = queue.Queue()         # results from the resolver thread
+    backoff = 1.0                   # seconds to the next try, unresolved
     looking_up = heard = authenticated = silent = refused = False
+    hinted = False                  # see stranger()
 
     def send_to_server(data, where):
-        io.send_now(data, server, where)
+        io.send_now(data, server_key, where)
 
     def on_token(token):
         """A datagram from the server that looks signed (password mode)."""
@@ -1867,16 +2067,32 @@ def run_client(sock, server, real_family, real_server, max_clients,
     unanswered = workers.unanswered
     worker_of, touch = workers.answered.get, workers.answered.move_to_end
 
+    def stranger(src):
+        """A datagram on the main socket from someone not the server.  From
+        the server's port at another address, it is most likely the server
+        on a host with several addresses, answering from the wrong one:
+        said once, at default verbosity."""
+        nonlocal hinted
+        stats["strangers"] += 1
+        addr = io.address(src)
+        if not hinted and server is not None and addr[1] == server[1]:
+            hinted = True
+            log("Dropped datagrams from %s, the server's port at another "
+                "address than %s: a server on a host with several addresses "
+                "that answers from another one.  Bind the server to the "
+                "address this client uses (-s %s), or run udpexposer.py %s "
+                "or newer there" % (format_addr(addr), format_addr(server),
+                                    format_addr(server), __version__), WARN)
+        log.limited("stranger", lambda: "Dropped a datagram from %s: not the "
+                    "server" % format_addr(addr), DEBUG)
+
     def on_server_readable():
         msgs = size = 0
         ats, lengths, sources = io.receive()
         for at, n, src in zip(ats, lengths, sources):
             at += TAG_SIZE
             if src != server_key:
-                stats["strangers"] += 1
-                log.limited("stranger", lambda: "Dropped a datagram from %s: "
-                            "not the server" % format_addr(io.address(src)),
-                            DEBUG)
+                stranger(src)
                 continue
             if n < TAG_SIZE:
                 stats["dwarfs"] += 1
@@ -1928,7 +2144,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         if len(ats) == 1:               # the common case: out at once
             at, n = ats[0], lengths[0]
             put_tag(buf, at, tag)
-            send_now(view[at:at + n + 2], server, TO_SERVER)
+            send_now(view[at:at + n + 2], server_key, TO_SERVER)
             stats["from_real_server_msgs"] += 1
             stats["from_real_server_bytes"] += n
             return
@@ -1962,9 +2178,22 @@ def run_client(sock, server, real_family, real_server, max_clients,
         threading.Thread(target=work, daemon=True).start()
 
     def on_lookup(result):
-        nonlocal server, server_key, looking_up, next_ping
+        nonlocal server, server_key, looking_up, next_ping, next_lookup, \
+            backoff
         looking_up = False
-        if isinstance(result, Exception):
+        if server is None:              # not resolved since the start
+            if isinstance(result, Exception):
+                log.limited("resolve", "Cannot resolve %s yet, trying again "
+                            "in %d s: %s" % (server_name, backoff, result),
+                            WARN)
+                next_lookup = time.monotonic() + backoff
+                backoff = min(2 * backoff, MAX_LOOKUP_BACKOFF, resolve_every)
+                return
+            log("Server address: %s is %s" % (server_name,
+                                              format_addr(result)))
+            server, server_key = result, io.key_of(result)
+            next_ping = time.monotonic()
+        elif isinstance(result, Exception):
             log.limited("resolve", "Cannot resolve %s again, keeping %s: %s"
                         % (server_name, format_addr(server), result), WARN)
         elif result != server:
@@ -1982,7 +2211,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             except queue.Empty:
                 pass
         now = time.monotonic()
-        if now >= next_ping:
+        if now >= next_ping and server is not None:
             send_to_server(keepalive, "send a keepalive")
             stats["keepalives"] += 1
             next_ping = now + period
@@ -1996,7 +2225,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         if server_name is not None and now >= next_lookup and not looking_up:
             look_up_server()
             next_lookup = now + resolve_every
-        due = next_ping
+        due = next_ping if server is not None else next_lookup
         if now >= notify.due:
             notify.tick(status())
         if notify.due < due:
@@ -2007,13 +2236,22 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def status():
         return "server %s, %d channels, %d datagrams relayed" % (
-            format_addr(server), len(workers),
+            server_text(server, server_name), len(workers),
             stats["from_server_msgs"] + stats["from_real_server_msgs"])
 
     if resolver is None:
         resolver = resolve
+    if server is None:      # systemd need not wait (and restart) for DNS
+        next_lookup = next_ping + backoff
+        notify.ready(status())
     sel.register(sock, selectors.EVENT_READ, on_server_readable)
-    run_loop(sel, timers, stop, lambda: log_counters(log, "client", stats))
+    try:
+        run_loop(sel, timers, stop, lambda: log_counters(log, "client", stats))
+    finally:
+        for kind in (workers.unanswered, workers.answered):
+            for worker in kind.values():
+                worker.close()
+        sel.close()
 
 
 # ---------------------------------------------------------------- stats client
@@ -2071,8 +2309,13 @@ def _selftest_start(args, env, procs):
                             universal_newlines=True)
     procs.append(proc)
     lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout],
-                     daemon=True).start()
+
+    def read():
+        with proc.stdout:
+            for line in proc.stdout:
+                lines.put(line)
+    proc.reader = threading.Thread(target=read, daemon=True)
+    proc.reader.start()
     try:
         first = lines.get(timeout=30)
     except queue.Empty:
@@ -2163,6 +2406,7 @@ def _selftest_mode(password, out):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            proc.reader.join(5)         # it closes the pipe
         for sock in socks:
             sock.close()
 
@@ -2232,6 +2476,11 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(
         prog="udpexposer.py",
+        usage="%(prog)s listen_addr -s [options]              (server)\n"
+              "       %(prog)s listen_addr -a ADDR -c ADDR [options]  (client)\n"
+              "       %(prog)s listen_addr -S -a ADDR -P PW          "
+              "(the server's counters)\n"
+              "       %(prog)s --selftest | --version | --help",
         description="Expose UDP port externally using helper hosts.",
         epilog="Modes: -s (server); -a and -c (client); -S with -a and a "
                "password (print the server's counters); --selftest.  "
@@ -2249,7 +2498,9 @@ def build_parser():
                         help="server mode")
     parser.add_argument("-n", "--max-clients", metavar="N", type=int,
                         default=DEFAULT_MAX_CLIENTS,
-                        help="maximum number of clients, LRU-style, 1..65535 "
+                        help="connectees remembered (server) or channels "
+                             "open (client), least recently used first out, "
+                             "1..65535; the same on both sides "
                              "(default: %(default)s)")
     parser.add_argument("-i", "--ping-interval-ms", metavar="MS", type=int,
                         default=DEFAULT_PING_INTERVAL_MS,
@@ -2288,7 +2539,7 @@ def build_parser():
                         help="plain recvfrom/sendto even where recvmmsg "
                              "and UDP trains (GRO/GSO) are available (Linux)")
     parser.add_argument("--version", action="version",
-                        version="%(prog)s " + __version__)
+                        version="%(prog)s " + VERSION_TEXT)
     return parser
 
 
@@ -2375,12 +2626,17 @@ def setup(args, environ):
         family, listen = resolve(args.listen_addr, passive=True)
         server = real = real_family = server_name = None
         if mode != "server":
-            server = peer_addr(family, resolve(args.server_addr)[1])
             if not is_ip_literal(split_host_port(args.server_addr)[0]):
                 server_name = args.server_addr
+            try:
+                server = peer_addr(family, resolve(args.server_addr)[1])
+            except LookupFailed:
+                if mode != "client":    # the client tries again, later
+                    raise
         if mode == "client":
             real_family, real = resolve(args.local_connect_addr)
-            if (ip_of(real), real[1]) == (ip_of(server), server[1]):
+            if server is not None and \
+                    (ip_of(real), real[1]) == (ip_of(server), server[1]):
                 raise ValueError("-c %s is the server at -a: the relay would "
                                  "loop" % args.local_connect_addr)
     except ValueError as e:
@@ -2482,22 +2738,25 @@ def main(argv=None, environ=None):
             return print_stats(sock, run["server"], key, 1 in closed)
         stats = client_stats() if mode == "client" else server_stats()
         notify = Notify(environ)
-        if notify.problem:
-            log(notify.problem, WARN)
         bound = format_addr(sock.getsockname())
         flavour = "password mode" if key else "plain mode"
         # The start-up line shows even with -q: it says what is bound where.
         if mode == "server":
             log("udpexposer.py %s: server mode on %s, %s, up to %d connectees"
-                % (__version__, bound, flavour, args.max_clients), WARN)
+                % (VERSION_TEXT, bound, flavour, args.max_clients), WARN)
+            if notify.problem:
+                log(notify.problem, WARN)
             run_server(sock, args.max_clients, log, key, stats,
                        portable=args.portable_io, allow=run["allow"],
                        client_from=run["client_from"], notify=notify)
         else:
             log("udpexposer.py %s: client mode on %s, %s, server %s, "
                 "exposing %s, up to %d channels"
-                % (__version__, bound, flavour, format_addr(run["server"]),
+                % (VERSION_TEXT, bound, flavour,
+                   server_text(run["server"], run["server_name"]),
                    format_addr(run["real"]), args.max_clients), WARN)
+            if notify.problem:
+                log(notify.problem, WARN)
             run_client(sock, run["server"], run["real_family"], run["real"],
                        args.max_clients, args.ping_interval_ms, log, key,
                        portable=args.portable_io, stats=stats,

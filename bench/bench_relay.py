@@ -6,7 +6,7 @@ process itself spent (Linux: /proc/PID/task/*/schedstat), which is far
 steadier than wall time on a shared machine.  Not a test: it asserts nothing.
 
     python3 bench/bench_relay.py                        # this udpexposer.py
-    python3 bench/bench_relay.py --floor ../shared/bench/floor.c
+    python3 bench/bench_relay.py --floor bench/floor.c
     python3 bench/bench_relay.py --compare old='python3 /tmp/old.py'
 
 --compare NAME=COMMAND runs another implementation with the same flags
@@ -207,11 +207,14 @@ def pump(relay, far, near, forward, back, count, payload, rate=None):
     return arrived_near + arrived_far, seconds, cpu, 2 * sent - arrived_near - arrived_far
 
 
-def bench_server(command, size, count, connectees=4, extra=(), rate=None):
-    """Server mode: connectees <-> relay <-> a socket playing the client."""
+def bench_server(command, size, count, connectees=4, extra=(), rate=None,
+                 listen=LOCAL):
+    """Server mode: connectees <-> relay <-> a socket playing the client.
+    The relay binds listen (0.0.0.0: it learns each datagram's local
+    address, to reply from it); the others send to 127.0.0.1."""
     port = free_port()
     server = (LOCAL, port)
-    relay = Relay(command, ["%s:%d" % server, "-s", "-n",
+    relay = Relay(command, ["%s:%d" % (listen, port), "-s", "-n",
                             max(connectees, 4)] + list(extra), cpu=RELAY_CPU)
     client = udp()
     far = []
@@ -243,12 +246,12 @@ def bench_server(command, size, count, connectees=4, extra=(), rate=None):
             s.close()
 
 
-def bench_client(command, size, count, extra=(), rate=None):
+def bench_client(command, size, count, extra=(), rate=None, listen=LOCAL):
     """Client mode: a socket playing the server <-> relay <-> a real server."""
     server, real = udp(), udp()
     port = free_port()
     t0 = time.monotonic()
-    relay = Relay(command, ["%s:%d" % (LOCAL, port), "-a",
+    relay = Relay(command, ["%s:%d" % (listen, port), "-a",
                             "%s:%d" % server.getsockname(), "-c",
                             "%s:%d" % real.getsockname(), "-n", 4]
                   + list(extra), cpu=RELAY_CPU)
@@ -490,6 +493,10 @@ def main():
     parser.add_argument("--scaling-only", action="store_true",
                         help="only the cost by number of connectees")
     parser.add_argument("--json", metavar="PATH", help="also write JSON here")
+    parser.add_argument("--wildcard", action="store_true",
+                        help="also run this udpexposer.py bound to 0.0.0.0 "
+                             "(replies from each datagram's local address), "
+                             "as the row 'wildcard'")
     parser.add_argument("--instructions", action="store_true",
                         help="only user-space instructions per datagram, "
                              "counted by valgrind's callgrind, in bursts of "
@@ -521,6 +528,8 @@ def main():
                     name, mode, instructions(command, mode, 1),
                     instructions(command, mode, 8)), flush=True)
         return
+    if args.wildcard:
+        impls.append(("wildcard", impls[0][1]))
     if args.floor:
         floor = build_floor(args.floor)
         impls.append(("floor", floor))
@@ -536,7 +545,8 @@ def main():
         for rate, into in ((args.rate, paced), (None, closed)):
             # Paced: as many round trips as a closed run, at least 1 s.
             count = max(args.count, args.rate) if rate else args.count
-            r = bench(command, size, count, extra=extra, rate=rate)
+            r = bench(command, size, count, extra=extra, rate=rate,
+                      listen="0.0.0.0" if name == "wildcard" else LOCAL)
             into.setdefault(name, {}).setdefault(key, []).append(r)
 
     for round_ in range(args.rounds):
