@@ -548,7 +548,7 @@ class TestBurstIO(RelayCase):
         if ":" in host:
             self.assertEqual(self.recv(a)[0][2:], b"x" * 65000)
         self.assertEqual(errors, [])
-        io.send_now(b"now", io.address(got[1][2]), "err2")
+        io.send_now(b"now", got[1][2], "err2")
         self.assertEqual(self.recv(b)[0], b"now")
 
     def test_portable(self):
@@ -613,7 +613,7 @@ class TestBurstIO(RelayCase):
             _, lengths, sources = io.receive()
             self.assertEqual(list(lengths), [4])
             self.assertEqual(io.address(sources[0]), peer.getsockname())
-            io.send_now(b"back", io.address(sources[0]), "err2")
+            io.send_now(b"back", sources[0], "err2")
             self.assertEqual(self.recv(peer)[0], b"back")
         # Only the batched path can wait.
         self.assertEqual(waits, [False, True][:len(waits)])
@@ -1095,6 +1095,29 @@ class TestClient(RelayCase):
         self.assertIsNone(proc.p.poll())
 
 
+    def test_says_once_when_the_server_answers_from_another_address(self):
+        if not sys.platform.startswith("linux"):
+            self.skipTest("needs 127.0.0.2")
+        right = self.udp("127.0.0.2")
+        wrong = self.udp("127.0.0.1", right.getsockname()[1])
+        real = self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(right.getsockname()), "-c",
+                                 ux.format_addr(real.getsockname()),
+                                 *self.FLAGS)
+        self.recv(right)                        # its keepalive
+        for _ in range(3):
+            wrong.sendto(b"\x00\x01hello", caddr)
+        proc.wait_line(r"Dropped datagrams from 127\.0\.0\.1:%d, the server's "
+                       r"port at another address than 127\.0\.0\.2:%d.*-s "
+                       r"127\.0\.0\.2:%d" % ((right.getsockname()[1],) * 3))
+        self.assert_silent(real)
+        right.sendto(b"\x00\x01hello", caddr)
+        self.assertEqual(self.recv(real)[0], b"hello")
+        self.assertEqual(len([l for l in proc.drain()
+                              if "Dropped datagrams" in l]), 1)
+
+
 class TestClientPortable(TestClient):
     FLAGS = ("--portable-io",)
 
@@ -1310,6 +1333,18 @@ class TestPasswordServer(RelayCase):
         self.assertEqual(stats["from_client_msgs"], 1)
         self.assertAlmostEqual(stats["last_ka_s"], time.time(), delta=10)
         self.assertEqual(stats["simple_keepalives"], 0)
+
+    def test_a_wrong_password_is_named_for_what_it_is(self):
+        proc, saddr = self.start(*self.SERVER, "-P", V_PASSWORD)
+        other = ux.derive_key(b"another password")
+        stats, client = self.udp(), self.udp()
+        stats.sendto(ux.sign(other, ux.request_claims(ux.STATS_NONCE)), saddr)
+        proc.wait_line(r"^A stats request \(-S\) from 127\.0\.0\.1:%d failed "
+                       r"to authenticate \(another password\?\)$"
+                       % stats.getsockname()[1])
+        client.sendto(ux.sign(other, ux.request_claims()), saddr)
+        proc.wait_line(r"^A client from 127\.0\.0\.1:%d failed to "
+                       r"authenticate" % client.getsockname()[1])
 
     def test_forgeries_get_no_reply_and_take_nothing_over(self):
         proc, saddr = self.start(*self.SERVER, "-P", V_PASSWORD)
@@ -1703,6 +1738,81 @@ class TestThroughNat(RelayCase):
         self.exchange_until(conn, b"after", time.monotonic() + TIMEOUT)
 
 
+@unittest.skipIf(NETNS_MISSING and not NETNS_REQUIRED, NETNS_MISSING)
+class TestMultiHomed(RelayCase):
+    """A helper host with two addresses in one network (helper namespace),
+    the rest of the world in another (net): replies to the secondary
+    address must come from it, though the route prefers the primary.
+
+    helper: 198.51.100.1/24 and .7 (secondary), 2001:db8::1/64 and ::7
+    net:    198.51.100.2, 2001:db8::2: connectees, the client, the real server
+    """
+
+    def setUp(self):
+        if NETNS_MISSING:
+            self.fail(NETNS_MISSING)
+        run = "%x%04x" % (os.getpid() % 0xFFFF, id(self) % 0xFFFF)
+        self.helper, self.net = "uxh%s" % run, "uxn%s" % run
+        for ns in (self.helper, self.net):
+            sh("ip", "netns", "add", ns)
+            self.addCleanup(subprocess.run, ["ip", "netns", "del", ns],
+                            stderr=subprocess.DEVNULL)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", "h" + run, "netns", self.helper, "type",
+           "veth", "peer", "name", "n" + run, "netns", self.net)
+        for ns, dev, addrs in (
+                (self.helper, "h" + run, ("198.51.100.1/24", "198.51.100.7/24",
+                                          "2001:db8::1/64", "2001:db8::7/64")),
+                (self.net, "n" + run, ("198.51.100.2/24", "2001:db8::2/64"))):
+            for addr in addrs:
+                sh("ip", "-n", ns, "addr", "add", addr, "dev", dev,
+                   *(("nodad",) if ":" in addr else ()))
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+
+    def check(self, bind, hosts, *extra):
+        """A server on bind, our client talking to its secondary address,
+        and a connectee for each of its addresses."""
+        server, saddr = self.start("-s", bind, *extra, netns=self.helper)
+        port = saddr[1]
+        v6 = ":" in hosts[0]
+        near = "2001:db8::2" if v6 else "198.51.100.2"
+        real = self.udp(near, netns=self.net)
+        self.echo(real)
+        client, _ = self.start("%s:0" % fmt_host(near), "-a", "%s:%d" % (
+            fmt_host(hosts[1]), port), "-c", ux.format_addr(
+                real.getsockname()), "-i", 200, *extra, netns=self.net)
+        for host in hosts:
+            conn = self.udp(near, netns=self.net)
+            deadline = time.monotonic() + TIMEOUT
+            conn.settimeout(0.2)
+            while True:     # until the client has registered
+                conn.sendto(b"to " + host.encode(), (host, port))
+                try:
+                    data, src = conn.recvfrom(100)
+                    break
+                except socket.timeout:
+                    self.assertLess(time.monotonic(), deadline,
+                                    "no reply via %s" % host)
+            self.assertEqual((data, src[0]), (b"to " + host.encode(), host))
+        # A train to the secondary address, and the burst of replies.
+        train = [bytes([i]) * 500 for i in range(20)]
+        send_train(conn, train, (host, port))
+        got = [conn.recvfrom(1000) for _ in train]
+        self.assertEqual(sorted(data for data, _ in got), train)
+        self.assertEqual({src[0] for _, src in got}, {host})
+        self.assertNotIn("not the server", "\n".join(client.drain()))
+
+    def test_replies_leave_from_the_address_a_peer_used(self):
+        port = 5566
+        for bind, hosts in (("0.0.0.0", ("198.51.100.1", "198.51.100.7")),
+                            ("[::]", ("2001:db8::1", "2001:db8::7")),
+                            ("[::]", ("198.51.100.1", "198.51.100.7"))):
+            for extra in ((), ("-P", V_PASSWORD)):
+                port += 1
+                with self.subTest(bind=bind, hosts=hosts, extra=extra):
+                    self.check("%s:%d" % (bind, port), hosts, *extra)
+
+
 # ====================================================================== for operators
 
 class LineSink:
@@ -1783,6 +1893,39 @@ class TestNames(RelayCase):
         self.assertEqual(self.recv(real)[0], b"after")
         old.sendto(b"\x00\x01stale", caddr)         # the old one is a stranger
         self.assert_silent(real)
+
+    @unittest.skipIf(NETNS_MISSING and not NETNS_REQUIRED, NETNS_MISSING)
+    def test_a_name_that_resolves_only_later(self):
+        """In a namespace whose /etc/hosts (ip netns exec's bind mount) does
+        not know the name yet and whose resolver (127.0.0.1) is nobody."""
+        ns = "uxdns%x%04x" % (os.getpid() % 0xFFFF, id(self) % 0xFFFF)
+        etc = os.path.join("/etc/netns", ns)
+        os.makedirs(etc)
+        self.addCleanup(shutil.rmtree, etc)
+        sh("ip", "netns", "add", ns)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns],
+                        stderr=subprocess.DEVNULL)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        hosts = os.path.join(etc, "hosts")
+        with open(hosts, "w") as f:
+            f.write("127.0.0.1 localhost\n")
+        with open(os.path.join(etc, "resolv.conf"), "w") as f:
+            f.write("nameserver 127.0.0.1\n")
+        server, real = self.udp(netns=ns), self.udp(netns=ns)
+        name = "helper.test:%d" % server.getsockname()[1]
+        proc, caddr = self.start("127.0.0.1:0", "-a", name, "-c",
+                                 ux.format_addr(real.getsockname()),
+                                 netns=ns)
+        self.assertIn("server %s (not resolved yet)" % name, proc.lines[-1])
+        proc.wait_line(r"Cannot resolve %s yet, trying again in 1 s"
+                       % re.escape(name))
+        with open(hosts, "w") as f:             # the same file, bind-mounted
+            f.write("127.0.0.1 localhost helper.test\n")
+        proc.wait_line(r"Server address: %s is 127\.0\.0\.1:%d"
+                       % (re.escape(name), server.getsockname()[1]))
+        self.assertEqual(self.recv(server), (b"", caddr))
+        server.sendto(b"\x00\x01late", caddr)
+        self.assertEqual(self.recv(real)[0], b"late")
 
 
 class TestAllowLists(RelayCase):
@@ -2446,7 +2589,34 @@ class TestOperatorFeatures(RelayCase):
         p = subprocess.run([sys.executable, lone_copy(), "--version"],
                            stdout=subprocess.PIPE, universal_newlines=True,
                            timeout=TIMEOUT * 2)
-        self.assertEqual(p.stdout.strip(), "udpexposer.py " + ux.__version__)
+        self.assertEqual(p.stdout.strip(), "udpexposer.py %s (wire protocol "
+                         "of udpexposer 0.3.0)" % ux.__version__)
+        self.assertRegex(ux.__version__, r"^\d+\.\d+\.\d+$")
+        self.assertNotEqual(ux.__version__, ux.WIRE_VERSION)
+        proc, _ = self.start("-s", "127.0.0.1:0")
+        self.assertIn(ux.VERSION_TEXT, proc.lines[-1])
+
+    def test_a_stopped_client_closes_its_channels(self):
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 env={"PYTHONDEVMODE": "1"})
+        self.recv(server)
+        for tag in (1, 2, 3):
+            server.sendto(b"\x00%cx" % tag, caddr)
+            self.recv(real)
+        proc.p.terminate()
+        self.assertEqual(proc.p.wait(TIMEOUT), 0)
+        self.assertNotIn("ResourceWarning", proc.stop())
+
+    def test_selftest_closes_what_it_opens(self):
+        p = subprocess.run([sys.executable, "-X", "dev", lone_copy(),
+                            "--selftest"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True,
+                           timeout=120)
+        self.assertEqual(p.returncode, 0, p.stdout)
+        self.assertNotIn("ResourceWarning", p.stderr)
 
 
 # ====================================================================== as a user runs it
@@ -2476,7 +2646,9 @@ class TestCommandLine(RelayCase):
                      ["127.0.0.1:0"],
                      ["127.0.0.1:0", "-a", "127.0.0.1:9"],
                      ["-s", "127.0.0.1:0", "-a", "127.0.0.1:9"],
-                     ["127.0.0.1:0", "-a", "no-such-host.invalid:9",
+                     ["127.0.0.1:0", "-a", "no such host:9",
+                      "-c", "127.0.0.1:9"],
+                     ["127.0.0.1:0", "-a", "-dash-.example:9",
                       "-c", "127.0.0.1:9"],
                      ["-s", "127.0.0.1:0", "--no-such-flag"],
                      ["-s", "127.0.0.1:0", "--allow", "10.0.0.0/33"],
