@@ -17,12 +17,12 @@ round:
 
 Printed: Mbit/s (median of --rounds) and the relay processes' CPU seconds
 per GB carried (server + client).  Needs root, ip, nft, iperf3 and a
-wireguard-go (the system's, or --wg PATH; ../shared/tools/
-wireguard-go-current puts a current one, which sends and receives UDP in
-GSO/GRO trains, in a folder).  Not a test: it asserts nothing.
+wireguard-go (the system's, or --wg PATH: a current one sends and receives
+UDP in GSO/GRO trains, as Debian's package newer than Debian 12 does).  Not a
+test: it asserts nothing.
 
     python3 bench/bench_wireguard.py --wg /tmp/wgc/usr/bin/wireguard-go \\
-        --compare rust=../shared/ref/udpexposer-0.3.0
+        --compare rust=/path/to/rust/udpexposer
 """
 
 import argparse
