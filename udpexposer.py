@@ -105,13 +105,13 @@ STAT_NAMES = (
 # Counters this tool keeps beyond the wire blob (SIGUSR1 shows them).
 SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed",
                       "evicted_unanswered", "evicted_answered",
-                      "stats_refused", "retries_refused")
+                      "stats_refused", "retries_refused", "proxy_headers")
 CLIENT_STATS = (
     "keepalives", "from_server_msgs", "from_server_bytes",
     "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
     "channels_opened", "channels_closed", "evicted_unanswered",
     "evicted_answered", "loops_broken", "real_server_refusals", "errors",
-    "server_address_changes",
+    "server_address_changes", "proxy_headers", "proxy_malformed",
 )
 
 
@@ -431,6 +431,51 @@ def in_networks(networks, addr):
     """Whether sockaddr addr lies in one of networks (IPv4-mapped counts)."""
     ip = ip_of(addr)
     return any(ip in net for net in networks)
+
+
+# ---------------------------------------------------------------- PROXY protocol v2
+
+# HAProxy's PROXY protocol, version 2, DGRAM form: with --proxy-protocol
+# the server puts a header before every connectee's datagram (after the
+# tag), so the real server learns who sent it.
+PROXY_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2 = 0x21                         # version 2, command PROXY
+PROXY_UDP4, PROXY_UDP6 = 0x12, 0x22     # address family and DGRAM
+PROXY_ADDRESSES = {PROXY_UDP4: 12, PROXY_UDP6: 36}
+
+
+def proxy_header(source, dest):
+    """The PROXY v2 header of a datagram from sockaddr source to sockaddr
+    dest: 28 bytes for IPv4 (an IPv4-mapped source included), 52 for IPv6."""
+    src, dst = ip_of(source), ip_of(dest)
+    if dst.version != src.version:      # a wildcard bind: no local address
+        dst = ipaddress.ip_address("0.0.0.0" if src.version == 4 else "::")
+    family = PROXY_UDP4 if src.version == 4 else PROXY_UDP6
+    return PROXY_SIGNATURE + struct.pack(
+        ">BBH", PROXY_V2, family, PROXY_ADDRESSES[family]) \
+        + src.packed + dst.packed + struct.pack(">HH", source[1], dest[1])
+
+
+def proxy_length(buf, start, end):
+    """The length of the PROXY v2 DGRAM header at buf[start:end] (TLVs
+    after the addresses included), or 0 where none is well-formed."""
+    if end - start < 16 or not buf.startswith(PROXY_SIGNATURE, start):
+        return 0
+    family = buf[start + 13]
+    length = buf[start + 14] << 8 | buf[start + 15]
+    if buf[start + 12] != PROXY_V2 or family not in PROXY_ADDRESSES \
+            or length < PROXY_ADDRESSES[family] or end - start < 16 + length:
+        return 0
+    return 16 + length
+
+
+def proxy_source(header):
+    """The source sockaddr a well-formed PROXY v2 header names."""
+    if header[13] == PROXY_UDP4:
+        return socket.inet_ntop(socket.AF_INET, bytes(header[16:20])), \
+            header[24] << 8 | header[25]
+    return socket.inet_ntop(socket.AF_INET6, bytes(header[16:32])), \
+        header[48] << 8 | header[49], 0, 0
 
 
 def udp_socket(family, bind_to, connect_to=None):
@@ -874,6 +919,7 @@ GRO_ROOM = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IPV4_MAPPED_ANY = bytes(10) + b"\xff\xff" + bytes(4)     # ::ffff:0.0.0.0
 HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
@@ -972,6 +1018,10 @@ class BurstIO:
 
     def forget(self, sock):
         """The client closes this channel."""
+
+    def local_address(self, src):
+        """The local address src sent to, where known: see MmsgIO."""
+        return None
 
     def flush(self):
         pass
@@ -1072,19 +1122,21 @@ class MmsgIO(BurstIO):
     SEND_FLAGS = MSG_DONTWAIT       # the socket may be blocking: see below
 
     def __init__(self, sock, report, ctypes, libc, notice=None,
-                 reply_from_local=False):
+                 reply_from_local=False, trains_in=True):
         BurstIO.__init__(self, sock, report, notice)
         self.c, self.fd = ctypes, sock.fileno()
         # On a wildcard bind, with reply_from_local: sources are keyed by
         # the local address too, and replies leave from it (LocalReplies).
         self.local = LocalReplies.of(sock) if reply_from_local else None
-        self.gro = enable_gro(sock)     # trains in: see try_trains()
+        # trains in: see try_trains(); never without trains_in
+        self.gro = trains_in and enable_gro(sock)
         self.gso = self.gro             # trains out, until the kernel refuses
         self.trains = False             # whether this burst brought trains
         # Sockets (this one, channels) reading with UDP_GRO on, on trial,
         # each with how many reads it goes on without a train.
         self.trial = {sock: TRIAL_READS} if self.gro else {}
-        self.until_trial = TRIAL_EVERY  # datagrams read until the next trial
+        # datagrams read until the next trial
+        self.until_trial = TRIAL_EVERY if trains_in else float("inf")
         self.trials = 0                 # trials due so far
         self.failures, self.rest = {}, {}   # see end_trial()
         self.addresses = {}             # dest key -> sockaddr tuple
@@ -1339,6 +1391,11 @@ class MmsgIO(BurstIO):
         """The control messages a datagram to dest carries (sendmsg's)."""
         return [] if self.local is None else self.local.ancillary(dest)
 
+    def local_address(self, src):
+        """The local address src sent to: its IP text where the socket
+        knows it (a wildcard bind), else None."""
+        return None if self.local is None else self.local.address(src)
+
     def sockaddr(self, dest):
         """The sockaddr tuple of a destination key, remembered."""
         addr = self.addresses.get(dest)
@@ -1541,9 +1598,18 @@ class LocalReplies(dict):
         kernel chooses the address (for an IPv4-mapped peer that choice is
         ::ffff:0.0.0.0, the kernel wants an IPv4 address there)."""
         if self.v6 and host.startswith("::ffff:"):
-            return self.reply(socket.inet_pton(socket.AF_INET6,
-                                               "::ffff:0.0.0.0") + bytes(4))
+            return self.reply(IPV4_MAPPED_ANY + bytes(4))
         return self.tail
+
+    def address(self, key):
+        """The local address a key's tail names, or None (the kernel's
+        choice)."""
+        data = key[self.data_at:self.data_at + self.size]
+        ip = data[:16] if self.v6 else data[4:8]
+        if not any(ip) or ip == IPV4_MAPPED_ANY:
+            return None
+        return socket.inet_ntop(socket.AF_INET6 if self.v6
+                                else socket.AF_INET, ip)
 
     def ancillary(self, key):
         """sendmsg's control messages for a datagram to key."""
@@ -1625,14 +1691,14 @@ def send_gso(sock, parts, size, addr=None, ancillary=()):
 
 
 def burst_io(sock, report, portable=False, notice=None,
-             reply_from_local=False):
+             reply_from_local=False, trains_in=True):
     """MmsgIO where the platform has it (unless portable), else BurstIO.
-    reply_from_local: see MmsgIO and LocalReplies."""
+    reply_from_local, trains_in: see MmsgIO and LocalReplies."""
     mmsg = None if portable else _load_mmsg()
     if mmsg is None:
         return BurstIO(sock, report, notice)
     return MmsgIO(sock, report, *mmsg, notice=notice,
-                  reply_from_local=reply_from_local)
+                  reply_from_local=reply_from_local, trains_in=trains_in)
 
 
 # ---------------------------------------------------------------- the server
@@ -1642,7 +1708,7 @@ SERVER_ERRORS = {"err1": "receive", "err2": "reply",
 
 
 def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
-               allow=(), client_from=(), notify=None):
+               allow=(), client_from=(), notify=None, proxy_protocol=False):
     """Relay between connectees and the client on one socket, forever.
 
     key: the HMAC key in password mode, None in plain mode.
@@ -1651,6 +1717,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     allow, client_from: networks connectees and the client must come from
         (empty: anywhere).
     notify: systemd's Notify, if any.
+    proxy_protocol: a PROXY v2 header between tag and payload of each
+        connectee's datagram.  Each is read alone (no UDP_GRO), with room
+        before it for tag and header.
     """
     if stats is None:
         stats = server_stats()
@@ -1662,7 +1731,10 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         log_socket_error(log, SERVER_ERRORS[counter], exc)
 
     io = burst_io(sock, report, portable, lambda text: log(text, WARN),
-                  reply_from_local=True)
+                  reply_from_local=True, trains_in=not proxy_protocol)
+    # With proxy_protocol: tag -> the tag and header its datagrams carry.
+    prefixes = {} if proxy_protocol else None
+    here = sock.getsockname()
     connectees = Connectees(max_clients,
                             reserved=(TOKEN_LOOKALIKE_TAG,) if key else ())
     client = None                 # the client's address key, once known
@@ -1744,6 +1816,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         """Give src a tag, making room if the table is full: the tag."""
         tag, evicted = connectees.add(src)
         stats["new_connectees"] += 1
+        if prefixes is not None:
+            prefixes[tag] = TAG.pack(tag) + proxy_header(
+                address(src), (io.local_address(src) or here[0],) + here[1:])
         log.limited("connectee", lambda: "Connectee seqn %d from %s"
                     % (tag, format_addr(address(src))))
         if evicted is not None:
@@ -1832,10 +1907,16 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 touch(tag)
             else:
                 touch_unanswered(tag)
-            put_tag(buf, at, tag)
             msgs_in += 1
             bytes_in += n
-            send(at, n + 2, client, "err4")
+            if prefixes is None:
+                put_tag(buf, at, tag)
+                send(at, n + 2, client, "err4")
+            else:               # a lone datagram: room enough before it
+                prefix = prefixes[tag]
+                start = at + TAG_SIZE - len(prefix)
+                buf[start:at + TAG_SIZE] = prefix
+                send(start, n + len(prefix), client, "err4")
         flush()
 
         if msgs_in or msgs_out:
@@ -1845,6 +1926,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 stats["from_client_bytes"] += bytes_out
                 stats["last_client_s"] = now
             if msgs_in:
+                if prefixes is not None:
+                    stats["proxy_headers"] += msgs_in
                 stats["from_connectee_msgs"] += msgs_in
                 stats["from_connectee_bytes"] += bytes_in
                 stats["last_connectee_s"] = now
@@ -1903,7 +1986,7 @@ def server_text(server, name):
 def run_client(sock, server, real_family, real_server, max_clients,
                interval, log, key=None, portable=False, stats=None,
                server_name=None, resolve_every=DEFAULT_RESOLVE_INTERVAL,
-               resolver=None, stop=None, notify=None):
+               resolver=None, stop=None, notify=None, proxy_protocol=False):
     """Keep the NAT open towards `server` and relay for `real_server`.
 
     key: the HMAC key in password mode, None in plain mode.
@@ -1914,6 +1997,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
         resolver(text) -> (family, sockaddr) in a helper thread.
     stop: a threading.Event that ends the loop (runs forever without).
     notify: systemd's Notify, if any.
+
+    proxy_protocol: each datagram from the server must start (after its
+        tag) with a PROXY v2 header, relayed with it; others are dropped.
 
     Each channel socket is connected to the real server: the kernel drops
     datagrams from anyone else, and a port unreachable comes back as
@@ -2015,11 +2101,17 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def open_worker(tag, first):
         """A new channel for tag, whose first datagram is first, or None.
+        (With proxy_protocol first starts with its header.)
 
         A full table closes a channel first (unanswered ones before
         answered ones), and so does running out of file descriptors.
         """
         nonlocal fd_bound
+        header = b""
+        if proxy_protocol:              # checked well-formed before
+            first = bytes(first)
+            cut = proxy_length(first, 0, len(first))
+            header, first = first[:cut], first[cut:]
         if looped(first):
             return None
         if len(workers) >= max_clients:
@@ -2044,7 +2136,11 @@ def run_client(sock, server, real_family, real_server, max_clients,
                      lambda: on_worker_readable(worker, tag))
         stats["channels_opened"] += 1
         workers.put(tag, worker)
-        log.limited("channel", "New incoming channel %d" % tag)
+        if header and log.verbosity >= DEBUG:
+            log.limited("channel", "New incoming channel %d for %s"
+                        % (tag, format_addr(proxy_source(header))))
+        else:
+            log.limited("channel", "New incoming channel %d" % tag)
         return worker
 
     def close_worker(tag, worker, answered):
@@ -2101,6 +2197,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 on_token(view[at:at + n])
                 continue
             tag = buf[at] << 8 | buf[at + 1]
+            if proxy_protocol and not proxy_length(buf, at + 2, at + n):
+                malformed()
+                continue
             worker = worker_of(tag)
             if worker is not None:
                 touch(tag)
@@ -2115,6 +2214,15 @@ def run_client(sock, server, real_family, real_server, max_clients,
         flush()
         stats["from_server_msgs"] += msgs
         stats["from_server_bytes"] += size
+        if proxy_protocol:
+            stats["proxy_headers"] += msgs
+
+    def malformed():
+        """--proxy-protocol: a datagram from the server without a header."""
+        stats["proxy_malformed"] += 1
+        log.limited("proxy", "Dropped a datagram from the server without a "
+                    "PROXY protocol header: is the server run with "
+                    "--proxy-protocol too?", WARN)
 
     def on_worker_readable(worker, tag):
         """What the real server sent on a channel, tagged, to the server.
@@ -2535,6 +2643,11 @@ def build_parser():
                         help="log only warnings and errors")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also log evictions and dropped datagrams")
+    parser.add_argument("--proxy-protocol", action="store_true",
+                        help="server: put a PROXY protocol v2 header (the "
+                             "connectee's address) before each datagram "
+                             "for the real server; client: relay only "
+                             "datagrams that carry one")
     parser.add_argument("--portable-io", action="store_true",
                         help="plain recvfrom/sendto even where recvmmsg "
                              "and UDP trains (GRO/GSO) are available (Linux)")
@@ -2589,6 +2702,8 @@ def choose_mode(args, password):
     if (args.allow or args.client_from) and not args.server_mode:
         raise UsageError("--allow and --client-from are for server mode (-s)")
     if args.dump_stats:
+        if args.proxy_protocol:
+            raise UsageError("--proxy-protocol is for server and client mode")
         if args.server_mode or args.local_connect_addr is not None:
             raise UsageError("-S takes -a and a password, not -s or -c")
         if args.server_addr is None or password is None:
@@ -2740,6 +2855,8 @@ def main(argv=None, environ=None):
         notify = Notify(environ)
         bound = format_addr(sock.getsockname())
         flavour = "password mode" if key else "plain mode"
+        if args.proxy_protocol:
+            flavour += ", PROXY protocol"
         # The start-up line shows even with -q: it says what is bound where.
         if mode == "server":
             log("udpexposer.py %s: server mode on %s, %s, up to %d connectees"
@@ -2748,7 +2865,8 @@ def main(argv=None, environ=None):
                 log(notify.problem, WARN)
             run_server(sock, args.max_clients, log, key, stats,
                        portable=args.portable_io, allow=run["allow"],
-                       client_from=run["client_from"], notify=notify)
+                       client_from=run["client_from"], notify=notify,
+                       proxy_protocol=args.proxy_protocol)
         else:
             log("udpexposer.py %s: client mode on %s, %s, server %s, "
                 "exposing %s, up to %d channels"
@@ -2761,7 +2879,8 @@ def main(argv=None, environ=None):
                        args.max_clients, args.ping_interval_ms, log, key,
                        portable=args.portable_io, stats=stats,
                        server_name=run["server_name"],
-                       resolve_every=args.resolve_interval, notify=notify)
+                       resolve_every=args.resolve_interval, notify=notify,
+                       proxy_protocol=args.proxy_protocol)
     except KeyboardInterrupt:
         for signum in (signal.SIGTERM, signal.SIGINT):     # we are going
             signal.signal(signum, signal.SIG_IGN)
