@@ -1672,6 +1672,88 @@ class TestThroughNat(RelayCase):
                 self.exchange(c, b"%d:%d " % (i, round_) + os.urandom(1200))
         self.exchange(conns[0], os.urandom(60000))   # fragments cross the NAT
 
+    @unittest.skipUnless(shutil.which("unbound") and shutil.which("dig")
+                         or NETNS_REQUIRED,
+                         "needs unbound and dig (Debian: unbound, dnsutils)")
+    def test_proxy_protocol_to_unbound(self):
+        """A DNS resolver behind the NAT that reads PROXY v2 headers and
+        lets only 198.51.100.0/29 in: through the relay with
+        --proxy-protocol it sees who asks; without, it answers nobody."""
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        conf, logfile, port = os.path.join(tmp, "unbound.conf"), \
+            os.path.join(tmp, "unbound.log"), 5353
+        with open(conf, "w") as f:
+            f.write("""server:
+  interface: %(hidden)s
+  port: %(port)d
+  proxy-protocol-port: %(port)d
+  do-ip6: no
+  do-daemonize: no
+  use-syslog: no
+  logfile: "%(log)s"
+  log-queries: yes
+  verbosity: 1
+  username: ""
+  chroot: ""
+  directory: "%(tmp)s"
+  pidfile: ""
+  access-control: 0.0.0.0/0 refuse
+  access-control: 10.200.0.0/24 allow
+  access-control: 198.51.100.0/29 allow
+  local-zone: "test." static
+  local-data: "who.test. A 192.0.2.1"
+remote-control:
+  control-enable: no
+""" % dict(hidden=self.HIDDEN, port=port, log=logfile, tmp=tmp))
+        unbound = subprocess.Popen(
+            ["ip", "netns", "exec", self.lan, "unbound", "-d", "-c", conf],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(unbound.wait, TIMEOUT)
+        self.addCleanup(unbound.terminate)
+        def log():
+            if not os.path.exists(logfile):
+                return ""
+            with open(logfile) as f:
+                return f.read()
+        deadline = time.monotonic() + 3 * TIMEOUT
+        while "start of service" not in log():
+            self.assertLess(time.monotonic(), deadline, "unbound did not start")
+            time.sleep(0.05)
+
+        def dig(i):
+            """Ask through the relay from 198.51.100.i: dig's output."""
+            return subprocess.run(
+                ["ip", "netns", "exec", self.wan, "dig", "@%s" % self.HELPER[0],
+                 "-p", str(self.HELPER[1]), "-b", "198.51.100.%d" % i,
+                 "who.test", "A", "+tries=1", "+time=2"],
+                stdout=subprocess.PIPE, universal_newlines=True,
+                timeout=30).stdout
+
+        real = ("%s:%d" % (self.HIDDEN, port),)
+        for extra, answered in ((("--proxy-protocol",), True), ((), False)):
+            with self.subTest(extra=extra):
+                server = self.start_server(*extra)
+                client = self.start("0.0.0.0:0", "-a", "%s:%d" % self.HELPER,
+                                    "-c", real[0], "-n", 16, "-i",
+                                    self.INTERVAL_MS, "-v", *extra,
+                                    netns=self.lan)[0]
+                server.wait_line(r"New client address: 203\.0\.113\.10:")
+                out = dig(2)
+                if answered:
+                    self.assertRegex(out, r"who\.test\.\s+\d+\s+IN\s+A\s+"
+                                          r"192\.0\.2\.1")
+                    client.wait_line(r"New incoming channel 1 for "
+                                     r"198\.51\.100\.2:\d+$")
+                    self.assertRegex(log(), r"info: 198\.51\.100\.2 "
+                                            r"who\.test\. A IN")
+                    # Outside the access list: refused, by its real address.
+                    self.assertIn("status: REFUSED", dig(9))
+                else:
+                    self.assertIn("timed out", out)
+                server.stop()
+                client.stop()
+
     def test_nat_reboot_with_a_new_address(self):
         server, client, public = self.relay()
         conn = self.connectee(2)
@@ -2698,6 +2780,167 @@ class TestCommandLine(RelayCase):
         proc.p.send_signal(signal.SIGTERM)
         self.assertEqual(proc.p.wait(TIMEOUT), 0)
         self.assertNotIn("Traceback", proc.stop())
+
+
+# ====================================================================== PROXY protocol v2
+
+RUST = os.path.join(HERE, "..", "shared", "ref", "udpexposer-0.3.0")
+# HAProxy's spec, section 2.2: signature, 0x21 (v2, PROXY), family, length.
+PP_SIG = bytes.fromhex("0d0a0d0a000d0a515549540a")
+
+
+class TestProxyHeaders(unittest.TestCase):
+    def test_ipv4_ipv6_and_mapped(self):
+        self.assertEqual(
+            ux.proxy_header(("192.0.2.55", 37368), ("198.51.100.1", 5566)),
+            PP_SIG + bytes.fromhex("2112000c" "c0000237" "c6336401"
+                                   "91f8" "15be"))
+        self.assertEqual(
+            ux.proxy_header(("::ffff:192.0.2.55", 37368, 0, 0),
+                            ("::ffff:198.51.100.1", 5566, 0, 0)),
+            PP_SIG + bytes.fromhex("2112000c" "c0000237" "c6336401"
+                                   "91f8" "15be"))
+        self.assertEqual(
+            ux.proxy_header(("2001:db8::55", 37368, 0, 0),
+                            ("2001:db8::1", 5566, 0, 0)),
+            PP_SIG + bytes.fromhex("21220024"
+                                   "20010db8000000000000000000000055"
+                                   "20010db8000000000000000000000001"
+                                   "91f8" "15be"))
+        # An IPv4-mapped connectee of a server bound to [::] (portable I/O:
+        # no local address known): the IPv4 form with 0.0.0.0.
+        self.assertEqual(
+            ux.proxy_header(("::ffff:192.0.2.55", 37368, 0, 0), ("::", 5566)),
+            PP_SIG + bytes.fromhex("2112000c" "c0000237" "00000000"
+                                   "91f8" "15be"))
+
+    def test_what_the_client_accepts(self):
+        good = ux.proxy_header(("192.0.2.55", 37368), ("198.51.100.1", 5566))
+        six = ux.proxy_header(("2001:db8::55", 37368, 0, 0),
+                              ("2001:db8::1", 5566, 0, 0))
+        tlv = good[:14] + b"\x00\x0f" + good[16:] + b"\x04\x00\x00"
+        for data, length in ((good + b"payload", 28), (six, 52),
+                             (tlv + b"x", 31), (good, 28),
+                             (good[:-1], 0),            # cut short
+                             (b"x" + good, 0),
+                             (good[:12] + b"\x20" + good[13:], 0),  # LOCAL
+                             (good[:13] + b"\x11" + good[14:], 0),  # TCP
+                             (good[:14] + b"\x00\x0b" + good[16:], 0),
+                             (b"", 0)):
+            with self.subTest(data=data):
+                buf = bytearray(b"\x00\x01" + data)
+                self.assertEqual(ux.proxy_length(buf, 2, len(buf)), length)
+        self.assertEqual(ux.proxy_source(good), ("192.0.2.55", 37368))
+        self.assertEqual(ux.proxy_source(six), ("2001:db8::55", 37368, 0, 0))
+
+
+class TestProxyProtocol(RelayCase):
+    """--proxy-protocol: the header between tag and payload, byte for byte."""
+
+    def server(self, host="127.0.0.1", *extra):
+        proc, saddr = self.start("-s", "%s:0" % fmt_host(host),
+                                 "--proxy-protocol", *extra)
+        client = self.udp("::1" if ":" in host else "127.0.0.1")
+        if extra:                       # password mode: register
+            TestPasswordServer.register(self, proc, saddr, client)
+        else:
+            client.sendto(b"", saddr)
+            proc.wait_line("New client address")
+        return proc, saddr, client
+
+    def test_server_plain_and_password(self):
+        for extra in ((), ("-P", V_PASSWORD)):
+            with self.subTest(extra=extra):
+                proc, saddr, client = self.server("127.0.0.1", *extra)
+                conn = self.udp()
+                # (In plain mode an empty datagram is a keepalive.)
+                for payload in (b"hello", b"x" * 1400) + ((b"",) if extra
+                                                          else ()):
+                    conn.sendto(payload, saddr)
+                    self.assertEqual(self.recv(client)[0], b"\x00\x01"
+                                     + ux.proxy_header(conn.getsockname(),
+                                                       saddr) + payload)
+                client.sendto(b"\x00\x01back", saddr)  # no header back
+                self.assertEqual(self.recv(conn), (b"back", saddr))
+                self.assertEqual(usr1_stats(proc, "server")["proxy_headers"],
+                                 3 if extra else 2)
+
+    @unittest.skipUnless(has_ipv6(), "no IPv6")
+    def test_ipv6_and_ipv4_mapped_connectees(self):
+        proc, saddr, client = self.server("::")
+        for host, size in (("::1", 52), ("127.0.0.1", 28)):
+            conn = self.udp(host)
+            dest = (host, saddr[1])
+            conn.sendto(b"who?", dest)
+            data = self.recv(client)[0]
+            self.assertEqual(len(data), 2 + size + 4)
+            self.assertEqual(data[2:2 + size],
+                             ux.proxy_header(conn.getsockname(), dest))
+
+    def test_the_largest_datagram_no_longer_fits(self):
+        proc, saddr, client = self.server()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        conn = self.udp()
+        room = 65507 - 2 - 28
+        conn.sendto(b"f" * room, saddr)
+        self.assertEqual(len(self.recv(client)[0]), 65507)
+        conn.sendto(b"g" * 65507, saddr)
+        proc.wait_line("Dropped a datagram too big to tag and send to the "
+                       "client")
+        self.assert_silent(client)
+        self.assertEqual(usr1_stats(proc, "server")["err4"], 1)
+        self.assertNotIn("Traceback", proc.stop())
+
+    def test_client_checks_and_names_the_connectee(self):
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "--proxy-protocol", "-v")
+        self.recv(server)
+        header = ux.proxy_header(("192.0.2.55", 37368), ("198.51.100.1", 5566))
+        server.sendto(b"\x00\x03" + header + b"query", caddr)
+        self.assertEqual(self.recv(real)[0], header + b"query")
+        proc.wait_line(r"^New incoming channel 3 for 192\.0\.2\.55:37368$")
+        server.sendto(b"\x00\x03no header", caddr)
+        proc.wait_line("Dropped a datagram from the server without a PROXY "
+                       "protocol header")
+        self.assert_silent(real)
+        stats = usr1_stats(proc, "client")
+        self.assertEqual((stats["proxy_headers"], stats["proxy_malformed"]),
+                         (1, 1))
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_trains_each_segment_with_its_header(self):
+        real, conn = gro_socket(self), self.udp()
+        server, saddr = self.start("-s", "127.0.0.1:0", "--proxy-protocol")
+        self.start("127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
+                   ux.format_addr(real.getsockname()), "--proxy-protocol")
+        server.wait_line("New client address")
+        header = ux.proxy_header(conn.getsockname(), saddr)
+        train = [bytes([i]) * 1000 for i in range(20)]
+        send_train(conn, train, saddr)
+        got, _ = receive_trains(real, 20)
+        self.assertEqual(got, [header + d for d in train])
+
+    @unittest.skipUnless(os.access(RUST, os.X_OK), "no Rust udpexposer 0.3.0 "
+                         "beside the repository (../shared/ref)")
+    def test_the_rust_client_in_the_middle(self):
+        real = self.udp()
+        self.echo(real)
+        server, saddr = self.start("-s", "127.0.0.1:0", "--proxy-protocol")
+        rust = subprocess.Popen(
+            [RUST, "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
+             ux.format_addr(real.getsockname())],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(rust.wait, TIMEOUT)
+        self.addCleanup(rust.kill)
+        server.wait_line("New client address")
+        conn = self.udp()
+        conn.sendto(b"through rust", saddr)
+        # The echo sends back what the real server got: header and payload.
+        self.assertEqual(self.recv(conn), (ux.proxy_header(
+            conn.getsockname(), saddr) + b"through rust", saddr))
 
 
 # ====================================================================== the edges
