@@ -493,6 +493,9 @@ def main():
     parser.add_argument("--scaling-only", action="store_true",
                         help="only the cost by number of connectees")
     parser.add_argument("--json", metavar="PATH", help="also write JSON here")
+    parser.add_argument("--mode", choices=("both", "server", "client"),
+                        default="both", help="which modes to measure "
+                        "(default both)")
     parser.add_argument("--wildcard", action="store_true",
                         help="also run this udpexposer.py bound to 0.0.0.0 "
                              "(replies from each datagram's local address), "
@@ -535,8 +538,8 @@ def main():
         impls.append(("floor", floor))
     baseline = args.baseline or ("floor" if args.floor else impls[0][0])
 
-    cases = [("server", 100), ("server", 1400), ("client", 100),
-             ("client", 1400)]
+    cases = [(mode, size) for mode in ("server", "client")
+             for size in (100, 1400) if args.mode in ("both", mode)]
     paced, closed = {}, {}      # name -> case -> [pump results]
 
     def run(name, command, mode, size, extra=()):
