@@ -690,6 +690,31 @@ class TestTrains(RelayCase):
                          notice=[].append if notices is None
                          else notices.append)
 
+    def test_the_local_address_of_datagrams_queued_early(self):
+        """A server bound to 0.0.0.0 keys peers by the address they sent to
+        as well: datagrams that arrive before its loop starts must carry
+        it too, or one peer gets two keys (a client taken for a
+        connectee, its datagrams sent round again)."""
+        sock = ux.udp_socket(socket.AF_INET, ("0.0.0.0", 0), local=True)
+        self.addCleanup(sock.close)
+        peer = self.udp()
+        here = ("127.0.0.1", sock.getsockname()[1])
+        peer.sendto(b"early", here)
+        time.sleep(0.05)
+        io = ux.MmsgIO(sock, lambda where, exc: self.fail((where, exc)),
+                       *ux._load_mmsg(), reply_from_local=True)
+        peer.sendto(b"late", here)
+        got = []
+        while len(got) < 2:
+            got += zip(*wait_for(io.receive))
+        self.assertEqual([bytes(io.buf[at + 2:at + 2 + n]) for at, n, _ in got],
+                         [b"early", b"late"])
+        self.assertEqual(got[0][2], got[1][2])
+        self.assertEqual(io.local_address(got[0][2]), "127.0.0.1")
+        self.assertEqual(io.address(got[0][2]), peer.getsockname())
+        io.send_now(b"back", got[0][2], "err2")
+        self.assertEqual(self.recv(peer), (b"back", here))
+
     def test_runs(self):
         keys = list("aaaabbab") + ["c"] * 70
         sizes = [5, 5, 5, 3, 5, 5, 5, 5] + [10] * 70

@@ -478,9 +478,11 @@ def proxy_source(header):
         header[48] << 8 | header[49], 0, 0
 
 
-def udp_socket(family, bind_to, connect_to=None):
+def udp_socket(family, bind_to, connect_to=None, local=False):
     """A non-blocking UDP socket bound to bind_to (and connected to
-    connect_to, if given), with roomy buffers."""
+    connect_to, if given), with roomy buffers.  local: on a wildcard
+    bind, report each datagram's local address (LocalReplies) from before
+    the bind on, so that no datagram is queued without it."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -488,6 +490,8 @@ def udp_socket(family, bind_to, connect_to=None):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
             except OSError:
                 pass
+        if local and bind_to[0] in ("0.0.0.0", "::"):
+            LocalReplies.enable(sock)
         sock.bind(bind_to)
         if connect_to is not None:
             sock.connect(connect_to)
@@ -1560,19 +1564,28 @@ class LocalReplies(dict):
         self.data_at = (28 if self.v6 else 16) + len(self.pad) + self.HEADER
         self.tail = self.reply(bytes(self.size))
 
-    @classmethod
-    def of(cls, sock):
-        """LocalReplies for sock if it is bound to a wildcard address and
-        the kernel reports local addresses, else None."""
-        if sock.getsockname()[0] not in ("0.0.0.0", "::") \
-                or not hasattr(socket, "CMSG_SPACE"):
-            return None
+    @staticmethod
+    def enable(sock):
+        """Ask the kernel for each datagram's local address: whether it
+        agreed.  (Datagrams queued before come without: udp_socket(local=
+        True) asks before the bind.)"""
+        if not hasattr(socket, "CMSG_SPACE"):
+            return False
         try:
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         except OSError:
+            return False
+        return True
+
+    @classmethod
+    def of(cls, sock):
+        """LocalReplies for sock if it is bound to a wildcard address and
+        the kernel reports local addresses, else None."""
+        if sock.getsockname()[0] not in ("0.0.0.0", "::") \
+                or not cls.enable(sock):
             return None
         return cls(sock.family)
 
@@ -2758,7 +2771,7 @@ def setup(args, environ):
         raise UsageError(str(e))
     key = derive_key(password) if password is not None else None
     try:
-        sock = udp_socket(family, listen)
+        sock = udp_socket(family, listen, local=mode == "server")
     except OSError as e:
         raise UsageError("cannot bind %s: %s"
                          % (args.listen_addr, e.strerror or e))
