@@ -26,6 +26,9 @@ import udpexposer as ux
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 5.0
+# The Rust udpexposer 0.3.0, where the project's shared folder is beside the
+# repository (tests that need it skip elsewhere).
+RUST = os.path.join(HERE, "..", "shared", "ref", "udpexposer-0.3.0")
 
 # Bytes captured from the Rust udpexposer 0.3.0 (shared/vectors.json, "plain").
 V_FIRST_CONNECTEE = bytes.fromhex("000168656c6c6f")       # tag 1 + b"hello"
@@ -1909,6 +1912,34 @@ class TestMultiHomed(RelayCase):
         self.assertEqual({src[0] for _, src in got}, {host})
         self.assertNotIn("not the server", "\n".join(client.drain()))
 
+    @unittest.skipUnless(os.access(RUST, os.X_OK), "no Rust udpexposer "
+                         "0.3.0 beside the repository (../shared/ref)")
+    def test_a_rust_server_there_gets_a_hint_not_silence(self):
+        """The Rust server on 0.0.0.0 answers the client at the secondary
+        address from the primary one: our client says so, once."""
+        rust = subprocess.Popen(
+            ["ip", "netns", "exec", self.helper, RUST, "-s", "0.0.0.0:5566"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(rust.wait, TIMEOUT)
+        self.addCleanup(rust.kill)
+        real = self.udp("198.51.100.2", netns=self.net)
+        client, _ = self.start("198.51.100.2:0", "-a", "198.51.100.7:5566",
+                               "-c", ux.format_addr(real.getsockname()),
+                               "-i", 200, netns=self.net)
+        conn = self.udp("198.51.100.2", netns=self.net)
+        conn.settimeout(0.2)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            conn.sendto(b"anyone?", ("198.51.100.7", 5566))
+            try:
+                client.wait_line(r"Dropped datagrams from 198\.51\.100\.1:"
+                                 r"5566, the server's port at another "
+                                 r"address than 198\.51\.100\.7:5566",
+                                 timeout=0.3)
+                break
+            except AssertionError:
+                self.assertLess(time.monotonic(), deadline)
+
     def test_replies_leave_from_the_address_a_peer_used(self):
         port = 5566
         for bind, hosts in (("0.0.0.0", ("198.51.100.1", "198.51.100.7")),
@@ -2809,7 +2840,6 @@ class TestCommandLine(RelayCase):
 
 # ====================================================================== PROXY protocol v2
 
-RUST = os.path.join(HERE, "..", "shared", "ref", "udpexposer-0.3.0")
 # HAProxy's spec, section 2.2: signature, 0x21 (v2, PROXY), family, length.
 PP_SIG = bytes.fromhex("0d0a0d0a000d0a515549540a")
 
