@@ -221,6 +221,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reverse", action="store_true",
                         help="TCP from the hidden peer to the remote one")
+    parser.add_argument("--floor-gso", metavar="FLOOR_GSO_C",
+                        help="compile this floor_gso.c (a relay in C with "
+                             "trains) and run it as one more row; the others "
+                             "are also shown as a ratio to it")
     args = parser.parse_args()
     for tool in ("ip", "nft", "iperf3", "wg"):
         if shutil.which(tool) is None:
@@ -232,6 +236,10 @@ def main():
              ("udpexposer.py", "%s %s" % (shlex.quote(sys.executable),
                                           shlex.quote(SCRIPT)))]
     cases += [tuple(spec.partition("=")[::2]) for spec in args.compare]
+    if args.floor_gso:
+        exe = os.path.join(tempfile.mkdtemp(prefix="floor-gso-"), "floor_gso")
+        subprocess.run(["gcc", "-O2", "-o", exe, args.floor_gso], check=True)
+        cases.append(("floor_gso", exe))
     results = {}
     tmp = tempfile.mkdtemp()
     try:
@@ -239,9 +247,14 @@ def main():
         with Net() as net:
             for round_ in range(args.rounds):
                 for name, command in cases:
-                    results.setdefault(name, []).append(
-                        run(net, args.wg, keys, name, command, args.seconds,
-                            args.reverse))
+                    try:
+                        r = run(net, args.wg, keys, name, command,
+                                args.seconds, args.reverse)
+                    except (subprocess.TimeoutExpired, RuntimeError) as e:
+                        print("round %d, %s: no result (%s)"
+                              % (round_ + 1, name, e), file=sys.stderr)
+                        continue
+                    results.setdefault(name, []).append(r)
                 print("round %d of %d done" % (round_ + 1, args.rounds),
                       file=sys.stderr)
     finally:
@@ -250,13 +263,22 @@ def main():
           % (version, args.seconds, "from the hidden peer" if args.reverse
              else "to the hidden peer", args.rounds))
     direct = statistics.median(r[0] for r in results["direct"])
+    floor = None
+    if "floor_gso" in results:
+        runs = results["floor_gso"]
+        floor = (statistics.median(r[0] for r in runs),
+                 statistics.median(r[1] for r in runs))
     for name, runs in results.items():
         mbits = statistics.median(r[0] for r in runs)
         cpu = [r[1] for r in runs if r[1] is not None]
-        print("  %-14s %7.0f Mbit/s (%3.0f %% of direct)%s" % (
-            name, mbits, 100 * mbits / direct,
-            "  relays %.1f CPU s per GB" % statistics.median(cpu) if cpu
-            else ""))
+        line = "  %-14s %7.0f Mbit/s (%3.0f %% of direct)" % (
+            name, mbits, 100 * mbits / direct)
+        if cpu:
+            line += "  relays %.1f CPU s per GB" % statistics.median(cpu)
+        if floor and cpu and name != "floor_gso":
+            line += "  (%.2fx floor_gso's Mbit/s, %.2fx its CPU per GB)" % (
+                mbits / floor[0], statistics.median(cpu) / floor[1])
+        print(line)
 
 
 if __name__ == "__main__":
