@@ -490,7 +490,7 @@ def udp_socket(family, bind_to, connect_to=None, local=False):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
             except OSError:
                 pass
-        if local and bind_to[0] in ("0.0.0.0", "::"):
+        if local and bind_to[0] in LocalReplies.WILDCARDS:
             LocalReplies.enable(sock)
         sock.bind(bind_to)
         if connect_to is not None:
@@ -1154,7 +1154,8 @@ class MmsgIO(BurstIO):
         self.base = ctypes.addressof(
             (ctypes.c_char * len(self.buf)).from_buffer(self.buf))
         self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
-        self.send, self.send_on, self.flush = self._sender(libc.sendmmsg)
+        self.send, self.send_on, self.flush, self.send_one = \
+            self._sender(libc.sendmmsg)
 
     def _receiver(self, read, flags):
         """receive() over one call read(fd, msgs, BURST, flags, None)."""
@@ -1249,7 +1250,8 @@ class MmsgIO(BurstIO):
         return ats, datagrams, froms
 
     def _sender(self, sendmmsg):
-        """send(), send_on() and flush(): see the class."""
+        """send(), send_on(), flush() (see the class) and send_one(data,
+        dest, where), which sends one datagram on this socket at once."""
         c, fd, report, view, base = self.c, self.fd, self.report, \
             self.view, self.base
         name_size, local = self.name_size, self.local
@@ -1294,17 +1296,8 @@ class MmsgIO(BurstIO):
             if self.trains:
                 self.send_trains()
             elif queued == 1:           # half the cost of a sendmmsg of one
-                data = view[iovecs[0] - base:iovecs[0] - base + iovecs[1]]
-                dest = dests[0]
-                try:
-                    if local is None:
-                        sendto(data, dontwait,
-                               addresses.get(dest) or sockaddr(dest))
-                    else:
-                        sendmsg([data], local.ancillary(dest), dontwait,
-                                sockaddr(dest))
-                except OSError as e:
-                    report(wheres[0], e)
+                send_one(view[iovecs[0] - base:iovecs[0] - base + iovecs[1]],
+                         dests[0], wheres[0])
             else:
                 iovecs_of[queued].pack_into(iovs, 0, *iovecs)
                 names_view[:queued * key_size] = b"".join(dests)
@@ -1334,7 +1327,18 @@ class MmsgIO(BurstIO):
                     sent = sendmmsg(fd, c.c_void_p(at_out + done * msg_size),
                                     queued - done, dontwait, None)
 
-        return send, send_on, flush
+        def send_one(data, dest, where):
+            try:
+                if local is None:
+                    sendto(data, dontwait,
+                           addresses.get(dest) or sockaddr(dest))
+                else:
+                    sendmsg([data], local.ancillary(dest), dontwait,
+                            sockaddr(dest))
+            except OSError as e:
+                report(where, e)
+
+        return send, send_on, flush, send_one
 
     def send_trains(self):
         """Send the queue of a burst with trains: each run to one
@@ -1380,16 +1384,10 @@ class MmsgIO(BurstIO):
                 self.send_now(part, dest, where, chan)
 
     def send_now(self, data, dest, where, chan=None):
-        try:
-            if chan is not None:
-                chan.send(data, self.MSG_DONTWAIT)
-            elif self.local is None:
-                self.sock.sendto(data, self.MSG_DONTWAIT, self.sockaddr(dest))
-            else:
-                self.sock.sendmsg([data], self.local.ancillary(dest),
-                                  self.MSG_DONTWAIT, self.sockaddr(dest))
-        except OSError as e:
-            self.report(where, e)
+        if chan is None:
+            self.send_one(data, dest, where)
+        else:
+            BurstIO.send_now(self, data, None, where, chan)
 
     def ancillary(self, dest):
         """The control messages a datagram to dest carries (sendmsg's)."""
@@ -1548,6 +1546,7 @@ class LocalReplies(dict):
     """
 
     HEADER = socket.CMSG_LEN(0) if hasattr(socket, "CMSG_LEN") else 16
+    WILDCARDS = ("0.0.0.0", "::")       # the hosts a wildcard bind gives
 
     def __init__(self, family):
         dict.__init__(self)
@@ -1584,7 +1583,7 @@ class LocalReplies(dict):
     def of(cls, sock):
         """LocalReplies for sock if it is bound to a wildcard address and
         the kernel reports local addresses, else None."""
-        if sock.getsockname()[0] not in ("0.0.0.0", "::") \
+        if sock.getsockname()[0] not in cls.WILDCARDS \
                 or not cls.enable(sock):
             return None
         return cls(sock.family)
@@ -2874,20 +2873,20 @@ def main(argv=None, environ=None):
         if mode == "server":
             log("udpexposer.py %s: server mode on %s, %s, up to %d connectees"
                 % (VERSION_TEXT, bound, flavour, args.max_clients), WARN)
-            if notify.problem:
-                log(notify.problem, WARN)
-            run_server(sock, args.max_clients, log, key, stats,
-                       portable=args.portable_io, allow=run["allow"],
-                       client_from=run["client_from"], notify=notify,
-                       proxy_protocol=args.proxy_protocol)
         else:
             log("udpexposer.py %s: client mode on %s, %s, server %s, "
                 "exposing %s, up to %d channels"
                 % (VERSION_TEXT, bound, flavour,
                    server_text(run["server"], run["server_name"]),
                    format_addr(run["real"]), args.max_clients), WARN)
-            if notify.problem:
-                log(notify.problem, WARN)
+        if notify.problem:
+            log(notify.problem, WARN)
+        if mode == "server":
+            run_server(sock, args.max_clients, log, key, stats,
+                       portable=args.portable_io, allow=run["allow"],
+                       client_from=run["client_from"], notify=notify,
+                       proxy_protocol=args.proxy_protocol)
+        else:
             run_client(sock, run["server"], run["real_family"], run["real"],
                        args.max_clients, args.ping_interval_ms, log, key,
                        portable=args.portable_io, stats=stats,
