@@ -237,6 +237,38 @@ class RelayCase(unittest.TestCase):
         self.echo(real)
         return saddr, server, client
 
+    def relayed(self, *extra):
+        """Server and client (both with extra) before a real server, and a
+        connectee that has said hello through them, both reading trains:
+        (real server, connectee, the server's address, the channel's,
+        server, client)."""
+        real, conn = gro_socket(self), gro_socket(self)
+        server, saddr = self.start("-s", "127.0.0.1:0", *extra)
+        client, _ = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
+                               "-c", ux.format_addr(real.getsockname()),
+                               "-i", 200, *extra)
+        deadline = time.monotonic() + TIMEOUT
+        conn.settimeout(0.2)
+        while True:                     # password mode: once registered
+            conn.sendto(b"hello", saddr)
+            real.settimeout(0.2)
+            try:
+                data, chan = real.recvfrom(100)
+                break
+            except socket.timeout:
+                self.assertLess(time.monotonic(), deadline)
+            finally:
+                real.settimeout(TIMEOUT)
+        self.assertEqual(data, b"hello")
+        while True:                     # the later hellos
+            real.settimeout(0.3)
+            try:
+                real.recvfrom(100)
+            except socket.timeout:
+                break
+        real.settimeout(TIMEOUT)
+        conn.settimeout(TIMEOUT)
+        return real, conn, saddr, chan, server, client
 
 def limit_files(count):
     import resource
@@ -957,22 +989,8 @@ class TestTrains(RelayCase):
             read(3)
             self.assertIn(chan, io.trial)
 
-    def relayed(self):
-        """A server and a client, a real server and a connectee (both
-        reading trains) that has said hello through them: (real server,
-        connectee, the server's address, the channel's)."""
-        real, conn = gro_socket(self), gro_socket(self)
-        server, saddr = self.start("-s", "127.0.0.1:0")
-        self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
-                   "-c", ux.format_addr(real.getsockname()))
-        server.wait_line("New client address")
-        conn.sendto(b"hello", saddr)
-        data, chan = real.recvfrom(100)
-        self.assertEqual(data, b"hello")
-        return real, conn, saddr, chan
-
     def test_trains_through_server_and_client(self):
-        real, conn, saddr, chan = self.relayed()
+        real, conn, saddr, chan = self.relayed()[:4]
         for round_ in range(3):
             there = [bytes([round_, i]) * 650 for i in range(25)] + [b"end"]
             send_train(conn, there, saddr)
@@ -989,7 +1007,7 @@ class TestTrains(RelayCase):
         """A download: the real server sends trains, the connectee none.
         A channel tries UDP_GRO every TRIAL_EVERY-th read; from then on
         the trains stay trains all the way."""
-        real, conn, saddr, chan = self.relayed()
+        real, conn, saddr, chan = self.relayed()[:4]
         trains, deadline = [], time.monotonic() + 30
         for i in range(2 * ux.TRIAL_EVERY // 8):
             back = [struct.pack(">HH", i, j) * 300 for j in range(8)]
@@ -3025,38 +3043,6 @@ class TestEdges(RelayCase):
     """Datagrams at the edges of trains, a manager that stops reading,
     signal storms, floods of lines: nothing is lost, nothing stalls."""
 
-    def tool_pair(self, *extra, real=None, conn=None):
-        """Server and client (both with extra) before a real server that
-        reads trains, and a connectee that has said hello: (real, conn,
-        server address, channel address, server, client)."""
-        real, conn = real or gro_socket(self), conn or gro_socket(self)
-        server, saddr = self.start("-s", "127.0.0.1:0", *extra)
-        client, _ = self.start("127.0.0.1:0", "-a", ux.format_addr(saddr),
-                               "-c", ux.format_addr(real.getsockname()),
-                               "-i", 200, *extra)
-        deadline = time.monotonic() + TIMEOUT
-        conn.settimeout(0.2)
-        while True:                     # password mode: once registered
-            conn.sendto(b"hello", saddr)
-            real.settimeout(0.2)
-            try:
-                data, chan = real.recvfrom(100)
-                break
-            except socket.timeout:
-                self.assertLess(time.monotonic(), deadline)
-            finally:
-                real.settimeout(TIMEOUT)
-        self.assertEqual(data, b"hello")
-        while True:                     # the later hellos
-            real.settimeout(0.3)
-            try:
-                real.recvfrom(100)
-            except socket.timeout:
-                break
-        real.settimeout(TIMEOUT)
-        conn.settimeout(TIMEOUT)
-        return real, conn, saddr, chan, server, client
-
     @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
     def test_empty_datagrams_from_a_client_in_one_burst(self):
         conn = gro_socket(self)
@@ -3084,7 +3070,7 @@ class TestEdges(RelayCase):
         for extra, empty in (((), []), (("-P", V_PASSWORD), [b""] * 3)):
             with self.subTest(extra=extra):
                 real, conn, saddr, chan, server, client = \
-                    self.tool_pair(*extra)
+                    self.relayed(*extra)
                 train = [bytes([i]) * 100 for i in range(5)]
                 with stopped(client):
                     send_train(conn, train, saddr)
