@@ -281,6 +281,73 @@ def bench_client(command, size, count, extra=(), rate=None, listen=LOCAL):
         real.close()
 
 
+def bench_bulk(command, count, rate=None, size=1400):
+    """One way, as a hidden game or file server sends: the real server
+    sends `count` datagrams of `size` bytes on one channel, towards one
+    connectee, paced at `rate` per second or flat out (rate None: as fast
+    as this process can send, with a send buffer the kernel may fill).
+    Returns (arrived at the socket playing the server, seconds, CPU ns of
+    the relay, lost)."""
+    server, real = udp(), udp()
+    for s in (server, real):
+        try:                    # as root: past rmem_max / wmem_max
+            s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)    # SO_RCVBUFFORCE
+            s.setsockopt(socket.SOL_SOCKET, 32, 8 << 20)    # SO_SNDBUFFORCE
+        except OSError:
+            pass
+    port = free_port()
+    relay = Relay(command, ["%s:%d" % (LOCAL, port), "-a",
+                            "%s:%d" % server.getsockname(), "-c",
+                            "%s:%d" % real.getsockname(), "-n", 4],
+                  cpu=RELAY_CPU)
+    try:
+        select_one(server, 10)
+        _, caddr = server.recvfrom(70000)
+        payload = os.urandom(size)
+        wait_ready(lambda: server.sendto(b"\0\1" + payload, caddr), real)
+        time.sleep(0.2)
+        drain(real)
+        server.sendto(b"\0\1" + payload, caddr)  # the channel's address
+        select_one(real, 2)
+        _, channel = real.recvfrom(70000)
+        drain(server)
+        arrived = sent = 0
+
+        def take():
+            nonlocal arrived
+            while True:
+                try:
+                    data, _ = server.recvfrom(70000)
+                except BlockingIOError:
+                    return
+                arrived += data[2:] == payload
+
+        cpu0, t0 = relay.cpu(), time.monotonic()
+        end = t0 + GIVE_UP
+        while sent < count and time.monotonic() < end:
+            due = count if rate is None \
+                else min(count, int((time.monotonic() - t0) * rate) + 1)
+            while sent < due and sent - arrived < 4 * WINDOW * 64:
+                try:
+                    real.sendto(payload, channel)
+                except BlockingIOError:
+                    break
+                sent += 1
+            take()
+            if rate is not None:
+                time.sleep(0.0005)
+        settle = time.monotonic() + 0.5
+        while arrived < sent and time.monotonic() < settle:
+            select_one(server, 0.05)
+            take()
+        seconds = time.monotonic() - t0
+        return arrived, seconds, relay.cpu() - cpu0, sent - arrived
+    finally:
+        relay.stop()
+        server.close()
+        real.close()
+
+
 def bench_rtt(command, pings, extra=()):
     """Round trips connectee -> server -> client -> echo and back."""
     import threading
@@ -356,6 +423,7 @@ def derive_time(runs=5):
 
 
 SCALING_RATE = 20000      # round trips per second, the same for every size
+BULK_RATE = 20000         # one way: 1400-byte datagrams a second, 224 Mbit/s
 PACED_RATE = 50000        # round trips per second for the cost per datagram
 
 
@@ -493,9 +561,13 @@ def main():
     parser.add_argument("--scaling-only", action="store_true",
                         help="only the cost by number of connectees")
     parser.add_argument("--json", metavar="PATH", help="also write JSON here")
-    parser.add_argument("--mode", choices=("both", "server", "client"),
+    parser.add_argument("--mode", choices=("both", "server", "client",
+                                           "bulk"),
                         default="both", help="which modes to measure "
-                        "(default both)")
+                        "(default both; bulk: only the one-way case)")
+    parser.add_argument("--bulk-rate", type=int, default=BULK_RATE,
+                        help="datagrams per second of the paced one-way "
+                             "case (default %d)" % BULK_RATE)
     parser.add_argument("--wildcard", action="store_true",
                         help="also run this udpexposer.py bound to 0.0.0.0 "
                              "(replies from each datagram's local address), "
@@ -541,6 +613,7 @@ def main():
     cases = [(mode, size) for mode in ("server", "client")
              for size in (100, 1400) if args.mode in ("both", mode)]
     paced, closed = {}, {}      # name -> case -> [pump results]
+    bulk = {}                   # name -> "paced" / "flat out" -> [results]
 
     def run(name, command, mode, size, extra=()):
         key = "%s/%d" % (mode, size)
@@ -558,13 +631,32 @@ def main():
                 run(name, command, mode, size)
                 if mode == "server" and name == "floor":
                     run("floor --batch", command, mode, size, ["--batch"])
+        for name, command in impls:
+            if args.mode not in ("both", "client", "bulk") \
+                    or name == "wildcard":
+                break
+            for how, rate in (("paced", args.bulk_rate), ("flat out", None)):
+                count = max(args.count, args.bulk_rate) if rate \
+                    else 5 * args.count
+                bulk.setdefault(name, {}).setdefault(how, []).append(
+                    bench_bulk(command, count, rate))
         print("round %d of %d done" % (round_ + 1, args.rounds),
               file=sys.stderr)
 
     report = {"paced_round_trips_per_s": args.rate,
               "cpu_us_per_datagram": {}, "lost": {},
               "closed_loop_datagrams_per_s": {}, "closed_loop_busy": {},
-              "startup_ms": {}}
+              "startup_ms": {}, "bulk_paced_per_s": args.bulk_rate,
+              "bulk": {}}
+    for name, by_how in bulk.items():
+        for how, runs in by_how.items():
+            report["bulk"].setdefault(name, {})[how] = {
+                "cpu_us_per_datagram": round(statistics.median(
+                    r[2] / 1000.0 / max(r[0], 1) for r in runs), 3),
+                "datagrams_per_s": round(statistics.median(
+                    r[0] / r[1] for r in runs)),
+                "lost": sum(r[3] for r in runs),
+                "sent": sum(r[0] + r[3] for r in runs)}
     for name, by_case in paced.items():
         for key, runs in by_case.items():
             per = [r[2] / 1000.0 / r[0] for r in runs]
@@ -610,7 +702,23 @@ def main():
 
 
 def print_report(report, baseline):
+    if report["bulk"]:
+        bulk = report["bulk"]
+        base = bulk.get(baseline, next(iter(bulk.values())))
+        print("\none way, real server -> client -> one connectee, 1400 B: "
+              "CPU us per datagram (median), x %s's, datagrams per second, "
+              "lost of sent:" % (baseline if baseline in bulk
+                                 else next(iter(bulk))))
+        for name, row in bulk.items():
+            print("%-16s" % name + "".join(
+                "  %s %6.2f (%.2fx) %7d/s %6d lost of %d" % (
+                    how, r["cpu_us_per_datagram"],
+                    r["cpu_us_per_datagram"] / base[how]["cpu_us_per_datagram"],
+                    r["datagrams_per_s"], r["lost"], r["sent"])
+                for how, r in row.items()))
     cpu = report["cpu_us_per_datagram"]
+    if not cpu:
+        return
     keys = sorted(next(iter(cpu.values())))
     print("\nCPU microseconds per relayed datagram (median) at %d round "
           "trips/s, and x %s's server mode:"
