@@ -708,6 +708,17 @@ def wait_for(receive):
     raise AssertionError("nothing came")
 
 
+def datagrams_of(io, ats, lengths):
+    """What a receive() brought, each train cut into its datagrams: (the
+    datagrams, whether a train brought any)."""
+    got = []
+    for at, n in zip(ats, lengths):
+        data = bytes(io.buf[at + 2:at + 2 + n])
+        size = io.train_sizes.get(at, n) or 1
+        got += [data[i:i + size] for i in range(0, n, size)] or [b""]
+    return got, any(at in io.train_sizes for at in ats)
+
+
 def gro_socket(case):
     sock = case.udp()
     if not ux.enable_gro(sock):
@@ -750,14 +761,17 @@ class TestTrains(RelayCase):
         io.send_now(b"back", got[0][2], "err2")
         self.assertEqual(self.recv(peer), (b"back", here))
 
-    def test_runs(self):
-        keys = list("aaaabbab") + ["c"] * 70
-        sizes = [5, 5, 5, 3, 5, 5, 5, 5] + [10] * 70
-        self.assertEqual(list(ux.runs(keys, sizes, len(keys))),
-                         [(0, 4), (4, 6), (6, 7), (7, 8), (8, 72), (72, 78)])
-        # a train holds at most 65,507 bytes
-        self.assertEqual(list(ux.runs(["d"] * 50, [1454] * 50, 50)),
-                         [(0, 45), (45, 50)])
+    def test_tag_runs(self):
+        tagged = [b"\x00\x01ab", b"\x00\x01cd", b"\x01\x01ef", b"\x00\x01gh",
+                  b"\x00\x01i"]
+        buf = bytearray(b"xx" + b"".join(tagged))
+        self.assertEqual(ux.tag_runs(buf, 2, 19, 4),
+                         [(2, 8, 1), (10, 4, 257), (14, 7, 1)])
+        one = bytearray(b"\x12\x34abc" * 9 + b"\x12\x34")
+        self.assertEqual(ux.tag_runs(one, 0, len(one), 5),
+                         [(0, len(one), 0x1234)])
+        self.assertEqual(ux.train_length(47, 5), 10)
+        self.assertEqual(ux.train_length(45, 5), 9)
 
     def test_split_train_makes_room_for_a_tag_before_each(self):
         buf = bytearray(ux.SLOT)
@@ -774,7 +788,7 @@ class TestTrains(RelayCase):
         with self.assertRaises(OSError):
             ux.split_train(buf, 0, ux.TRAIN_IN + 1, 1)
 
-    def test_a_train_in_is_datagrams_to_the_relay_and_a_train_out(self):
+    def test_a_train_in_is_one_item_and_a_train_out(self):
         sock = gro_socket(self)
         io = self.io(sock)
         sender, peer = self.udp(), gro_socket(self)
@@ -785,29 +799,79 @@ class TestTrains(RelayCase):
         send_train(sender, parts, here)
         sender.sendto(b"single after", here)
         got, deadline = [], time.monotonic() + TIMEOUT
-        while len(got) < 23 and time.monotonic() < deadline:
-            for at, n, src in zip(*io.receive()):
-                got.append((at, bytes(io.buf[at + 2:at + 2 + n]), src))
+        while len(got) < 3 and time.monotonic() < deadline:
+            ats, lengths, sources = io.receive()
+            got += [(at, n, io.train_sizes.get(at), src)
+                    for at, n, src in zip(ats, lengths, sources)]
         self.assertTrue(io.trains)                  # it came as a train
-        self.assertEqual([d for _, d, _ in got],
-                         [b"single before"] + parts + [b"single after"])
-        self.assertEqual(len({src for _, _, src in got}), 1)
-        # The relay tags each and sends them on: one train again.
+        self.assertEqual([(n, size) for _, n, size, _ in got],
+                         [(13, None), (sum(sizes), 1200), (12, None)])
+        self.assertEqual(len({src for _, _, _, src in got}), 1)
+        train_at = got[1][0]
+        self.assertEqual(bytes(io.buf[train_at + 2:train_at + 2 + got[1][1]]),
+                         b"".join(parts))
+        # The relay tags each and sends them on: the train as one again.
         dest = io.key_of(peer.getsockname())
-        for i, (at, data, _) in enumerate(got):
-            io.buf[at:at + 2] = struct.pack(">H", i)
-            io.send(at, len(data) + 2, dest, "err4")
+        for i, (at, n, size, _) in enumerate(got):
+            if size:
+                io.send_train(at + 2, n, size, dest, "err4", tag=i)
+            else:
+                io.buf[at:at + 2] = struct.pack(">H", i)
+                io.send(at, n + 2, dest, "err4")
         io.flush()
         datagrams, trains = receive_trains(peer, 23)
-        self.assertEqual(datagrams, [struct.pack(">H", i) + d
-                                     for i, (_, d, _) in enumerate(got)])
+        self.assertEqual(datagrams, [b"\x00\x00single before"]
+                         + [b"\x00\x01" + p for p in parts]
+                         + [b"\x00\x02single after"])
         self.assertIn(1202, trains)                 # 20 + 1 went as one
+        # ... and back: the tags left out, one train again.
+        io.send_train(train_at + 2, got[1][1], 1200, io.key_of(
+            sender.getsockname()), "err3")
+        io.flush()
+        self.assertEqual([self.recv(sender)[0] for _ in parts],
+                         [p[2:] for p in parts])
         # The next burst has no train: nothing of the last one lingers.
         sender.sendto(b"x" * 3000, here)
         ats, lengths, _ = wait_for(io.receive)
         self.assertFalse(io.trains)
+        self.assertEqual(io.train_sizes, {})
         self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
                          b"x" * 3000)
+
+    def test_train_shapes_out(self):
+        """send_train() and send_tagged() against what arrives: 1-byte
+        datagrams, a short last one, one of only a tag (empty without it),
+        trains above TRAIN_OUT and MAX_TRAIN_BYTES, mixed with lone ones
+        in one queue, order kept."""
+        sock = gro_socket(self)
+        io = self.io(sock)
+        peer = self.udp()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        dest = io.key_of(peer.getsockname())
+        cases = [(1, 100), (1000, 20), (1000, 5), (1472, 64), (9000, 7)]
+        at = 2
+        expected = []
+        for size, count in cases:
+            data = bytes((at + i) % 251 for i in range(size * count - 1))
+            io.buf[at:at + len(data)] = data
+            io.send_train(at, len(data), size, dest, "err4", tag=0x0102)
+            expected += [b"\x01\x02" + data[i:i + size]
+                         for i in range(0, len(data), size)]
+            at += len(data) + 10
+            io.buf[at:at + 3] = b"one"
+            io.send(at, 3, dest, "err4")
+            expected.append(b"one")
+            at += 10
+        # tags left out; the last datagram is a tag alone: an empty one
+        data = b"\x00\x05abc" * 10 + b"\x00\x05"
+        io.buf[at:at + len(data)] = data
+        io.send_train(at, len(data), 5, dest, "err3")
+        expected += [b"abc"] * 10 + [b""]
+        io.flush()
+        got = []
+        while len(got) < len(expected):
+            got.append(self.recv(peer)[0])
+        self.assertEqual(got, expected)
 
     def test_only_a_udp_gro_control_message_makes_a_train(self):
         sock = gro_socket(self)
@@ -831,15 +895,15 @@ class TestTrains(RelayCase):
         here, dest = sock.getsockname(), io.key_of(peer.getsockname())
         for round_ in range(2):
             send_train(sender, [b"%02d" % i * 50 for i in range(10)], here)
-            got = []
-            while len(got) < 10:
-                got += zip(*io.receive())
+            ats, lengths, _ = wait_for(io.receive)
             self.assertTrue(io.trains)
-            for at, n, _ in got:
-                io.send(at + 2, n, dest, "err4")
+            io.send(ats[0] + 2, 4, dest, "err4")    # a lone one first
+            io.send_train(ats[0] + 2, lengths[0], io.train_sizes[ats[0]],
+                          dest, "err4", tag=7)
             io.flush()
-            self.assertEqual([self.recv(peer)[0] for _ in range(10)],
-                             [b"%02d" % i * 50 for i in range(10)])
+            self.assertEqual([self.recv(peer)[0] for _ in range(11)],
+                             [b"0000"] + [b"\x00\x07" + b"%02d" % i * 50
+                                          for i in range(10)])
         self.assertFalse(io.gso)
         self.assertEqual(len(notices), 1)
         self.assertRegex(notices[0], "refuses UDP trains .*one by one")
@@ -848,41 +912,78 @@ class TestTrains(RelayCase):
         sock = gro_socket(self)
         io = self.io(sock)
         server, real = self.udp(), gro_socket(self)
+        to_server = io.key_of(server.getsockname())
         chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
                              real.getsockname())
         self.addCleanup(chan.close)
         real.sendto(b"alone", chan.getsockname())   # a lone datagram
-        ats, lengths = io.receive_on(chan)
-        self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
-                         b"alone")
+        select.select([chan], [], [], TIMEOUT)
+        self.assertEqual(io.forward(chan, 1, to_server, "x"), (1, 5))
+        self.assertEqual(self.recv(server)[0], b"\x00\x01alone")  # at once
         # A train comes from the server for this channel: it goes on to
         # the real server as a train, and the channel reads trains now.
         parts = [b"s%02d" % i + bytes(997) for i in range(30)] + [b"last"]
         send_train(server, [b"\x00\x01" + p for p in parts],
                    sock.getsockname())
-        got = []
-        while len(got) < 31:
-            got += zip(*io.receive())
+        ats, lengths, _ = wait_for(io.receive)
         self.assertTrue(io.trains)
-        for at, n, _ in got:
-            io.send_on(chan, at + 4, n - 2, "send to the real server")
+        self.assertEqual(len(ats), 1)
+        io.send_on(chan, ats[0] + 2, 2, "y")        # a lone one first
+        io.send_train(ats[0] + 2, lengths[0], io.train_sizes[ats[0]], chan,
+                      "send to the real server")
         io.flush()
-        datagrams, trains = receive_trains(real, 31)
-        self.assertEqual(datagrams, parts)
+        datagrams, trains = receive_trains(real, 32)
+        self.assertEqual(datagrams, [b"\x00\x01"] + parts)
         self.assertIn(1000, trains)
+        self.assertIn(chan, io.trial)
         back = [b"r%02d" % i + bytes(1197) for i in range(20)]
         send_train(real, back, chan.getsockname())
-        ats, lengths = io.receive_on(chan)
-        self.assertTrue(io.trains)
-        self.assertEqual([bytes(io.buf[at + 2:at + 2 + n])
-                          for at, n in zip(ats, lengths)], back)
+        select.select([chan], [], [], TIMEOUT)
+        self.assertEqual(io.forward(chan, 2, to_server, "x"),
+                         (20, 20 * 1200))
+        io.flush()
+        self.assertEqual([self.recv(server)[0] for _ in back],
+                         [b"\x00\x02" + d for d in back])
         real.sendto(b"alone again", chan.getsockname())
-        ats, lengths = io.receive_on(chan)
-        self.assertFalse(io.trains)
-        self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
-                         b"alone again")
+        select.select([chan], [], [], TIMEOUT)
+        self.assertEqual(io.forward(chan, 2, to_server, "x"), (1, 11))
+        self.assertEqual(self.recv(server)[0], b"\x00\x02alone again")
         io.forget(chan)             # the client closes it
         self.assertNotIn(chan, io.trial)
+
+    def test_a_busy_channel_is_read_in_bursts(self):
+        """A channel readable in two selector rounds in a row is read with
+        one recvmmsg; what it brought leaves at the round's end, as one
+        train where the sizes allow, else datagram by datagram."""
+        sock = self.udp()
+        io = self.io(sock)
+        server, real = gro_socket(self), self.udp()
+        to_server = io.key_of(server.getsockname())
+        chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
+                             real.getsockname())
+        self.addCleanup(chan.close)
+        for sizes in ([1400] * 30 + [3], [100, 200, 100], [1400] * 3):
+            first = b"first"
+            real.sendto(first, chan.getsockname())
+            select.select([chan], [], [], TIMEOUT)
+            self.assertEqual(io.forward(chan, 9, to_server, "x"), (1, 5))
+            self.assertEqual(self.recv(server)[0], b"\x00\x09first")
+            io.end_round()
+            sent = [bytes([i]) * size for i, size in enumerate(sizes)]
+            for data in sent:
+                real.sendto(data, chan.getsockname())
+            time.sleep(0.05)
+            self.assertEqual(io.forward(chan, 9, to_server, "x"),
+                             (len(sizes), sum(sizes)))
+            self.assertEqual(io.filled, len(sizes))     # queued
+            io.end_round()
+            got, trains = receive_trains(server, len(sizes))
+            self.assertEqual(got, [b"\x00\x09" + d for d in sent])
+            if sizes[0] == 1400:
+                self.assertIn(1402, trains)
+            else:
+                self.assertEqual(trains, [None] * 3)
+            io.end_round()          # a round without it: not busy then
 
     def test_the_socket_tries_trains_too(self):
         sock = gro_socket(self)
@@ -900,8 +1001,9 @@ class TestTrains(RelayCase):
                 for send in sends:
                     send()
                 ats, lengths, _ = wait_for(io.receive)
-                return [bytes(io.buf[at + 2:at + 2 + n])
-                        for at, n in zip(ats, lengths)], io.trains
+                self.assertEqual(datagrams_of(io, ats, lengths)[1],
+                                 io.trains)
+                return datagrams_of(io, ats, lengths)[0], io.trains
 
             def lone(data):
                 return lambda: sender.sendto(data, here)
@@ -937,22 +1039,26 @@ class TestTrains(RelayCase):
         with mock.patch.object(ux, "TRIAL_EVERY", 5), \
                 mock.patch.object(ux, "TRIAL_READS", 3):
             io = self.io(sock)
-            real = self.udp()
+            real, server = self.udp(), gro_socket(self)
             chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
                                  real.getsockname())
             self.addCleanup(chan.close)
             here = chan.getsockname()
+            to_server = io.key_of(server.getsockname())
 
             def read(count):
-                """count reads from chan: the datagrams, each as a list of
-                what split it into, and whether each read was a train."""
+                """count reads from chan: the datagrams each sent on, as a
+                list of them, and whether each left as a train."""
                 got = []
                 for _ in range(count):
                     select.select([chan], [], [], TIMEOUT)
-                    ats, lengths = io.receive_on(chan)
-                    got.append(([bytes(io.buf[at + 2:at + 2 + n])
-                                 for at, n in zip(ats, lengths)],
-                                len(ats) > 1 and io.trains))
+                    k, _ = io.forward(chan, 1, to_server, "x")
+                    io.flush()
+                    datagrams, trains = receive_trains(server, k)
+                    self.assertEqual({d[:2] for d in datagrams},
+                                     {b"\x00\x01"})
+                    got.append(([d[2:] for d in datagrams],
+                                trains != [None] * len(trains)))
                 return got
 
             train = [b"%02d" % i * 300 for i in range(7)]

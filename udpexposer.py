@@ -865,7 +865,7 @@ def log_counters(log, mode, stats):
                        separators=(",", ":")), WARN)
 
 
-def run_loop(sel, timers=None, stop=None, signalled=None):
+def run_loop(sel, timers=None, stop=None, signalled=None, after=None):
     """Dispatch readable sockets to the callables in key.data.
 
     timers() runs whatever is due and returns the seconds to its next
@@ -878,6 +878,7 @@ def run_loop(sel, timers=None, stop=None, signalled=None):
     before the wait begins, would wait with it (up to a keepalive interval)
     but for the byte it writes to a wakeup pipe (signal.set_wakeup_fd).
     Then, and once at the start, signalled() does what the handlers noted.
+    after() runs once the ready sockets of a round are handled.
     """
     wake = None
     signalled = signalled or (lambda: None)
@@ -899,6 +900,8 @@ def run_loop(sel, timers=None, stop=None, signalled=None):
                 timeout = deadline - now
             for key, _ in sel.select(timeout):
                 key.data()
+            if after is not None:
+                after()
     finally:
         if wake is not None:
             signal.set_wakeup_fd(previous)
@@ -931,11 +934,14 @@ PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
 TRIAL_EVERY = 4096        # datagrams read between trials of UDP_GRO
 TRIAL_READS = 64          # reads without a train that end a trial
 MAX_REST = 6              # a socket skips 2 ** MAX_REST trials at most
-LONE = (DATA_AT,)                 # ats of a lone datagram in the first slot
 GRO_SIZE = struct.Struct("=i")    # the segment size in a UDP_GRO cmsg
 # A control message as the kernel writes it: cmsg_len, cmsg_level,
 # cmsg_type, and for UDP_GRO the segment size.
 GRO_CMSG = struct.Struct("@Niii")
+# UDP_SEGMENT's control message: cmsg_len, cmsg_level, cmsg_type, the
+# segment size, padded to CMSG_SPACE(2).
+SEGMENT_CMSG = struct.Struct("@NiiH6x")
+SEGMENT_CMSG_LEN = socket.CMSG_LEN(2) if hasattr(socket, "CMSG_LEN") else 18
 
 
 def repeated(one, mode="="):
@@ -947,17 +953,18 @@ class BurstIO:
     """Datagram I/O on one socket, a burst at a time, with recvfrom/sendto.
 
     receive() reads what is waiting, up to BURST datagrams or trains, and
-    returns (ats, lengths, sources), one item per datagram: datagram i is
-    lengths[i] bytes at buf[ats[i] + TAG_SIZE:], from sources[i], with
-    TAG_SIZE free bytes before it for a tag.  Sources are opaque, hashable
+    returns (ats, lengths, sources), one item per datagram or train: item i
+    is lengths[i] bytes at buf[ats[i] + TAG_SIZE:], from sources[i], with
+    TAG_SIZE free bytes before it for a tag; a train's segment size is in
+    train_sizes[ats[i]] (MmsgIO only).  Sources are opaque, hashable
     address keys; address(key) turns one into a sockaddr tuple, key_of()
-    back.  send() queues a range of buf for a destination key and flush()
-    sends what is queued.
-    A client's channels go through here too: receive_on(sock) reads what
-    one has into the first slot ((ats, lengths), as above; errors are
-    raised), send_on() sends buf's bytes on one (queued until flush() where
-    trains are made), and forget(sock) says the client closes one.
-    send_now() sends bytes at once, outside any burst.
+    back.  send() queues a range of buf for a destination key (send_train()
+    a train) and flush() sends what is queued.
+    A client's channels go through here too: forward() reads what one has
+    and sends it on tagged (errors are raised), send_on() sends buf's bytes
+    on one (queued until flush() in a burst with trains), and
+    forget(sock) says the client closes one; end_round() ends a selector
+    round.  send_now() sends bytes at once, outside any burst.
     Errors go to report(where, exc) and never stop the caller.
     """
 
@@ -969,14 +976,16 @@ class BurstIO:
         self.notice = notice or (lambda text: None)
         self.buf = bytearray(BURST * SLOT)
         self.view = memoryview(self.buf)
-        self.first = self.view[HEADROOM:HEADROOM + MAX_DATAGRAM]
+        # where a lone datagram goes in each slot: (ats,) and its room
+        self.lones = [(at,) for at in PLAIN_ATS]
+        self.slots = [self.view[at + TAG_SIZE:at + TAG_SIZE + MAX_DATAGRAM]
+                      for at in PLAIN_ATS]
         self.receive, self.send = self._closures(sock, report)
+        self.train_sizes = {}           # never a train here: see MmsgIO
 
     def _closures(self, own, report):
         """receive() and send() over locals: this is the hot path."""
-        view = self.view
-        slots = [view[at + TAG_SIZE:at + TAG_SIZE + MAX_DATAGRAM]
-                 for at in PLAIN_ATS]
+        view, slots = self.view, self.slots
         recv_into, sendto = own.recvfrom_into, own.sendto
         lengths, sources = [0] * BURST, [None] * BURST
 
@@ -1014,8 +1023,13 @@ class BurstIO:
         except OSError as e:
             self.report(where, e)
 
-    def receive_on(self, sock):
-        return LONE, (sock.recv_into(self.first, MAX_DATAGRAM),)
+    def forward(self, chan, tag, dest, where):
+        """Read one datagram from the channel chan and send it on to dest
+        at once, with tag before it: (1, its size).  See MmsgIO."""
+        n = chan.recv_into(self.slots[0], MAX_DATAGRAM)
+        TAG.pack_into(self.buf, DATA_AT, tag)
+        self.send_now(self.view[DATA_AT:DATA_AT + n + TAG_SIZE], dest, where)
+        return 1, n
 
     def send_on(self, sock, start, length, where):
         self.send_now(self.view[start:start + length], None, where, sock)
@@ -1029,6 +1043,9 @@ class BurstIO:
 
     def flush(self):
         pass
+
+    def end_round(self):
+        """A selector round ends (run_loop): see MmsgIO."""
 
     def wait_in_receive(self, seconds):
         """Make receive() wait for the first datagram: False, it cannot."""
@@ -1067,7 +1084,7 @@ def split_train(buf, start, n, size):
     datagrams of `size` bytes, each with TAG_SIZE free bytes before it:
     (ats, lengths).  Front to back, each moves down by at most HEADROOM.
     A train of more than TRAIN_IN datagrams (no kernel makes one) would not
-    fit: OSError."""
+    fit: OSError.  The relay's way for a train it cannot take whole."""
     if n > size * TRAIN_IN:
         raise OSError(errno.EMSGSIZE, "a train of more than %d datagrams"
                       % TRAIN_IN)
@@ -1083,23 +1100,27 @@ def split_train(buf, start, n, size):
     return ats, lengths
 
 
-def runs(keys, sizes, count):
-    """Split items 0..count into trains: (first, end) ranges of one key and
-    one size (the last may be shorter), at most TRAIN_OUT datagrams and
-    MAX_TRAIN_BYTES bytes each.  An empty datagram is a run of its own: in
-    a train it would be no segment at all."""
-    first = 0
-    while first < count:
-        key, size = keys[first], sizes[first]
-        end = first + 1
-        most = min(TRAIN_OUT, MAX_TRAIN_BYTES // max(size, 1)) if size else 1
-        while end < count and end - first < most and keys[end] == key \
-                and 0 < sizes[end] <= size:
-            end += 1
-            if sizes[end - 1] < size:
-                break
-        yield first, end
-        first = end
+def tag_runs(buf, start, n, size):
+    """A train of tagged datagrams (each starts with its tag) of `size`
+    bytes at buf[start:start + n], the last at least TAG_SIZE long, cut
+    where the tag changes: [(start, length, tag)].  At C speed for a train
+    of one tag, the usual one."""
+    end = start + n
+    his, los = buf[start:end:size], buf[start + 1:end:size]
+    if his.count(his[0]) == len(his) and los.count(los[0]) == len(los):
+        return [(start, n, his[0] << 8 | los[0])]
+    cuts, first, tag = [], start, his[0] << 8 | los[0]
+    for j in range(1, len(his)):
+        if his[j] << 8 | los[j] != tag:
+            cuts.append((first, start + j * size - first, tag))
+            first, tag = start + j * size, his[j] << 8 | los[j]
+    cuts.append((first, end - first, tag))
+    return cuts
+
+
+def train_length(n, size):
+    """How many datagrams a train of n bytes in `size`-byte ones holds."""
+    return -(-n // size)
 
 
 class MmsgIO(BurstIO):
@@ -1107,15 +1128,17 @@ class MmsgIO(BurstIO):
     trains (GRO in, GSO out) where the kernel has them.
 
     Sources and destinations are raw sockaddr bytes here: cheaper to make,
-    hash and send to.  UDP_GRO is on trial (try_trains).  In a burst that
-    brought trains (self.trains), each train is split in place
-    (split_train).  send() queues, and so does
-    send_on() in a burst with trains; flush() (or the BURST-th send, but
-    for trains) sends what is queued: one datagram with sendto, more with
-    one sendmmsg, and after trains each run to one destination with one
-    size as one train (send_trains).  Where the kernel refuses a train,
-    the socket falls back to single datagrams for good, says so once, and
-    loses none.
+    hash and send to.  UDP_GRO is on trial (try_trains).  A train read is
+    one item, like a lone datagram but with its segment size in
+    self.train_sizes (at -> size): the relay sends it on whole with
+    send_train(), which puts a tag before each datagram, or leaves each
+    one's tag out, by gather iovecs (nothing is copied).
+    send() and send_train() queue; flush() (or the BURST-th message) sends
+    what is queued: one datagram with sendto, more with one sendmmsg, in
+    which a train is one message with a UDP_SEGMENT control message, as
+    floor_gso.c does.  Where the kernel refuses a train, its datagrams go
+    one by one, and the socket does so from then on (all trains, or
+    trains of that size and more to that destination), and loses none.
     Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
     receive() waits in recvmmsg for the first datagram.  Sockets are
     non-blocking, as udp_socket() makes them, or blocking without a timeout.
@@ -1124,6 +1147,9 @@ class MmsgIO(BurstIO):
     MSG_DONTWAIT = 0x40
     MSG_WAITFORONE = 0x10000
     SEND_FLAGS = MSG_DONTWAIT       # the socket may be blocking: see below
+    # struct mmsghdr: name, namelen, iov, iovlen, control, controllen,
+    # flags, len
+    MMSGHDR = struct.Struct("@PIPNPNi4xI4x")
 
     def __init__(self, sock, report, ctypes, libc, notice=None,
                  reply_from_local=False, trains_in=True):
@@ -1136,6 +1162,7 @@ class MmsgIO(BurstIO):
         self.gro = trains_in and enable_gro(sock)
         self.gso = self.gro             # trains out, until the kernel refuses
         self.trains = False             # whether this burst brought trains
+        self.train_sizes = {}           # the trains of this burst: at -> size
         # Sockets (this one, channels) reading with UDP_GRO on, on trial,
         # each with how many reads it goes on without a train.
         self.trial = {sock: TRIAL_READS} if self.gro else {}
@@ -1145,7 +1172,11 @@ class MmsgIO(BurstIO):
         self.failures, self.rest = {}, {}   # see end_trial()
         self.addresses = {}             # dest key -> sockaddr tuple
         self.too_big = {}               # dest -> a segment size refused
-        self.iovecs, self.dests, self.wheres = [], [], []   # the send queue
+        # The send queue, one entry per message: dests, wheres; its
+        # iovecs (pointer, length pairs, all messages' one after the
+        # other); and shapes: message index -> (iovecs, segment size or 0,
+        # datagrams) for all but a lone datagram to a peer of this socket.
+        self.iovecs, self.dests, self.wheres, self.shapes = [], [], [], {}
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
         self.name_size = 28 if sock.family == socket.AF_INET6 else 16
@@ -1153,9 +1184,25 @@ class MmsgIO(BurstIO):
             + (0 if self.local is None else self.local.space)
         self.base = ctypes.addressof(
             (ctypes.c_char * len(self.buf)).from_buffer(self.buf))
-        self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
-        self.send, self.send_on, self.flush, self.send_one = \
+        # Every tag's two bytes, for gather iovecs: tag t at 2 * t.
+        self.tag_bytes = (ctypes.c_char * (2 * (MAX_TAG + 1))).from_buffer_copy(
+            struct.pack(">%dH" % (MAX_TAG + 1), *range(MAX_TAG + 1)))
+        self.tags_at = ctypes.addressof(self.tag_bytes)
+        self.send, self.send_on, self.flush, self.send_one, self.queue = \
             self._sender(libc.sendmmsg)
+        self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
+        # Channels (connected: no names) read bursts into the free slots
+        # (forward()); a selector round counts (end_round()).
+        self.read, self.filled, self.round, self.seen = libc.recvmmsg, 0, 0, {}
+        chan_msgs, _, _, _, (self.msg_size, _, len_at) = self.arrays_chan = \
+            mmsg_array(ctypes, self.base + HEADROOM, SLOT, 0, GRO_ROOM)
+        self.chan_bytes = memoryview(chan_msgs).cast("B")
+        self.chan_pristine = bytes(self.chan_bytes)
+        self.chan_msgs = [ctypes.c_void_p(ctypes.addressof(chan_msgs)
+                                          + q * self.msg_size)
+                          for q in range(BURST)]
+        self.lengths_of = repeated("%dxI%dx" % (
+            len_at, self.msg_size - len_at - 4))
 
     def _receiver(self, read, flags):
         """receive() over one call read(fd, msgs, BURST, flags, None)."""
@@ -1183,8 +1230,13 @@ class MmsgIO(BurstIO):
         headers = [slice(0, k * msg_size) for k in range(BURST + 1)]
         pristines = [pristine[:k * msg_size] for k in range(BURST + 1)]
         no_trains = bytes(len(controls))    # no control message anywhere
+        dests, flush, train_sizes = self.dests, self.flush, self.train_sizes
 
         def receive():
+            if dests:               # the channels' of this round: slots
+                flush()
+            if train_sizes:
+                train_sizes.clear()
             k = read(fd, at_msgs, BURST, flags, None)
             if k < 0:
                 err = c.get_errno()
@@ -1200,11 +1252,13 @@ class MmsgIO(BurstIO):
                 sources = list(map(add, sources, map(
                     replies, locals_of[k].unpack_from(controls))))
                 if trains:
-                    return self.split(k, lengths, sources)
+                    self.trained(sock)
+                    return self.mark(lengths, sources, controls, room, local)
             elif sock in trial:                 # UDP_GRO is on
                 msgs_bytes[headers[k]] = pristines[k]
                 if controls != no_trains:
-                    return self.split(k, lengths, sources)
+                    self.trained(sock)
+                    return self.mark(lengths, sources, controls, room, local)
             if sock in trial:
                 self.untrained(sock)
             else:
@@ -1215,43 +1269,41 @@ class MmsgIO(BurstIO):
 
         return receive
 
-    def split(self, k, lengths, sources):
-        """What a burst with trains read: (ats, lengths, sources), each
-        train spread into its datagrams."""
-        self.trained(self.sock)
-        controls, room, local = self.arrays_in[3], self.room, self.local
-        ats, datagrams, froms = [], [], []
-        for i in range(k):
-            n, at = lengths[i], i * SLOT
-            _, level, kind, size = GRO_CMSG.unpack_from(controls, i * room)
+    def mark(self, lengths, sources, controls, room, local=None, first=0,
+             sizes=None):
+        """What a read with UDP_GRO on brought into slots first...:
+        (ats, lengths, sources), a train one item, and its segment size in
+        sizes (train_sizes by default): at -> size.  Each message had
+        `room` bytes of controls, UDP_GRO's first, and with local a
+        train's pktinfo after (LocalReplies)."""
+        sizes = self.train_sizes if sizes is None else sizes
+        for i in range(len(lengths)):
+            _, level, kind, size = GRO_CMSG.unpack_from(controls,
+                                                        (first + i) * room)
             if (level, kind) != (SOL_UDP, UDP_GRO):
-                ats.append(at + DATA_AT)                # lone
-                datagrams.append(n)
-                froms.append(sources[i])
                 continue
             if local is not None:   # its pktinfo follows: the source anew
                 sources[i] = sources[i][:self.name_size] + local[bytes(
-                    controls[i * room + GRO_ROOM:i * room + GRO_ROOM
-                             + local.space])]
-            if n <= size:
-                ats.append(at + DATA_AT)                # lone
-                datagrams.append(n)
-                froms.append(sources[i])
-                continue
-            try:
-                more_ats, more = split_train(self.buf, at, n, size)
-            except OSError as e:
-                self.report("err1", e)
-                continue
-            ats += more_ats
-            datagrams += more
-            froms += [sources[i]] * len(more)
-        controls[:] = bytes(len(controls))
-        return ats, datagrams, froms
+                    controls[i * room + GRO_ROOM:(i + 1) * room])]
+            if lengths[i] > size:
+                sizes[PLAIN_ATS[first + i]] = size
+        controls[first * room:(first + len(lengths)) * room] = \
+            bytes(len(lengths) * room)
+        return PLAIN_ATS[first:first + len(lengths)], lengths, sources
+
+    def split(self, at, n, size):
+        """A train the relay cannot send on whole (ats, lengths): spread
+        into its datagrams in its slot (split_train)."""
+        try:
+            return split_train(self.buf, at - DATA_AT, n, size)
+        except OSError as e:
+            self.report("err1", e)
+            return (), ()
 
     def _sender(self, sendmmsg):
-        """send(), send_on(), flush() (see the class) and send_one(data,
-        dest, where), which sends one datagram on this socket at once."""
+        """send(), send_on(), flush(), send_one(data, dest, where), which
+        sends one datagram on this socket at once, and queue(), which
+        queues datagrams by their iovecs (see send_train())."""
         c, fd, report, view, base = self.c, self.fd, self.report, \
             self.view, self.base
         name_size, local = self.name_size, self.local
@@ -1261,40 +1313,75 @@ class MmsgIO(BurstIO):
         msgs, iovs, names, _, (msg_size, _, _) = self.arrays_out = \
             mmsg_array(c, 0, 0, name_size,
                        0 if local is None else local.space, inline=True)
-        at_out = c.addressof(msgs)
-        at_out_p = c.c_void_p(at_out)
+        at_out_p = c.c_void_p(c.addressof(msgs))
         iovecs_of = repeated("PN", "@")         # void *base, size_t len
         names_view = memoryview(names)
+        names_at = msgs[0].hdr.name     # message j's at j * key_size
+        # Messages with trains: their own headers, every queued iovec, and
+        # per message a control buffer (the key's, then UDP_SEGMENT's).
+        batch = (c.c_char * (BURST * msg_size))()
+        at_batch = c.addressof(batch)
+        at_batch_p = c.c_void_p(at_batch)
+        all_iovs = (c.c_char * (16 * BURST * 2 * TRAIN_OUT))()
+        at_iovs = c.addressof(all_iovs)
+        ctl_space = SEGMENT_CMSG.size + (0 if local is None else local.space)
+        seg_at = ctl_space - SEGMENT_CMSG.size
+        controls = (c.c_char * (BURST * ctl_space))()
+        at_controls = c.addressof(controls)
+        iovecs_all = {}                 # n -> struct of n iovecs
+        header = self.MMSGHDR
         sendto, sendmsg, dontwait = self.sock.sendto, self.sock.sendmsg, \
             self.MSG_DONTWAIT
-        addresses, sockaddr = self.addresses, self.sockaddr
-        iovecs, dests, wheres, trial = self.iovecs, self.dests, \
-            self.wheres, self.trial
+        addresses, sockaddr, too_big = self.addresses, self.sockaddr, \
+            self.too_big
+        iovecs, dests, wheres, shapes, trial = self.iovecs, self.dests, \
+            self.wheres, self.shapes, self.trial
+        lone = (1, 0, 1)                # the shape of a lone datagram
 
         def send(start, length, dest, where):
             iovecs.extend((base + start, length))
             dests.append(dest)
             wheres.append(where)
-            if len(dests) == BURST and not self.trains:     # sendmmsg's most
+            if len(dests) == BURST:     # sendmmsg's most
                 flush()
 
         def send_on(chan, start, length, where):
-            if self.trains:             # the channel is the destination
+            if self.trains:     # in order with the trains for the channel
+                shapes[len(dests)] = lone
                 send(start, length, chan, where)
-                if chan not in trial:       # its connectee sends trains
-                    self.gro_on(chan)
                 return
             try:
                 chan.send(view[start:start + length], dontwait)
             except OSError as e:
                 report(where, e)
 
+        def queue(flat, pieces, size, count, dest, where):
+            """Queue count datagrams of `size` bytes (the last may be
+            shorter) to dest, a key or a channel, each made of `pieces`
+            iovecs of the flat list of pointer and length pairs: as trains
+            of TRAIN_OUT datagrams and MAX_TRAIN_BYTES at most where the
+            kernel takes them, else one by one."""
+            if isinstance(dest, socket.socket) and dest not in trial:
+                self.gro_on(dest)       # its connectee sends trains
+            most = min(TRAIN_OUT, MAX_TRAIN_BYTES // size) if self.gso \
+                and size < too_big.get(dest, MAX_DATAGRAM) else 1
+            step = 2 * pieces * most
+            for j in range(0, count, most):
+                n = min(most, count - j)
+                if len(dests) == BURST:
+                    flush()
+                shapes[len(dests)] = (pieces * n, size if n > 1 else 0, n)
+                iovecs.extend(flat[j * 2 * pieces:j * 2 * pieces + step])
+                dests.append(dest)
+                wheres.append(where)
+
         def flush():
             queued = len(dests)
             if not queued:
                 return
-            if self.trains:
-                self.send_trains()
+            if shapes:
+                send_batches(queued)
+                shapes.clear()
             elif queued == 1:           # half the cost of a sendmmsg of one
                 send_one(view[iovecs[0] - base:iovecs[0] - base + iovecs[1]],
                          dests[0], wheres[0])
@@ -1303,29 +1390,12 @@ class MmsgIO(BurstIO):
                 names_view[:queued * key_size] = b"".join(dests)
                 sent = sendmmsg(fd, at_out_p, queued, dontwait, None)
                 if sent != queued:
-                    send_rest(sent, queued)
+                    send_rest(fd, at_out_p.value, [
+                        (i, 2 * i, lone) for i in range(queued)], sent)
             iovecs.clear()
             dests.clear()
             wheres.clear()
-
-        def send_rest(sent, queued):
-            """After a sendmmsg that sent less than all: an error, or full."""
-            done = 0
-            while done < queued:
-                if sent > 0:
-                    done += sent
-                else:
-                    err = c.get_errno()
-                    error = OSError(err, os.strerror(err))
-                    if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                        for where in wheres[done:queued]:   # all lost
-                            report(where, error)
-                        break
-                    report(wheres[done], error)
-                    done += 1       # skip the one that failed
-                if done < queued:
-                    sent = sendmmsg(fd, c.c_void_p(at_out + done * msg_size),
-                                    queued - done, dontwait, None)
+            self.filled = 0
 
         def send_one(data, dest, where):
             try:
@@ -1338,50 +1408,120 @@ class MmsgIO(BurstIO):
             except OSError as e:
                 report(where, e)
 
-        return send, send_on, flush, send_one
-
-    def send_trains(self):
-        """Send the queue of a burst with trains: each run to one
-        destination with one size as one train, the rest one by one.
-
-        A train whose segments exceed the path's MTU is refused
-        (EMSGSIZE), where single datagrams would be fragmented: it goes
-        one by one, and so do later trains of that size or more to that
-        destination (self.too_big).  A kernel that cannot make trains at
-        all (EIO, EINVAL) turns them off for good, said once.  Either way
-        no datagram is lost."""
-        view, base, wheres = self.view, self.base, self.wheres
-        starts, sizes, dests = self.iovecs[0::2], self.iovecs[1::2], self.dests
-        too_big = self.too_big
-        for first, end in runs(dests, sizes, len(dests)):
-            dest, size = dests[first], sizes[first]
-            chan = dest if isinstance(dest, socket.socket) else None
-            parts = [view[start - base:start - base + n] for start, n
-                     in zip(starts[first:end], sizes[first:end])]
-            if len(parts) > 1 and self.gso \
-                    and size < too_big.get(dest, MAX_DATAGRAM):
-                if chan:
-                    error = send_gso(chan, parts, size)
+        def send_batches(queued):
+            """Send a queue that holds trains or channels' messages: one
+            sendmmsg for this socket's, one per channel for theirs."""
+            n = len(iovecs)
+            packer = iovecs_all.get(n)
+            if packer is None:
+                packer = iovecs_all[n] = struct.Struct("@" + "PN" * (n // 2))
+            packer.pack_into(all_iovs, 0, *iovecs)
+            if queued == 1 and not isinstance(dests[0], socket.socket):
+                send_batch(fd, [(0, 0, shapes[0])])     # a train, the most
+                return                                  # common batch
+            mine, channels, at = [], {}, 0
+            for i in range(queued):
+                shape = shapes.get(i, lone)
+                dest = dests[i]
+                if isinstance(dest, socket.socket):
+                    channels.setdefault(dest, []).append((i, at, shape))
                 else:
-                    error = send_gso(self.sock, parts, size,
-                                     self.sockaddr(dest),
-                                     self.ancillary(dest))
-                if error is None:
-                    continue
-                if error.errno == errno.EMSGSIZE:
-                    if len(too_big) >= 1024:
-                        too_big.clear()
-                    too_big[dest] = size
-                elif error.errno in (errno.EIO, errno.EINVAL):
+                    mine.append((i, at, shape))
+                at += 2 * shape[0]
+            send_batch(fd, mine)
+            for chan, messages in channels.items():
+                send_batch(chan.fileno(), messages)
+
+        def send_batch(to, messages):
+            """One sendmmsg on fd `to` of messages (queue index, index of
+            its first iovec value, shape); names only for this socket's."""
+            for j, (i, at, (pieces, size, _)) in enumerate(messages):
+                name = namelen = control = controllen = 0
+                if to == fd:
+                    dest = dests[i]
+                    names_view[j * key_size:(j + 1) * key_size] = dest
+                    name, namelen = names_at + j * key_size, name_size
+                    if local is not None:
+                        control, controllen = name + key_size - local.space, \
+                            local.space
+                if size:                # a train: its UDP_SEGMENT after
+                    where = j * ctl_space
+                    if controllen:
+                        controls[where:where + seg_at] = \
+                            dests[i][key_size - seg_at:]
+                    SEGMENT_CMSG.pack_into(controls, where + seg_at,
+                                           SEGMENT_CMSG_LEN, SOL_UDP,
+                                           UDP_SEGMENT, size)
+                    control, controllen = at_controls + where, \
+                        seg_at + SEGMENT_CMSG.size if controllen \
+                        else SEGMENT_CMSG.size
+                header.pack_into(batch, j * msg_size, name, namelen,
+                                 at_iovs + 8 * at, pieces, control,
+                                 controllen, 0, 0)
+            count = len(messages)
+            sent = sendmmsg(to, at_batch_p, count, dontwait, None)
+            if sent != count:
+                send_rest(to, at_batch, messages, sent)
+
+        def send_rest(to, at_msgs, messages, sent):
+            """After a sendmmsg of messages (queue index, index of its
+            first iovec value, shape) at at_msgs that sent less than all:
+            what the kernel refuses is reported, or for a train sent one by
+            one; a full buffer loses the rest, reported."""
+            done, count = 0, len(messages)
+            while True:
+                if sent > 0:
+                    done += sent
+                else:
+                    err = c.get_errno()
+                    error = OSError(err, os.strerror(err))
+                    i, at, (pieces, size, datagrams) = messages[done]
+                    if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                        for i, _, shape in messages[done:]:     # all lost
+                            for _ in range(shape[2]):
+                                report(wheres[i], error)
+                        return
+                    if size and refused(dests[i], size, error):
+                        one_by_one(i, at, pieces, size)
+                    else:
+                        for _ in range(datagrams):
+                            report(wheres[i], error)
+                    done += 1
+                if done >= count:
+                    return
+                sent = sendmmsg(to, c.c_void_p(at_msgs + done * msg_size),
+                                count - done, dontwait, None)
+
+        def one_by_one(i, at, pieces, size):
+            """The datagrams of a train the kernel refused, one by one."""
+            data = b"".join(map(c.string_at, iovecs[at:at + 2 * pieces:2],
+                                iovecs[at + 1:at + 2 * pieces:2]))
+            dest = dests[i]
+            for start in range(0, len(data), size):
+                if isinstance(dest, socket.socket):
+                    try:
+                        dest.send(data[start:start + size], dontwait)
+                    except OSError as e:
+                        report(wheres[i], e)
+                else:
+                    send_one(data[start:start + size], dest, wheres[i])
+
+        def refused(dest, size, error):
+            """A train refused: whether its datagrams should go singly."""
+            if error.errno == errno.EMSGSIZE:
+                if len(too_big) >= 1024:
+                    too_big.clear()
+                too_big[dest] = size
+                return True
+            if error.errno in (errno.EIO, errno.EINVAL):
+                if self.gso:
                     self.gso = False
                     self.notice("The kernel refuses UDP trains (%s): sending "
                                 "datagrams one by one from now on" % error)
-                else:                   # a full buffer, a firewall: lost
-                    for where in wheres[first:end]:
-                        self.report(where, error)
-                    continue
-            for part, where in zip(parts, wheres[first:end]):
-                self.send_now(part, dest, where, chan)
+                return True
+            return False
+
+        return send, send_on, flush, send_one, queue
 
     def send_now(self, data, dest, where, chan=None):
         if chan is None:
@@ -1422,21 +1562,132 @@ class MmsgIO(BurstIO):
         sock.setblocking(True)
         return True
 
-    def receive_on(self, chan):
-        """One datagram or train from a channel, split as receive() does."""
-        if chan not in self.trial:
+    def send_train(self, start, n, size, dest, where, tag=None):
+        """Queue the train of `size`-byte datagrams at buf[start:start + n]
+        (the last may be shorter) for dest, a key or a channel: each with
+        tag put before it, or with tag None each without its first
+        TAG_SIZE bytes, its tag."""
+        count = train_length(n, size)
+        last = n - (count - 1) * size           # the last datagram's size
+        first = self.base + start
+        if tag is not None:
+            flat = [self.tags_at + 2 * tag, TAG_SIZE, 0, size] * count
+            flat[2::4] = range(first, first + count * size, size)
+            flat[-1] = last
+            self.queue(flat, 2, size + TAG_SIZE, count, dest, where)
+            return
+        flat = [0, size - TAG_SIZE] * count
+        flat[0::2] = range(first + TAG_SIZE, first + TAG_SIZE + count * size,
+                           size)
+        flat[-1] = last - TAG_SIZE
+        if last == TAG_SIZE:    # an empty datagram is no segment: alone
+            self.queue(flat, 1, size - TAG_SIZE, count - 1, dest, where)
+            self.queue(flat[-2:], 1, 1, 1, dest, where)
+        else:
+            self.queue(flat, 1, size - TAG_SIZE, count, dest, where)
+
+    def send_tagged(self, q, lengths, tag, dest, where):
+        """Queue the datagrams read into slots q... for dest, each with tag
+        put before it: as trains where their sizes allow."""
+        k, size, at = len(lengths), lengths[0], PLAIN_ATS[q]
+        end = at + k * SLOT
+        buf = self.buf          # the tags in place, a byte at a time
+        buf[at:end:SLOT] = bytes((tag >> 8,)) * k
+        buf[at + 1:end:SLOT] = bytes((tag & 0xFF,)) * k
+        if k > 1 and lengths[:-1].count(size) == k - 1 \
+                and 0 < lengths[-1] <= size:
+            flat = [0, 0] * k
+            flat[0::2] = range(self.base + at, self.base + end, SLOT)
+            flat[1::2] = map(TAG_SIZE.__add__, lengths)
+            self.queue(flat, 1, size + TAG_SIZE, k, dest, where)
+            return
+        for at, n in zip(PLAIN_ATS[q:q + k], lengths):
+            self.send(at, n + TAG_SIZE, dest, where)
+
+    def forward(self, chan, tag, dest, where):
+        """Read what a channel has and send it on to dest (a key), each
+        datagram with tag before it: (datagrams, bytes) read.
+
+        A lone datagram goes at once.  A channel readable in two selector
+        rounds in a row is busy: one recvmmsg reads what waits, up to the
+        slots free, and it leaves as trains where it can, at the end of the
+        round (end_round()) with what other channels brought.  A channel on
+        trial reads with UDP_GRO, and a train leaves as a train."""
+        q = self.filled
+        if q == BURST:
+            self.flush()
+            q = 0
+        busy = self.seen.get(chan) == self.round - 1
+        self.seen[chan] = self.round
+        trial = chan in self.trial
+        if not trial:
             self.until_trial -= 1
-            if self.until_trial > 0 or not self.try_trains(chan):
-                return LONE, (chan.recv_into(self.first, MAX_DATAGRAM),)
-        n, ancillary, _, _ = chan.recvmsg_into([self.first], GRO_ROOM)
-        for level, kind, data in ancillary:
-            if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
-                size = GRO_SIZE.unpack_from(data)[0]
-                if n > size:
-                    self.trained(chan)
-                    return split_train(self.buf, 0, n, size)
-        self.untrained(chan)
-        return LONE, (n,)
+            if self.until_trial <= 0:
+                trial = self.try_trains(chan)
+        at = PLAIN_ATS[q]
+        if not busy:
+            if not trial:
+                n = chan.recv_into(self.slots[q], MAX_DATAGRAM)
+            else:
+                n, ancillary, _, _ = chan.recvmsg_into([self.slots[q]],
+                                                       GRO_ROOM)
+                for level, kind, data in ancillary:
+                    if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                        size = GRO_SIZE.unpack_from(data)[0]
+                        if n > size:
+                            self.trained(chan)
+                            self.filled = q + 1
+                            self.send_train(at + TAG_SIZE, n, size, dest,
+                                            where, tag)
+                            return train_length(n, size), n
+                self.untrained(chan)
+            TAG.pack_into(self.buf, at, tag)
+            self.send_one(self.view[at:at + n + TAG_SIZE], dest, where)
+            return 1, n
+        k = self.read(chan.fileno(), self.chan_msgs[q], BURST - q,
+                      self.MSG_DONTWAIT, None)
+        if k < 0:
+            err = self.c.get_errno()
+            raise OSError(err, os.strerror(err))
+        lengths = self.lengths_of[k].unpack_from(self.chan_bytes,
+                                                 q * self.msg_size)
+        # The kernel set each msg_controllen to what it wrote: put back.
+        headers = slice(q * self.msg_size, (q + k) * self.msg_size)
+        self.chan_bytes[headers] = self.chan_pristine[headers]
+        if k == 1 and not (trial and any(self.arrays_chan[3][
+                q * GRO_ROOM:(q + 1) * GRO_ROOM])):
+            if trial:
+                self.untrained(chan)
+            self.seen[chan] = -2        # not busy after all: recv next time
+            TAG.pack_into(self.buf, at, tag)
+            self.send_one(self.view[at:at + lengths[0] + TAG_SIZE], dest,
+                          where)
+            return 1, lengths[0]
+        self.filled = q + k
+        if trial:
+            controls = self.arrays_chan[3]
+            if any(controls[q * GRO_ROOM:(q + k) * GRO_ROOM]):
+                self.trained(chan)
+                sizes, count = {}, 0
+                for at, n in zip(*self.mark(lengths, (), controls, GRO_ROOM,
+                                            first=q, sizes=sizes)[:2]):
+                    if at in sizes:
+                        self.send_train(at + TAG_SIZE, n, sizes[at], dest,
+                                        where, tag)
+                        count += train_length(n, sizes[at])
+                    else:
+                        self.send_tagged(at // SLOT, [n], tag, dest, where)
+                        count += 1
+                return count, sum(lengths)
+            self.untrained(chan)
+        self.send_tagged(q, lengths, tag, dest, where)
+        return k, sum(lengths)
+
+    def end_round(self):
+        """A selector round ends: what the channels brought leaves."""
+        self.round += 1
+        if self.dests:
+            self.flush()
 
     def try_trains(self, sock):
         """At every TRIAL_EVERY-th datagram read: UDP_GRO on trial for the
@@ -1485,14 +1736,16 @@ class MmsgIO(BurstIO):
     def trained(self, sock):
         """A read with UDP_GRO on brought a train: a trial starts anew,
         with no rest."""
-        self.trains = True
+        if sock is self.sock:
+            self.trains = True
         self.trial[sock] = TRIAL_READS
         self.failures.pop(sock, None)
 
     def untrained(self, sock):
         """A read with UDP_GRO on brought no train: one more towards the
         trial's end."""
-        self.trains = False
+        if sock is self.sock:
+            self.trains = False
         self.trial[sock] -= 1
         if not self.trial[sock]:
             self.end_trial(sock)
@@ -1501,7 +1754,8 @@ class MmsgIO(BurstIO):
         """The client closes chan: what is queued for it leaves first."""
         if chan in self.dests:
             self.flush()
-        for table in (self.trial, self.failures, self.rest, self.too_big):
+        for table in (self.trial, self.failures, self.rest, self.too_big,
+                      self.seen):
             table.pop(chan, None)
 
     def key_of(self, addr):
@@ -1851,12 +2105,19 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     address_of, touch = answered.get, answered.move_to_end
     touch_unanswered = table.unanswered.move_to_end
 
-    def relay_burst():
-        """Receive and relay one burst: how many datagrams came in."""
+    def relay(ats, lengths, sources, trains):
+        """Relay what a burst brought (trains: at -> segment size, see
+        BurstIO): (datagrams in, bytes in, datagrams out, bytes out)."""
         nonlocal client
         msgs_in = bytes_in = msgs_out = bytes_out = 0
-        ats, lengths, sources = io.receive()
         for at, n, src in zip(ats, lengths, sources):
+            if trains and at in trains:
+                counts = relay_train(at, n, src, trains[at])
+                msgs_in += counts[0]
+                bytes_in += counts[1]
+                msgs_out += counts[2]
+                bytes_out += counts[3]
+                continue
             if key is not None:
                 if buf.startswith(TOKEN_PREFIX, at + 2, at + 2 + n) \
                         and on_signed(view[at + 2:at + 2 + n], src):
@@ -1929,6 +2190,56 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 start = at + TAG_SIZE - len(prefix)
                 buf[start:at + TAG_SIZE] = prefix
                 send(start, n + len(prefix), client, "err4")
+        return msgs_in, bytes_in, msgs_out, bytes_out
+
+    def relay_train(at, n, src, size):
+        """Relay a train whole where it is plain data: from the client cut
+        where its tags change, each run to its connectee without its tags;
+        from a known connectee to the client, its tag before each datagram.
+        What else a train may hold (a token, a dwarf, a newcomer's first
+        datagrams) goes through relay() datagram by datagram."""
+        start, end = at + TAG_SIZE, at + TAG_SIZE + n
+        firsts = buf[start:end:size]
+        tag = tag_of(src)
+        if (key is not None and TOKEN_PREFIX[0] in firsts) \
+                or (src != client and (tag is None or client is None)) \
+                or (src == client and (size <= TAG_SIZE
+                                       or (n - 1) % size < TAG_SIZE - 1)):
+            return relay(*io.split(at, n, size), [src] * train_length(n, size),
+                         None)
+        if src != client:                               # connectee -> client
+            if tag in answered:
+                touch(tag)
+            else:
+                touch_unanswered(tag)
+            io.send_train(start, n, size, client, "err4", tag)
+            return train_length(n, size), n, 0, 0
+        msgs_out = bytes_out = 0                        # client -> connectees
+        for first, length, tag in tag_runs(buf, start, n, size):
+            dest = address_of(tag)
+            if dest is not None:
+                touch(tag)
+            else:
+                dest = table.answer(tag)    # its first reply, or unknown
+                if dest is None:
+                    stats["ch_not_founds"] += 1
+                    log.limited("channel", "Failed to find channel %d"
+                                % tag, WARN)
+                    continue
+            count = train_length(length, size)
+            msgs_out += count
+            bytes_out += length
+            if count > 1:
+                io.send_train(first, length, size, dest, "err3")
+            else:
+                send(first + TAG_SIZE, length - TAG_SIZE, dest, "err3")
+        return 0, 0, msgs_out, bytes_out
+
+    def relay_burst():
+        """Receive and relay one burst: how many datagrams came in."""
+        ats, lengths, sources = io.receive()
+        msgs_in, bytes_in, msgs_out, bytes_out = relay(ats, lengths, sources,
+                                                       io.train_sizes)
         flush()
 
         if msgs_in or msgs_out:
@@ -2165,10 +2476,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
         log.limited("evict", lambda: "Closed channel %d, the least recently "
                     "used %s one" % (tag, kind), DEBUG)
 
-    put_tag, send, send_on, flush = TAG.pack_into, io.send, io.send_on, \
-        io.flush
-    send_now, receive_on = io.send_now, io.receive_on
+    send_on, flush, forward = io.send_on, io.flush, io.forward
     TO_SERVER = "tag and send to the server"
+    TO_REAL_SERVER = "send to the real server"
     # Per datagram, the C methods of the table's dicts, bound once: no
     # Python call between.  A channel is answered once the real server sent
     # on it.
@@ -2195,9 +2505,24 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     "server" % format_addr(addr), DEBUG)
 
     def on_server_readable():
-        msgs = size = 0
         ats, lengths, sources = io.receive()
+        msgs, size = relay(ats, lengths, sources, io.train_sizes)
+        flush()
+        stats["from_server_msgs"] += msgs
+        stats["from_server_bytes"] += size
+        if proxy_protocol:
+            stats["proxy_headers"] += msgs
+
+    def relay(ats, lengths, sources, trains):
+        """Relay what a burst from the server brought (trains: at ->
+        segment size, see BurstIO): (datagrams, bytes)."""
+        msgs = size = 0
         for at, n, src in zip(ats, lengths, sources):
+            if trains and at in trains:
+                counts = relay_train(at, n, src, trains[at])
+                msgs += counts[0]
+                size += counts[1]
+                continue
             at += TAG_SIZE
             if src != server_key:
                 stranger(src)
@@ -2222,12 +2547,39 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     continue
             msgs += 1
             size += n
-            send_on(worker, at + 2, n - 2, "send to the real server")
-        flush()
-        stats["from_server_msgs"] += msgs
-        stats["from_server_bytes"] += size
-        if proxy_protocol:
-            stats["proxy_headers"] += msgs
+            send_on(worker, at + 2, n - 2, TO_REAL_SERVER)
+        return msgs, size
+
+    def relay_train(at, n, src, size):
+        """Relay a train from the server whole where it is plain data: cut
+        where its tags change, each run to its channel without its tags.
+        What else a train may hold (a token, a dwarf, a stranger's, with
+        proxy_protocol a header each) goes through relay() datagram by
+        datagram."""
+        start = at + TAG_SIZE
+        if src != server_key or proxy_protocol or size <= TAG_SIZE \
+                or (n - 1) % size < TAG_SIZE - 1 or (
+                    key is not None
+                    and TOKEN_PREFIX[0] in buf[start:start + n:size]):
+            return relay(*io.split(at, n, size), [src] * train_length(n, size),
+                         None)
+        msgs = 0
+        for first, length, tag in tag_runs(buf, start, n, size):
+            worker = worker_of(tag)
+            if worker is not None:
+                touch(tag)
+            else:
+                worker = workers.get(tag) or open_worker(
+                    tag, view[first + 2:first + min(size, length)])
+                if worker is None:
+                    continue
+            count = train_length(length, size)
+            msgs += count
+            if count > 1:
+                io.send_train(first, length, size, worker, TO_REAL_SERVER)
+            else:
+                send_on(worker, first + 2, length - 2, TO_REAL_SERVER)
+        return msgs, n
 
     def malformed():
         """--proxy-protocol: a datagram from the server without a header."""
@@ -2239,9 +2591,11 @@ def run_client(sock, server, real_family, real_server, max_clients,
     def on_worker_readable(worker, tag):
         """What the real server sent on a channel, tagged, to the server.
 
-        A channel carries one connectee: mostly one datagram (or one train)
-        per wake-up.  So one read, and none that finds the socket empty;
-        while more wait, the selector calls again.
+        A channel carries one connectee: mostly one datagram per wake-up,
+        sent at once.  So one read, and none that finds the socket empty;
+        while more wait, the selector calls again, and then the read takes
+        all that waits (io.forward()).  More than one leave with what other
+        channels brought in the same round, at its end (io.end_round()).
         """
         nonlocal refused
         if worker_of(tag) is worker:
@@ -2249,7 +2603,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         elif unanswered.get(tag) is not worker:
             return          # evicted earlier in this same wake-up
         try:
-            ats, lengths = receive_on(worker)
+            msgs, size = forward(worker, tag, server_key, TO_SERVER)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -2261,19 +2615,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
         if tag in unanswered:
             workers.answer(tag)
             firsts.clear()      # a real server answers: this is no loop
-        if len(ats) == 1:               # the common case: out at once
-            at, n = ats[0], lengths[0]
-            put_tag(buf, at, tag)
-            send_now(view[at:at + n + 2], server_key, TO_SERVER)
-            stats["from_real_server_msgs"] += 1
-            stats["from_real_server_bytes"] += n
-            return
-        for at, n in zip(ats, lengths):     # a train: it leaves as one
-            put_tag(buf, at, tag)
-            send(at, n + 2, server_key, TO_SERVER)
-        flush()
-        stats["from_real_server_msgs"] += len(ats)
-        stats["from_real_server_bytes"] += sum(lengths)
+        stats["from_real_server_msgs"] += msgs
+        stats["from_real_server_bytes"] += size
 
     def refusing():
         """An ICMP port unreachable from the real server came back."""
@@ -2366,7 +2709,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
         notify.ready(status())
     sel.register(sock, selectors.EVENT_READ, on_server_readable)
     try:
-        run_loop(sel, timers, stop, lambda: log_counters(log, "client", stats))
+        run_loop(sel, timers, stop, lambda: log_counters(log, "client", stats),
+                 io.end_round)
     finally:
         for kind in (workers.unanswered, workers.answered):
             for worker in kind.values():
