@@ -1109,6 +1109,70 @@ class TestTrains(RelayCase):
             self.assertEqual(got, back)
             self.assertIn(1000, trains)             # the server made one
 
+    def test_train_shapes_end_to_end(self):
+        """Byte for byte, every datagram of each shape, both ways through
+        server and client, lone datagrams between trains: 1-byte
+        datagrams, a last one shorter, a train of 64 KB, 2-byte ones (only
+        a tag on the wire between server and client)."""
+        real, conn, saddr, chan = self.relayed()[:4]
+        shapes = [(1, 50, 0), (1400, 46, 0), (700, 10, 699), (2, 20, 1),
+                  (1000, 30, 0)]
+        for size, count, short in shapes:
+            for sender, dest, receiver in ((conn, saddr, real),
+                                           (real, chan, conn)):
+                train = [os.urandom(size) for _ in range(count - 1)] \
+                    + [os.urandom(size - short)]
+                sender.sendto(b"lone before %d" % size, dest)
+                send_train(sender, train, dest)
+                sender.sendto(b"lone after", dest)
+                got, _ = receive_trains(receiver, count + 2)
+                self.assertEqual(got, [b"lone before %d" % size] + train
+                                 + [b"lone after"])
+
+    def test_mixed_tags_from_the_client(self):
+        """The server cuts a train from the client where the tag changes:
+        each connectee gets its datagrams, in order, without the tags."""
+        client, conns = gro_socket(self), [self.udp() for _ in range(3)]
+        server, saddr = self.start("-s", "127.0.0.1:0")
+        client.sendto(b"", saddr)                   # the client's keepalive
+        server.wait_line("New client address")
+        tags = {}
+        for i, conn in enumerate(conns):
+            conn.sendto(b"hi %d" % i, saddr)
+            data, _ = self.recv(client)
+            tags[i] = data[:2]
+        order = [0, 0, 1, 1, 1, 0, 2, 0]
+        parts = [tags[i] + bytes([i, j]) * 300 for j, i in enumerate(order)]
+        with stopped(server):
+            send_train(client, parts, saddr)
+            client.sendto(tags[2] + b"lone", saddr)
+        for i, conn in enumerate(conns):
+            want = [p[2:] for p in parts if p[:2] == tags[i]]
+            if i == 2:
+                want.append(b"lone")
+            self.assertEqual([self.recv(conn)[0] for _ in want], want)
+        stats = usr1_stats(server, "server")
+        self.assertEqual(stats["from_client_msgs"], len(parts) + 1)
+
+    def test_a_mixed_train_while_the_table_evicts(self):
+        """-n 1: a train from the server whose second tag opens a channel
+        in place of the first's, which still has datagrams queued: those
+        leave before it closes."""
+        server, real = self.udp(), gro_socket(self)
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "-n", 1)
+        self.recv(server)                       # the keepalive
+        parts = [b"\x00\x01" + b"A%02d" % i * 100 for i in range(5)] \
+            + [b"\x00\x02" + b"B%02d" % i * 100 for i in range(5)]
+        send_train(server, parts, caddr)
+        got, _ = receive_trains(real, 10)
+        self.assertEqual(got, [p[2:] for p in parts])
+        stats = usr1_stats(proc, "client")
+        self.assertEqual((stats["errors"], stats["channels_closed"],
+                          stats["from_server_msgs"]), (0, 1, 10))
+
     def test_trains_from_the_real_server_alone(self):
         """A download: the real server sends trains, the connectee none.
         A channel tries UDP_GRO every TRIAL_EVERY-th read; from then on
