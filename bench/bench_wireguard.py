@@ -51,9 +51,11 @@ def sh(*cmd, stdin=None, check=True):
 
 
 def cpu_seconds(pid):
+    """(user, kernel) CPU seconds the process has used so far."""
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 class Net:
@@ -205,8 +207,15 @@ def run(net, wg, keys, name, command, seconds, reverse):
             net.tunnel(wg, keys, "%s:%d" % (HELPER, RELAY_PORT))
         cpu0 = [cpu_seconds(p.pid) for p in relays]
         mbits, size = iperf(net, seconds, reverse)
-        cpu = sum(cpu_seconds(p.pid) - c for p, c in zip(relays, cpu0))
-        return mbits, (cpu / (size / 1e9) if relays else None)
+        user = kernel = 0.0
+        for p, (user0, kernel0) in zip(relays, cpu0):
+            now = cpu_seconds(p.pid)
+            user += now[0] - user0
+            kernel += now[1] - kernel0
+        if not relays:
+            return mbits, None, None
+        return mbits, (user + kernel) / (size / 1e9), \
+            kernel / max(user + kernel, 1e-9)
     finally:
         net.stop_all()
 
@@ -274,7 +283,9 @@ def main():
         line = "  %-14s %7.0f Mbit/s (%3.0f %% of direct)" % (
             name, mbits, 100 * mbits / direct)
         if cpu:
-            line += "  relays %.1f CPU s per GB" % statistics.median(cpu)
+            line += "  relays %.1f CPU s per GB (%d %% in the kernel)" % (
+                statistics.median(cpu),
+                100 * statistics.median(r[2] for r in runs))
         if floor and cpu and name != "floor_gso":
             line += "  (%.2fx floor_gso's Mbit/s, %.2fx its CPU per GB)" % (
                 mbits / floor[0], statistics.median(cpu) / floor[1])
