@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 
-__version__ = "1.0.0"        # this tool's own (semantic versioning)
+__version__ = "1.1.0"        # this tool's own (semantic versioning)
 WIRE_VERSION = "0.3.0"       # the Rust udpexposer whose bytes it speaks
 VERSION_TEXT = "%s (wire protocol of udpexposer %s)" % (__version__,
                                                         WIRE_VERSION)
@@ -2105,6 +2105,20 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     address_of, touch = answered.get, answered.move_to_end
     touch_unanswered = table.unanswered.move_to_end
 
+    def connectee_of(tag):
+        """Where the client's datagram for tag goes: its connectee,
+        touched, or on its first reply answered; None for a tag nobody
+        has.  (relay() has the first case inline.)"""
+        dest = address_of(tag)
+        if dest is not None:
+            touch(tag)
+            return dest
+        dest = table.answer(tag)
+        if dest is None:
+            stats["ch_not_founds"] += 1
+            log.limited("channel", "Failed to find channel %d" % tag, WARN)
+        return dest
+
     def relay(ats, lengths, sources, trains):
         """Relay what a burst brought (trains: at -> segment size, see
         BurstIO): (datagrams in, bytes in, datagrams out, bytes out)."""
@@ -2150,11 +2164,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 if dest is not None:
                     touch(tag)
                 else:
-                    dest = table.answer(tag)    # its first reply, or unknown
+                    dest = connectee_of(tag)    # its first reply, or none
                     if dest is None:
-                        stats["ch_not_founds"] += 1
-                        log.limited("channel", "Failed to find channel %d"
-                                    % tag, WARN)
                         continue
                 msgs_out += 1
                 bytes_out += n
@@ -2216,16 +2227,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             return train_length(n, size), n, 0, 0
         msgs_out = bytes_out = 0                        # client -> connectees
         for first, length, tag in tag_runs(buf, start, n, size):
-            dest = address_of(tag)
-            if dest is not None:
-                touch(tag)
-            else:
-                dest = table.answer(tag)    # its first reply, or unknown
-                if dest is None:
-                    stats["ch_not_founds"] += 1
-                    log.limited("channel", "Failed to find channel %d"
-                                % tag, WARN)
-                    continue
+            dest = connectee_of(tag)
+            if dest is None:
+                continue
             count = train_length(length, size)
             msgs_out += count
             bytes_out += length
