@@ -19,6 +19,9 @@ Measured, for each implementation:
     per relayed datagram under a paced load (--rate), datagrams lost;
   the same cases under a closed loop: datagrams per second, and how busy
     the relay was;
+  one way (--mode bulk alone): the real server sends 1400-byte datagrams to
+    one connectee, paced (--bulk-rate) and flat out: the client's CPU per
+    datagram, datagrams per second, lost of sent;
   round trip p50/p99 through server + client + echo, and the direct one;
   server mode with 4, 1000 and 10000 connectees (this script only);
   key derivation time for -P and start-up time to the first keepalive.
