@@ -985,6 +985,32 @@ class TestTrains(RelayCase):
                 self.assertEqual(trains, [None] * 3)
             io.end_round()          # a round without it: not busy then
 
+    def test_a_flush_on_the_way_keeps_the_slots_queued(self):
+        """A channel's train that leaves as two messages, the queue full
+        after the first: what is queued after the flush still takes its
+        slot, so that the next channel's read goes after it."""
+        sock = self.udp()
+        io = self.io(sock)
+        sink, server, real = self.udp(), self.udp(), gro_socket(self)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        to_sink, to_server = io.key_of(sink.getsockname()), \
+            io.key_of(server.getsockname())
+        for q in range(ux.BURST - 1):       # other channels' datagrams
+            io.send(ux.PLAIN_ATS[q], 3, to_sink, "x")
+        io.filled = ux.BURST - 1
+        chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
+                             real.getsockname())
+        self.addCleanup(chan.close)
+        self.assertTrue(io.gro_on(chan))
+        train = [bytes([i]) * 1023 for i in range(64)]  # two, tagged
+        send_train(real, train, chan.getsockname())
+        select.select([chan], [], [], TIMEOUT)
+        self.assertEqual(io.forward(chan, 5, to_server, "x"), (64, 64 * 1023))
+        self.assertEqual(io.filled, ux.BURST)   # its slot is still taken
+        io.end_round()
+        self.assertEqual([self.recv(server)[0] for _ in train],
+                         [b"\x00\x05" + d for d in train])
+
     def test_the_socket_tries_trains_too(self):
         sock = gro_socket(self)
         sock.setblocking(False)             # as udp_socket() makes it

@@ -1636,9 +1636,9 @@ class MmsgIO(BurstIO):
                         size = GRO_SIZE.unpack_from(data)[0]
                         if n > size:
                             self.trained(chan)
-                            self.filled = q + 1
                             self.send_train(at + TAG_SIZE, n, size, dest,
                                             where, tag)
+                            self.filled = q + 1     # after: a flush frees
                             return train_length(n, size), n
                 self.untrained(chan)
             TAG.pack_into(self.buf, at, tag)
@@ -1663,7 +1663,6 @@ class MmsgIO(BurstIO):
             self.send_one(self.view[at:at + lengths[0] + TAG_SIZE], dest,
                           where)
             return 1, lengths[0]
-        self.filled = q + k
         if trial:
             controls = self.arrays_chan[3]
             if any(controls[q * GRO_ROOM:(q + k) * GRO_ROOM]):
@@ -1678,9 +1677,11 @@ class MmsgIO(BurstIO):
                     else:
                         self.send_tagged(at // SLOT, [n], tag, dest, where)
                         count += 1
+                self.filled = q + k     # after the sends: a flush frees all
                 return count, sum(lengths)
             self.untrained(chan)
         self.send_tagged(q, lengths, tag, dest, where)
+        self.filled = q + k             # after: a flush on the way frees all
         return k, sum(lengths)
 
     def end_round(self):
