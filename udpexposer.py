@@ -2568,7 +2568,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     and TOKEN_PREFIX[0] in buf[start:start + n:size]):
             return relay(*io.split(at, n, size), [src] * train_length(n, size),
                          None)
-        msgs = 0
+        msgs = relayed = 0
         for first, length, tag in tag_runs(buf, start, n, size):
             worker = worker_of(tag)
             if worker is not None:
@@ -2580,11 +2580,12 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     continue
             count = train_length(length, size)
             msgs += count
+            relayed += length
             if count > 1:
                 io.send_train(first, length, size, worker, TO_REAL_SERVER)
             else:
                 send_on(worker, first + 2, length - 2, TO_REAL_SERVER)
-        return msgs, n
+        return msgs, relayed
 
     def malformed():
         """--proxy-protocol: a datagram from the server without a header."""
