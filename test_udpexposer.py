@@ -3321,15 +3321,17 @@ class TestEdges(RelayCase):
         self.assertEqual(sorted(got), sorted([b"A%d" % i for i in range(10)]
                                              + [b"B"]))
         # A train whose second tag opens a channel in place of the first's,
-        # which still has datagrams queued: those leave before it closes.
+        # which still has datagrams queued: those leave before it closes;
+        # and the third tag's one datagram after.
         parts = [b"\x00\x03" + b"C%02d" % i * 100 for i in range(5)] \
-            + [b"\x00\x04" + b"D%02d" % i * 100 for i in range(5)]
+            + [b"\x00\x04" + b"D%02d" % i * 100 for i in range(5)] \
+            + [b"\x00\x05" + b"E%02d" % 0 * 100]
         send_train(server, parts, caddr)
-        got, _ = receive_trains(real, 10)
+        got, _ = receive_trains(real, 11)
         self.assertEqual(got, [p[2:] for p in parts])
         stats = usr1_stats(proc, "client")
         self.assertEqual((stats["errors"], stats["channels_closed"],
-                          stats["from_server_msgs"]), (0, 3, 21))
+                          stats["from_server_msgs"]), (0, 4, 22))
         self.assertNotIn("Bad file descriptor", "\n".join(proc.lines))
 
     def test_a_notify_socket_nobody_reads(self):

@@ -1566,8 +1566,15 @@ class MmsgIO(BurstIO):
         """Queue the train of `size`-byte datagrams at buf[start:start + n]
         (the last may be shorter) for dest, a key or a channel: each with
         tag put before it, or with tag None each without its first
-        TAG_SIZE bytes, its tag."""
+        TAG_SIZE bytes, its tag (a run of one tagged datagram, cut from a
+        train, goes as a lone one)."""
         count = train_length(n, size)
+        if count == 1 and tag is None:  # a run of one: a lone datagram
+            if isinstance(dest, socket.socket):
+                self.send_on(dest, start + TAG_SIZE, n - TAG_SIZE, where)
+            else:
+                self.send(start + TAG_SIZE, n - TAG_SIZE, dest, where)
+            return
         last = n - (count - 1) * size           # the last datagram's size
         first = self.base + start
         if tag is not None:
@@ -2231,13 +2238,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             dest = connectee_of(tag)
             if dest is None:
                 continue
-            count = train_length(length, size)
-            msgs_out += count
+            msgs_out += train_length(length, size)
             bytes_out += length
-            if count > 1:
-                io.send_train(first, length, size, dest, "err3")
-            else:
-                send(first + TAG_SIZE, length - TAG_SIZE, dest, "err3")
+            io.send_train(first, length, size, dest, "err3")
         return 0, 0, msgs_out, bytes_out
 
     def relay_burst():
@@ -2578,13 +2581,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     tag, view[first + 2:first + min(size, length)])
                 if worker is None:
                     continue
-            count = train_length(length, size)
-            msgs += count
+            msgs += train_length(length, size)
             relayed += length
-            if count > 1:
-                io.send_train(first, length, size, worker, TO_REAL_SERVER)
-            else:
-                send_on(worker, first + 2, length - 2, TO_REAL_SERVER)
+            io.send_train(first, length, size, worker, TO_REAL_SERVER)
         return msgs, relayed
 
     def malformed():
