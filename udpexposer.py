@@ -21,6 +21,7 @@ One file, standard library only, CPython 3.6 or newer.
 """
 
 import argparse
+import array
 import base64
 import collections
 import errno
@@ -976,8 +977,7 @@ class BurstIO:
         self.notice = notice or (lambda text: None)
         self.buf = bytearray(BURST * SLOT)
         self.view = memoryview(self.buf)
-        # where a lone datagram goes in each slot: (ats,) and its room
-        self.lones = [(at,) for at in PLAIN_ATS]
+        # each slot's room for a lone datagram
         self.slots = [self.view[at + TAG_SIZE:at + TAG_SIZE + MAX_DATAGRAM]
                       for at in PLAIN_ATS]
         self.receive, self.send = self._closures(sock, report)
@@ -1118,6 +1118,12 @@ def tag_runs(buf, start, n, size):
     return cuts
 
 
+def cuttable(n, size):
+    """Whether a train of n bytes in tagged datagrams of `size` bytes has a
+    whole tag and more in each (tag_runs() and send_train() need it)."""
+    return size > TAG_SIZE and (n - 1) % size >= TAG_SIZE - 1
+
+
 def train_length(n, size):
     """How many datagrams a train of n bytes in `size`-byte ones holds."""
     return -(-n // size)
@@ -1188,9 +1194,6 @@ class MmsgIO(BurstIO):
         self.tag_bytes = (ctypes.c_char * (2 * (MAX_TAG + 1))).from_buffer_copy(
             struct.pack(">%dH" % (MAX_TAG + 1), *range(MAX_TAG + 1)))
         self.tags_at = ctypes.addressof(self.tag_bytes)
-        self.send, self.send_on, self.flush, self.send_one, self.queue = \
-            self._sender(libc.sendmmsg)
-        self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
         # Channels (connected: no names) read bursts into the free slots
         # (forward()); a selector round counts (end_round()).
         self.read, self.filled, self.round, self.seen = libc.recvmmsg, 0, 0, {}
@@ -1201,19 +1204,24 @@ class MmsgIO(BurstIO):
         self.chan_msgs = [ctypes.c_void_p(ctypes.addressof(chan_msgs)
                                           + q * self.msg_size)
                           for q in range(BURST)]
+        # One struct call per burst reads all lengths (any struct mmsghdr
+        # array: see mmsg_array()).
         self.lengths_of = repeated("%dxI%dx" % (
             len_at, self.msg_size - len_at - 4))
+        self.send, self.send_on, self.flush, self.send_one, self.queue = \
+            self._sender(libc.sendmmsg)
+        self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
 
     def _receiver(self, read, flags):
         """receive() over one call read(fd, msgs, BURST, flags, None)."""
         c, fd, report, sock, trial = self.c, self.fd, self.report, \
             self.sock, self.trial
-        msgs, _, names, controls, (msg_size, controllen_at, len_at) = \
+        msgs, _, names, controls, (msg_size, controllen_at, _) = \
             self.arrays_in = mmsg_array(c, self.base + HEADROOM, SLOT,
                                         self.name_size, self.room)
         at_msgs = c.c_void_p(c.addressof(msgs))
         # One struct call per burst reads all lengths, one all sources.
-        lengths_of = repeated("%dxI%dx" % (len_at, msg_size - len_at - 4))
+        lengths_of = self.lengths_of
         sources_of = repeated("%ds" % self.name_size)
         local, room = self.local, self.room
         if local is not None:
@@ -1283,8 +1291,9 @@ class MmsgIO(BurstIO):
             if (level, kind) != (SOL_UDP, UDP_GRO):
                 continue
             if local is not None:   # its pktinfo follows: the source anew
+                at = (first + i) * room
                 sources[i] = sources[i][:self.name_size] + local[bytes(
-                    controls[i * room + GRO_ROOM:(i + 1) * room])]
+                    controls[at + GRO_ROOM:at + room])]
             if lengths[i] > size:
                 sizes[PLAIN_ATS[first + i]] = size
         controls[first * room:(first + len(lengths)) * room] = \
@@ -1322,13 +1331,17 @@ class MmsgIO(BurstIO):
         batch = (c.c_char * (BURST * msg_size))()
         at_batch = c.addressof(batch)
         at_batch_p = c.c_void_p(at_batch)
-        all_iovs = (c.c_char * (16 * BURST * 2 * TRAIN_OUT))()
+        # void *base and size_t len: words of one size on Linux
+        word = c.sizeof(c.c_void_p)
+        word_code = "Q" if word == 8 else "I"
+        all_iovs = (c.c_char * (2 * word * BURST * 2 * TRAIN_OUT))()
         at_iovs = c.addressof(all_iovs)
-        ctl_space = SEGMENT_CMSG.size + (0 if local is None else local.space)
-        seg_at = ctl_space - SEGMENT_CMSG.size
+        iov_words = memoryview(all_iovs).cast("B").cast(word_code)
+        seg_at = 0 if local is None else local.space
+        ctl_space = seg_at + SEGMENT_CMSG.size
+        name_slot = key_size - seg_at   # a key's control message, after
         controls = (c.c_char * (BURST * ctl_space))()
         at_controls = c.addressof(controls)
-        iovecs_all = {}                 # n -> struct of n iovecs
         header = self.MMSGHDR
         sendto, sendmsg, dontwait = self.sock.sendto, self.sock.sendmsg, \
             self.MSG_DONTWAIT
@@ -1411,14 +1424,7 @@ class MmsgIO(BurstIO):
         def send_batches(queued):
             """Send a queue that holds trains or channels' messages: one
             sendmmsg for this socket's, one per channel for theirs."""
-            n = len(iovecs)
-            packer = iovecs_all.get(n)
-            if packer is None:
-                packer = iovecs_all[n] = struct.Struct("@" + "PN" * (n // 2))
-            packer.pack_into(all_iovs, 0, *iovecs)
-            if queued == 1 and not isinstance(dests[0], socket.socket):
-                send_batch(fd, [(0, 0, shapes[0])])     # a train, the most
-                return                                  # common batch
+            iov_words[:len(iovecs)] = array.array(word_code, iovecs)
             mine, channels, at = [], {}, 0
             for i in range(queued):
                 shape = shapes.get(i, lone)
@@ -1445,18 +1451,18 @@ class MmsgIO(BurstIO):
                         control, controllen = name + key_size - local.space, \
                             local.space
                 if size:                # a train: its UDP_SEGMENT after
-                    where = j * ctl_space
-                    if controllen:
-                        controls[where:where + seg_at] = \
-                            dests[i][key_size - seg_at:]
+                    where = first = j * ctl_space
+                    if controllen:      # the key's pktinfo before it
+                        controls[where:where + seg_at] = dest[name_slot:]
+                    else:
+                        first += seg_at
                     SEGMENT_CMSG.pack_into(controls, where + seg_at,
                                            SEGMENT_CMSG_LEN, SOL_UDP,
                                            UDP_SEGMENT, size)
-                    control, controllen = at_controls + where, \
-                        seg_at + SEGMENT_CMSG.size if controllen \
-                        else SEGMENT_CMSG.size
+                    control, controllen = at_controls + first, \
+                        where + ctl_space - first
                 header.pack_into(batch, j * msg_size, name, namelen,
-                                 at_iovs + 8 * at, pieces, control,
+                                 at_iovs + word * at, pieces, control,
                                  controllen, 0, 0)
             count = len(messages)
             sent = sendmmsg(to, at_batch_p, count, dontwait, None)
@@ -1632,47 +1638,33 @@ class MmsgIO(BurstIO):
             if self.until_trial <= 0:
                 trial = self.try_trains(chan)
         at = PLAIN_ATS[q]
-        if not busy:
-            if not trial:
-                n = chan.recv_into(self.slots[q], MAX_DATAGRAM)
-            else:
-                n, ancillary, _, _ = chan.recvmsg_into([self.slots[q]],
-                                                       GRO_ROOM)
-                for level, kind, data in ancillary:
-                    if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
-                        size = GRO_SIZE.unpack_from(data)[0]
-                        if n > size:
-                            self.trained(chan)
-                            self.send_train(at + TAG_SIZE, n, size, dest,
-                                            where, tag)
-                            self.filled = q + 1     # after: a flush frees
-                            return train_length(n, size), n
-                self.untrained(chan)
-            TAG.pack_into(self.buf, at, tag)
-            self.send_one(self.view[at:at + n + TAG_SIZE], dest, where)
-            return 1, n
-        k = self.read(chan.fileno(), self.chan_msgs[q], BURST - q,
-                      self.MSG_DONTWAIT, None)
-        if k < 0:
-            err = self.c.get_errno()
-            raise OSError(err, os.strerror(err))
-        lengths = self.lengths_of[k].unpack_from(self.chan_bytes,
-                                                 q * self.msg_size)
-        # The kernel set each msg_controllen to what it wrote: put back.
-        headers = slice(q * self.msg_size, (q + k) * self.msg_size)
-        self.chan_bytes[headers] = self.chan_pristine[headers]
-        if k == 1 and not (trial and any(self.arrays_chan[3][
-                q * GRO_ROOM:(q + 1) * GRO_ROOM])):
-            if trial:
-                self.untrained(chan)
-            self.seen[chan] = -2        # not busy after all: recv next time
-            TAG.pack_into(self.buf, at, tag)
-            self.send_one(self.view[at:at + lengths[0] + TAG_SIZE], dest,
-                          where)
-            return 1, lengths[0]
-        if trial:
+        if not busy and not trial:
+            n = chan.recv_into(self.slots[q], MAX_DATAGRAM)
+        elif not busy:
+            n, ancillary, _, _ = chan.recvmsg_into([self.slots[q]], GRO_ROOM)
+            for level, kind, data in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                    size = GRO_SIZE.unpack_from(data)[0]
+                    if n > size:
+                        self.trained(chan)
+                        self.send_train(at + TAG_SIZE, n, size, dest, where,
+                                        tag)
+                        self.filled = q + 1     # after: a flush frees all
+                        return train_length(n, size), n
+            self.untrained(chan)
+        else:
+            k = self.read(chan.fileno(), self.chan_msgs[q], BURST - q,
+                          self.MSG_DONTWAIT, None)
+            if k < 0:
+                err = self.c.get_errno()
+                raise OSError(err, os.strerror(err))
+            lengths = self.lengths_of[k].unpack_from(self.chan_bytes,
+                                                     q * self.msg_size)
+            # The kernel set each msg_controllen to what it wrote: put back.
+            headers = slice(q * self.msg_size, (q + k) * self.msg_size)
+            self.chan_bytes[headers] = self.chan_pristine[headers]
             controls = self.arrays_chan[3]
-            if any(controls[q * GRO_ROOM:(q + k) * GRO_ROOM]):
+            if trial and any(controls[q * GRO_ROOM:(q + k) * GRO_ROOM]):
                 self.trained(chan)
                 sizes, count = {}, 0
                 for at, n in zip(*self.mark(lengths, (), controls, GRO_ROOM,
@@ -1686,10 +1678,17 @@ class MmsgIO(BurstIO):
                         count += 1
                 self.filled = q + k     # after the sends: a flush frees all
                 return count, sum(lengths)
-            self.untrained(chan)
-        self.send_tagged(q, lengths, tag, dest, where)
-        self.filled = q + k             # after: a flush on the way frees all
-        return k, sum(lengths)
+            if trial:
+                self.untrained(chan)
+            if k > 1:
+                self.send_tagged(q, lengths, tag, dest, where)
+                self.filled = q + k     # after: a flush on the way frees all
+                return k, sum(lengths)
+            self.seen[chan] = -2        # not busy after all: recv next time
+            n = lengths[0]
+        TAG.pack_into(self.buf, at, tag)    # one datagram: it goes at once
+        self.send_one(self.view[at:at + n + TAG_SIZE], dest, where)
+        return 1, n
 
     def end_round(self):
         """A selector round ends: what the channels brought leaves."""
@@ -2217,13 +2216,12 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         from a known connectee to the client, its tag before each datagram.
         What else a train may hold (a token, a dwarf, a newcomer's first
         datagrams) goes through relay() datagram by datagram."""
-        start, end = at + TAG_SIZE, at + TAG_SIZE + n
-        firsts = buf[start:end:size]
+        start = at + TAG_SIZE
         tag = tag_of(src)
-        if (key is not None and TOKEN_PREFIX[0] in firsts) \
+        if (src == client and not cuttable(n, size)) \
                 or (src != client and (tag is None or client is None)) \
-                or (src == client and (size <= TAG_SIZE
-                                       or (n - 1) % size < TAG_SIZE - 1)):
+                or (key is not None
+                    and TOKEN_PREFIX[0] in buf[start:start + n:size]):
             return relay(*io.split(at, n, size), [src] * train_length(n, size),
                          None)
         if src != client:                               # connectee -> client
@@ -2565,10 +2563,9 @@ def run_client(sock, server, real_family, real_server, max_clients,
         proxy_protocol a header each) goes through relay() datagram by
         datagram."""
         start = at + TAG_SIZE
-        if src != server_key or proxy_protocol or size <= TAG_SIZE \
-                or (n - 1) % size < TAG_SIZE - 1 or (
-                    key is not None
-                    and TOKEN_PREFIX[0] in buf[start:start + n:size]):
+        if src != server_key or proxy_protocol or not cuttable(n, size) or (
+                key is not None
+                and TOKEN_PREFIX[0] in buf[start:start + n:size]):
             return relay(*io.split(at, n, size), [src] * train_length(n, size),
                          None)
         msgs = relayed = 0
