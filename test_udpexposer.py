@@ -1027,9 +1027,9 @@ class TestTrains(RelayCase):
                 for send in sends:
                     send()
                 ats, lengths, _ = wait_for(io.receive)
-                self.assertEqual(datagrams_of(io, ats, lengths)[1],
-                                 io.trains)
-                return datagrams_of(io, ats, lengths)[0], io.trains
+                got, trains = datagrams_of(io, ats, lengths)
+                self.assertEqual(trains, io.trains)
+                return got, io.trains
 
             def lone(data):
                 return lambda: sender.sendto(data, here)
