@@ -1351,17 +1351,24 @@ class MmsgIO(BurstIO):
             self.wheres, self.shapes, self.trial
         lone = (1, 0, 1)                # the shape of a lone datagram
 
-        def send(start, length, dest, where):
-            iovecs.extend((base + start, length))
+        def push(pairs, dest, where, shape=None):
+            """The one way into the send queue: a full queue (sendmmsg's
+            most, BURST messages) leaves first, so it never holds more
+            than its arrays.  shape: see queue()."""
+            if len(dests) == BURST:
+                flush()
+            if shape is not None:
+                shapes[len(dests)] = shape
+            iovecs.extend(pairs)
             dests.append(dest)
             wheres.append(where)
-            if len(dests) == BURST:     # sendmmsg's most
-                flush()
+
+        def send(start, length, dest, where):
+            push((base + start, length), dest, where)
 
         def send_on(chan, start, length, where):
             if self.trains:     # in order with the trains for the channel
-                shapes[len(dests)] = lone
-                send(start, length, chan, where)
+                push((base + start, length), chan, where, lone)
                 return
             try:
                 chan.send(view[start:start + length], dontwait)
@@ -1381,12 +1388,8 @@ class MmsgIO(BurstIO):
             step = 2 * pieces * most
             for j in range(0, count, most):
                 n = min(most, count - j)
-                if len(dests) == BURST:
-                    flush()
-                shapes[len(dests)] = (pieces * n, size if n > 1 else 0, n)
-                iovecs.extend(flat[j * 2 * pieces:j * 2 * pieces + step])
-                dests.append(dest)
-                wheres.append(where)
+                push(flat[j * 2 * pieces:j * 2 * pieces + step], dest, where,
+                     (pieces * n, size if n > 1 else 0, n))
 
         def flush():
             queued = len(dests)
