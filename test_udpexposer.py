@@ -4,6 +4,7 @@ subprocess started from a lone copy of the script, on real loopback sockets.
 Run:  python3 -m unittest -v        (or: python3 -m pytest -v)
 """
 
+import errno
 import json
 import os
 import queue
@@ -872,6 +873,25 @@ class TestTrains(RelayCase):
         while len(got) < len(expected):
             got.append(self.recv(peer)[0])
         self.assertEqual(got, expected)
+
+    def test_datagrams_too_big_to_pair_go_alone(self):
+        """Two datagrams of one size that no train can hold two of (a busy
+        channel reading the largest a real server sends): each goes alone,
+        and one too big for IPv4 with its tag is reported, never fatal."""
+        errors = []
+        io = ux.MmsgIO(self.udp(), lambda where, exc: errors.append(
+            (where, exc.errno)), *ux._load_mmsg())
+        peer = self.udp()
+        dest = io.key_of(peer.getsockname())
+        for size in (40000, 65507):
+            for q in range(2):
+                io.buf[ux.PLAIN_ATS[q] + 2:ux.PLAIN_ATS[q] + 2 + size] = \
+                    bytes([q]) * size
+            io.send_tagged(0, [size, size], 5, dest, "x")
+            io.flush()
+        self.assertEqual([self.recv(peer)[0] for _ in range(2)],
+                         [b"\x00\x05" + bytes([q]) * 40000 for q in range(2)])
+        self.assertEqual(errors, [("x", errno.EMSGSIZE)] * 2)
 
     def test_only_a_udp_gro_control_message_makes_a_train(self):
         sock = gro_socket(self)

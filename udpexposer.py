@@ -1383,8 +1383,8 @@ class MmsgIO(BurstIO):
             kernel takes them, else one by one."""
             if isinstance(dest, socket.socket) and dest not in trial:
                 self.gro_on(dest)       # its connectee sends trains
-            most = min(TRAIN_OUT, MAX_TRAIN_BYTES // size) if self.gso \
-                and size < too_big.get(dest, MAX_DATAGRAM) else 1
+            most = max(1, min(TRAIN_OUT, MAX_TRAIN_BYTES // size)) \
+                if self.gso and size < too_big.get(dest, MAX_DATAGRAM) else 1
             step = 2 * pieces * most
             for j in range(0, count, most):
                 n = min(most, count - j)
