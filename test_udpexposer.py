@@ -390,6 +390,40 @@ class TestLRU(unittest.TestCase):
         self.assertEqual(lru.put("j", "J"), ("i", "I", False))
         self.assertEqual(len(lru), 3)
 
+    def test_bounded_forgets_the_oldest_only(self):
+        cache = ux.Bounded(3)
+        for key in "abc":
+            cache[key] = key.upper()
+        self.assertEqual(cache["a"], "A")           # a hit changes no order
+        cache["b"] = "B2"                           # nor a key stored anew
+        cache["d"] = "D"
+        self.assertEqual(list(cache.items()),
+                         [("b", "B2"), ("c", "C"), ("d", "D")])
+        for i in range(100):                        # keeps its bound
+            cache[i] = i
+            self.assertEqual(len(cache), 3)
+        self.assertEqual(list(cache), [97, 98, 99])
+        del cache[98]                               # room: nothing forgotten
+        cache["e"] = "E"
+        self.assertEqual(list(cache), [97, 99, "e"])
+
+    def test_local_replies_forget_the_oldest_address_only(self):
+        local = ux.LocalReplies(socket.AF_INET)
+        local.capacity = 2
+
+        def pktinfo(ip):
+            return struct.pack("@Nii", local.HEADER + 12, socket.IPPROTO_IP,
+                               ux.IP_PKTINFO) + bytes(4) \
+                + socket.inet_aton(ip) * 2
+
+        key = lambda ip: bytes(16) + local[pktinfo(ip)]   # a source's tail
+        tails = [key("127.3.0.%d" % i) for i in (1, 2, 3)]
+        self.assertEqual([local.address(t) for t in tails],
+                         ["127.3.0.1", "127.3.0.2", "127.3.0.3"])
+        self.assertEqual(len(local), 2)
+        self.assertEqual(list(local), [pktinfo("127.3.0.2"),
+                                       pktinfo("127.3.0.3")])
+
     def test_connectees_evict_both_directions_together(self):
         t = ux.Connectees(2)
         a, b, c = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)

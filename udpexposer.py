@@ -56,6 +56,7 @@ BURST = 64                # datagrams read from a socket at a time
 BURSTS_PER_WAKEUP = 8     # the server reads on while there is more
 WAIT_AT_MOST = 1.0        # seconds a wait inside recvmmsg lasts (see MmsgIO)
 SOCKET_BUFFER = 1 << 20   # asked of the kernel for SO_RCVBUF / SO_SNDBUF
+CACHE_SIZE = 4096         # entries a lookup cache keeps (Bounded): ~1 MB full
 ASCII_DIGITS = re.compile("[0-9]+")     # str.isdigit() takes "²" too
 
 DEFAULT_MAX_CLIENTS = 4
@@ -556,6 +557,24 @@ class LRU:
         if self.unanswered:
             return self.unanswered.popitem(last=False) + (False,)
         return self.answered.popitem(last=False) + (True,)
+
+
+class Bounded(collections.OrderedDict):
+    """A cache of `capacity` entries at most: a new key past that forgets
+    the oldest one stored, not all (a peer cycling over more keys than it
+    holds costs a miss each, never a rebuild).  A hit is a plain dict
+    lookup, at C speed; only a store runs Python (OrderedDict's
+    popitem(last=False) is O(1); a dict's first item is found by a scan
+    past the deleted ones)."""
+
+    def __init__(self, capacity=CACHE_SIZE):
+        collections.OrderedDict.__init__(self)
+        self.capacity = capacity
+
+    def __setitem__(self, key, value):
+        if len(self) >= self.capacity and key not in self:
+            self.popitem(last=False)
+        collections.OrderedDict.__setitem__(self, key, value)
 
 
 class Connectees:
@@ -1176,8 +1195,8 @@ class MmsgIO(BurstIO):
         self.until_trial = TRIAL_EVERY if trains_in else float("inf")
         self.trials = 0                 # trials due so far
         self.failures, self.rest = {}, {}   # see end_trial()
-        self.addresses = {}             # dest key -> sockaddr tuple
-        self.too_big = {}               # dest -> a segment size refused
+        self.addresses = Bounded()      # dest key -> sockaddr tuple
+        self.too_big = Bounded()        # dest -> a segment size refused
         # The send queue, one entry per message: dests, wheres; its
         # iovecs (pointer, length pairs, all messages' one after the
         # other); and shapes: message index -> (iovecs, segment size or 0,
@@ -1518,8 +1537,6 @@ class MmsgIO(BurstIO):
         def refused(dest, size, error):
             """A train refused: whether its datagrams should go singly."""
             if error.errno == errno.EMSGSIZE:
-                if len(too_big) >= 1024:
-                    too_big.clear()
                 too_big[dest] = size
                 return True
             if error.errno in (errno.EIO, errno.EINVAL):
@@ -1551,8 +1568,6 @@ class MmsgIO(BurstIO):
         """The sockaddr tuple of a destination key, remembered."""
         addr = self.addresses.get(dest)
         if addr is None:
-            if len(self.addresses) > 1024:
-                self.addresses.clear()
             addr = self.addresses[dest] = self.address(dest)
         return addr
 
@@ -1795,7 +1810,7 @@ class MmsgIO(BurstIO):
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
 
 
-class LocalReplies(dict):
+class LocalReplies(Bounded):
     """Replies from the address each datagram came to, on a socket bound to
     a wildcard address: on a host with several addresses a peer hears from
     the one it sent to, not from whichever the route prefers.
@@ -1805,7 +1820,7 @@ class LocalReplies(dict):
     control message a reply carries (that address alone, no interface: the
     route still picks the way out), so that the relay's tables key peers by
     both, and sendmmsg takes name and control message from one slot.  This
-    dict maps a control message received to that key tail: one lookup per
+    cache maps a control message received to that key tail: one lookup per
     datagram, at C speed (map over __getitem__); tail is its shape.
     """
 
@@ -1813,7 +1828,7 @@ class LocalReplies(dict):
     WILDCARDS = ("0.0.0.0", "::")       # the hosts a wildcard bind gives
 
     def __init__(self, family):
-        dict.__init__(self)
+        Bounded.__init__(self)
         self.v6 = family == socket.AF_INET6
         if self.v6:
             self.level, self.kind, self.size = \
@@ -1859,8 +1874,6 @@ class LocalReplies(dict):
             + data + bytes(self.space - self.HEADER - self.size)
 
     def __missing__(self, raw):
-        if len(self) >= 1024:
-            self.clear()
         data = raw[self.HEADER:self.HEADER + self.size]
         if self.v6:                             # the address, no interface
             data = data[:16] + bytes(4)
