@@ -107,7 +107,8 @@ STAT_NAMES = (
 # Counters this tool keeps beyond the wire blob (SIGUSR1 shows them).
 SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed",
                       "evicted_unanswered", "evicted_answered",
-                      "stats_refused", "retries_refused", "proxy_headers")
+                      "stats_refused", "retries_refused", "proxy_headers",
+                      "sources_refused")
 CLIENT_STATS = (
     "keepalives", "from_server_msgs", "from_server_bytes",
     "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
@@ -946,6 +947,7 @@ GRO_ROOM = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IPV4_MAPPED_ANY = bytes(10) + b"\xff\xff" + bytes(4)     # ::ffff:0.0.0.0
 HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
@@ -985,7 +987,9 @@ class BurstIO:
     on one (queued until flush() in a burst with trains), and
     forget(sock) says the client closes one; end_round() ends a selector
     round.  send_now() sends bytes at once, outside any burst.
-    Errors go to report(where, exc) and never stop the caller.
+    Errors go to report(where, exc) and never stop the caller; a reply
+    sent from another address than its peer used, report("sources_refused",
+    None) (MmsgIO).
     """
 
     SEND_FLAGS = 0
@@ -1441,7 +1445,29 @@ class MmsgIO(BurstIO):
                     sendmsg([data], local.ancillary(dest), dontwait,
                             sockaddr(dest))
             except OSError as e:
-                report(where, e)
+                if from_here(dest, e.errno):
+                    from_any(data, dest, where)
+                else:
+                    report(where, e)
+
+        def from_here(dest, err):
+            """Whether a send to dest failed for the local address it
+            leaves from (LocalReplies): EINVAL with one named."""
+            return err == errno.EINVAL and local is not None \
+                and local.address(dest) is not None
+
+        def from_any(data, dest, where):
+            """The kernel refuses dest's local address as a source: data
+            leaves from its choice, counted (sources_refused), said once."""
+            if not local.refused:
+                local.refused = True
+                self.notice("The kernel refuses to send from %s (no longer "
+                            "local, or local by a route alone on an old "
+                            "kernel): replies leave from its choice of "
+                            "address instead, counted in sources_refused"
+                            % local.address(dest))
+            report("sources_refused", None)
+            send_one(data, self.key_of(sockaddr(dest)), where)
 
         def send_batches(queued):
             """Send a queue that holds trains or channels' messages: one
@@ -1509,7 +1535,8 @@ class MmsgIO(BurstIO):
                             for _ in range(shape[2]):
                                 report(wheres[i], error)
                         return
-                    if size and refused(dests[i], size, error):
+                    if from_here(dests[i], err) \
+                            or size and refused(dests[i], size, error):
                         one_by_one(i, at, pieces, size)
                     else:
                         for _ in range(datagrams):
@@ -1521,18 +1548,20 @@ class MmsgIO(BurstIO):
                                 count - done, dontwait, None)
 
         def one_by_one(i, at, pieces, size):
-            """The datagrams of a train the kernel refused, one by one."""
+            """The datagrams of a train (size 0: of a lone datagram) the
+            kernel refused, one by one."""
             data = b"".join(map(c.string_at, iovecs[at:at + 2 * pieces:2],
                                 iovecs[at + 1:at + 2 * pieces:2]))
             dest = dests[i]
-            for start in range(0, len(data), size):
+            for start in range(0, len(data), size) if size else (0,):
+                part = data[start:start + size] if size else data
                 if isinstance(dest, socket.socket):
                     try:
-                        dest.send(data[start:start + size], dontwait)
+                        dest.send(part, dontwait)
                     except OSError as e:
                         report(wheres[i], e)
                 else:
-                    send_one(data[start:start + size], dest, wheres[i])
+                    send_one(part, dest, wheres[i])
 
         def refused(dest, size, error):
             """A train refused: whether its datagrams should go singly."""
@@ -1822,6 +1851,13 @@ class LocalReplies(Bounded):
     both, and sendmmsg takes name and control message from one slot.  This
     cache maps a control message received to that key tail: one lookup per
     datagram, at C speed (map over __getitem__); tail is its shape.
+
+    An IPv6 address made local by a route alone (`ip -6 route add local
+    2001:db8:1::/64 dev lo`) is a source the kernel takes in IPV6_PKTINFO
+    only from a socket that may use non-local addresses: IP_FREEBIND, which
+    Linux applies to IPv6 sockets too (IPV6_FREEBIND, Linux 4.15, sets the
+    same flag).  IPv4 needs none.  A source the kernel refuses even so (old
+    kernels checked it whatever the flag) leaves from the kernel's choice.
     """
 
     HEADER = socket.CMSG_LEN(0) if hasattr(socket, "CMSG_LEN") else 16
@@ -1841,6 +1877,7 @@ class LocalReplies(Bounded):
         self.space = socket.CMSG_SPACE(self.size)
         self.data_at = (28 if self.v6 else 16) + len(self.pad) + self.HEADER
         self.tail = self.reply(bytes(self.size))
+        self.refused = False        # a source refused yet (MmsgIO, said once)
 
     @staticmethod
     def enable(sock):
@@ -1852,6 +1889,10 @@ class LocalReplies(Bounded):
         try:
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                try:        # replies from addresses local by a route
+                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+                except OSError:
+                    pass    # the kernel's choice then (MmsgIO's from_any)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         except OSError:
@@ -2017,7 +2058,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
     def report(counter, exc):
         stats[counter] += 1
-        log_socket_error(log, SERVER_ERRORS[counter], exc)
+        if exc is not None:         # else a count alone: sources_refused
+            log_socket_error(log, SERVER_ERRORS[counter], exc)
 
     io = burst_io(sock, report, portable, lambda text: log(text, WARN),
                   reply_from_local=True, trains_in=not proxy_protocol)
