@@ -391,6 +391,40 @@ class TestLRU(unittest.TestCase):
         self.assertEqual(lru.put("j", "J"), ("i", "I", False))
         self.assertEqual(len(lru), 3)
 
+    def test_bounded_forgets_the_oldest_only(self):
+        cache = ux.Bounded(3)
+        for key in "abc":
+            cache[key] = key.upper()
+        self.assertEqual(cache["a"], "A")           # a hit changes no order
+        cache["b"] = "B2"                           # nor a key stored anew
+        cache["d"] = "D"
+        self.assertEqual(list(cache.items()),
+                         [("b", "B2"), ("c", "C"), ("d", "D")])
+        for i in range(100):                        # keeps its bound
+            cache[i] = i
+            self.assertEqual(len(cache), 3)
+        self.assertEqual(list(cache), [97, 98, 99])
+        del cache[98]                               # room: nothing forgotten
+        cache["e"] = "E"
+        self.assertEqual(list(cache), [97, 99, "e"])
+
+    def test_local_replies_forget_the_oldest_address_only(self):
+        local = ux.LocalReplies(socket.AF_INET)
+        local.capacity = 2
+
+        def pktinfo(ip):
+            return struct.pack("@Nii", local.HEADER + 12, socket.IPPROTO_IP,
+                               ux.IP_PKTINFO) + bytes(4) \
+                + socket.inet_aton(ip) * 2
+
+        key = lambda ip: bytes(16) + local[pktinfo(ip)]   # a source's tail
+        tails = [key("127.3.0.%d" % i) for i in (1, 2, 3)]
+        self.assertEqual([local.address(t) for t in tails],
+                         ["127.3.0.1", "127.3.0.2", "127.3.0.3"])
+        self.assertEqual(len(local), 2)
+        self.assertEqual(list(local), [pktinfo("127.3.0.2"),
+                                       pktinfo("127.3.0.3")])
+
     def test_connectees_evict_both_directions_together(self):
         t = ux.Connectees(2)
         a, b, c = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
@@ -2164,6 +2198,135 @@ class TestMultiHomed(RelayCase):
                 port += 1
                 with self.subTest(bind=bind, hosts=hosts, extra=extra):
                     self.check("%s:%d" % (bind, port), hosts, *extra)
+
+
+@unittest.skipIf(NETNS_MISSING and not NETNS_REQUIRED, NETNS_MISSING)
+class TestLocalByRoute(RelayCase):
+    """A helper whose IPv6 addresses are local by a route alone, as anycast
+    and some hosting set-ups make them (`ip -6 route add local PREFIX dev
+    lo`), on no interface: a reply leaves from the address it answers.
+    One namespace; connectees, the client and the real server on ::1."""
+
+    PREFIX = "2001:db8:1::"
+    HOSTS = ("2001:db8:1::1", "2001:db8:1::5", "2001:db8:1::abcd", "::1")
+
+    def setUp(self):
+        if NETNS_MISSING:
+            self.fail(NETNS_MISSING)
+        self.ns = "uxv6%x%04x" % (os.getpid() % 0xFFFF, id(self) % 0xFFFF)
+        sh("ip", "netns", "add", self.ns)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", self.ns],
+                        stderr=subprocess.DEVNULL)
+        sh("ip", "-n", self.ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.ns, "-6", "route", "add", "local",
+           self.PREFIX + "/64", "dev", "lo")
+
+    def exchange(self, conn, dest):
+        """Send to dest until a reply comes (a -P client registers first):
+        the reply and where it came from."""
+        msg = b"to " + dest[0].encode()
+        deadline = time.monotonic() + TIMEOUT
+        conn.settimeout(0.2)
+        try:
+            while True:
+                conn.sendto(msg, dest)
+                try:
+                    data, src = conn.recvfrom(100)
+                    break
+                except socket.timeout:
+                    self.assertLess(time.monotonic(), deadline,
+                                    "no reply via %s" % dest[0])
+        finally:
+            conn.settimeout(TIMEOUT)
+        self.assertEqual(data, msg)
+        return src
+
+    def check(self, *extra):
+        server, saddr = self.start("-s", "[::]:0", *extra, netns=self.ns)
+        port = saddr[1]
+        real = self.udp("::1", netns=self.ns)
+        self.echo(real)
+        self.start("[::1]:0", "-a", "[::1]:%d" % port, "-c", ux.format_addr(
+            real.getsockname()), "-i", 200, *extra, netns=self.ns)
+        conn = self.udp("::1", netns=self.ns)
+        froms = [self.exchange(conn, (host, port))[0] for host in self.HOSTS]
+        batched = "--portable-io" not in extra
+        if batched:                     # from the address each one used
+            self.assertEqual(froms, list(self.HOSTS))
+        else:                           # from the kernel's choice
+            self.assertEqual(set(froms), {"::1"})
+        for host in self.HOSTS[1:3]:    # trains, and their bursts of replies
+            train = [bytes([i]) * 500 for i in range(20)]
+            send_train(conn, train, (host, port))
+            got = [conn.recvfrom(1000) for _ in train]
+            self.assertEqual(sorted(data for data, _ in got), train)
+            self.assertEqual({src[0] for _, src in got},
+                             {host if batched else "::1"})
+        stats = usr1_stats(server, "server")
+        self.assertEqual(stats["sources_refused"], 0)
+        self.assertEqual(stats["err3"], 0)
+        self.assertNotIn("Socket error", "\n".join(server.drain()))
+
+    def test_replies_leave_from_the_address_a_connectee_used(self):
+        for extra in ((), ("-P", V_PASSWORD), ("--portable-io",),
+                      ("--portable-io", "-P", V_PASSWORD)):
+            with self.subTest(extra=extra):
+                self.check(*extra)
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_a_source_the_kernel_refuses_leaves_from_its_choice(self):
+        """Without IP_FREEBIND the kernel refuses a source local by a
+        route (as kernels did that checked it whatever the flag): every
+        reply still goes, from the kernel's choice, each counted, the
+        operator told once; every way a reply leaves."""
+        sock = in_netns(self.ns, ux.udp_socket, socket.AF_INET6, ("::", 0),
+                        None, True)
+        self.addCleanup(sock.close)
+        reports, notices = [], []
+        io = ux.burst_io(sock, lambda where, exc: reports.append(
+            (where, exc and exc.errno)), notice=notices.append,
+            reply_from_local=True)
+        sock.setsockopt(socket.IPPROTO_IP, ux.IP_FREEBIND, 0)
+        conn = self.udp("::1", netns=self.ns)
+        port = sock.getsockname()[1]
+        keys = {}
+        for host in self.HOSTS:             # each connectee's key
+            conn.sendto(b"key", (host, port))
+            select.select([sock], [], [], TIMEOUT)
+            _, _, sources = io.receive()
+            keys[host] = sources[0]
+        self.assertEqual([io.local_address(keys[h]) for h in self.HOSTS],
+                         list(self.HOSTS))
+        route_local = [keys[h] for h in self.HOSTS[:3]]
+        io.buf[:3000] = os.urandom(3000)
+        sent = []
+
+        def expect(start, length, times=1):
+            sent.extend([bytes(io.buf[start:start + length])] * times)
+        io.send_now(b"now", route_local[0], "err2")     # at once
+        sent.append(b"now")
+        io.send(0, 10, route_local[1], "err3")          # a lone one: sendmsg
+        io.flush()
+        expect(0, 10)
+        for i, key in enumerate(route_local + [keys["::1"]] * 2):
+            io.send(100 * i, 50 + i, key, "err3")       # sendmmsg
+            expect(100 * i, 50 + i)
+        io.flush()
+        io.send_train(1000, 1000, 100, route_local[2], "err3")  # a train
+        io.flush()
+        for j in range(10):
+            expect(1000 + 100 * j + ux.TAG_SIZE, 100 - ux.TAG_SIZE)
+        got = []
+        while len(got) < len(sent):
+            data, src = conn.recvfrom(2000)
+            got.append(data)
+            self.assertEqual(src[:2], ("::1", port))
+        self.assertEqual(sorted(got), sorted(sent))
+        self.assertEqual(reports, [("sources_refused", None)] * (
+            len(sent) - 2))             # all but the two to ::1
+        self.assertEqual(len(notices), 1)
+        self.assertIn("refuses to send from 2001:db8:1::", notices[0])
+        self.assertTrue(io.gso)         # a refused source is no GSO verdict
 
 
 # ====================================================================== for operators

@@ -56,6 +56,7 @@ BURST = 64                # datagrams read from a socket at a time
 BURSTS_PER_WAKEUP = 8     # the server reads on while there is more
 WAIT_AT_MOST = 1.0        # seconds a wait inside recvmmsg lasts (see MmsgIO)
 SOCKET_BUFFER = 1 << 20   # asked of the kernel for SO_RCVBUF / SO_SNDBUF
+CACHE_SIZE = 4096         # entries a lookup cache keeps (Bounded): ~1 MB full
 ASCII_DIGITS = re.compile("[0-9]+")     # str.isdigit() takes "²" too
 
 DEFAULT_MAX_CLIENTS = 4
@@ -106,7 +107,8 @@ STAT_NAMES = (
 # Counters this tool keeps beyond the wire blob (SIGUSR1 shows them).
 SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed",
                       "evicted_unanswered", "evicted_answered",
-                      "stats_refused", "retries_refused", "proxy_headers")
+                      "stats_refused", "retries_refused", "proxy_headers",
+                      "sources_refused")
 CLIENT_STATS = (
     "keepalives", "from_server_msgs", "from_server_bytes",
     "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
@@ -558,6 +560,24 @@ class LRU:
         return self.answered.popitem(last=False) + (True,)
 
 
+class Bounded(collections.OrderedDict):
+    """A cache of `capacity` entries at most: a new key past that forgets
+    the oldest one stored, not all (a peer cycling over more keys than it
+    holds costs a miss each, never a rebuild).  A hit is a plain dict
+    lookup, at C speed; only a store runs Python (OrderedDict's
+    popitem(last=False) is O(1); a dict's first item is found by a scan
+    past the deleted ones)."""
+
+    def __init__(self, capacity=CACHE_SIZE):
+        collections.OrderedDict.__init__(self)
+        self.capacity = capacity
+
+    def __setitem__(self, key, value):
+        if len(self) >= self.capacity and key not in self:
+            self.popitem(last=False)
+        collections.OrderedDict.__setitem__(self, key, value)
+
+
 class Connectees:
     """The server's one table of connectees: tag <-> address.
 
@@ -927,6 +947,7 @@ GRO_ROOM = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IPV4_MAPPED_ANY = bytes(10) + b"\xff\xff" + bytes(4)     # ::ffff:0.0.0.0
 HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
@@ -966,7 +987,9 @@ class BurstIO:
     on one (queued until flush() in a burst with trains), and
     forget(sock) says the client closes one; end_round() ends a selector
     round.  send_now() sends bytes at once, outside any burst.
-    Errors go to report(where, exc) and never stop the caller.
+    Errors go to report(where, exc) and never stop the caller; a reply
+    sent from another address than its peer used, report("sources_refused",
+    None) (MmsgIO).
     """
 
     SEND_FLAGS = 0
@@ -1176,8 +1199,8 @@ class MmsgIO(BurstIO):
         self.until_trial = TRIAL_EVERY if trains_in else float("inf")
         self.trials = 0                 # trials due so far
         self.failures, self.rest = {}, {}   # see end_trial()
-        self.addresses = {}             # dest key -> sockaddr tuple
-        self.too_big = {}               # dest -> a segment size refused
+        self.addresses = Bounded()      # dest key -> sockaddr tuple
+        self.too_big = Bounded()        # dest -> a segment size refused
         # The send queue, one entry per message: dests, wheres; its
         # iovecs (pointer, length pairs, all messages' one after the
         # other); and shapes: message index -> (iovecs, segment size or 0,
@@ -1422,7 +1445,29 @@ class MmsgIO(BurstIO):
                     sendmsg([data], local.ancillary(dest), dontwait,
                             sockaddr(dest))
             except OSError as e:
-                report(where, e)
+                if from_here(dest, e.errno):
+                    from_any(data, dest, where)
+                else:
+                    report(where, e)
+
+        def from_here(dest, err):
+            """Whether a send to dest failed for the local address it
+            leaves from (LocalReplies): EINVAL with one named."""
+            return err == errno.EINVAL and local is not None \
+                and local.address(dest) is not None
+
+        def from_any(data, dest, where):
+            """The kernel refuses dest's local address as a source: data
+            leaves from its choice, counted (sources_refused), said once."""
+            if not local.refused:
+                local.refused = True
+                self.notice("The kernel refuses to send from %s (no longer "
+                            "local, or local by a route alone on an old "
+                            "kernel): replies leave from its choice of "
+                            "address instead, counted in sources_refused"
+                            % local.address(dest))
+            report("sources_refused", None)
+            send_one(data, self.key_of(sockaddr(dest)), where)
 
         def send_batches(queued):
             """Send a queue that holds trains or channels' messages: one
@@ -1490,7 +1535,8 @@ class MmsgIO(BurstIO):
                             for _ in range(shape[2]):
                                 report(wheres[i], error)
                         return
-                    if size and refused(dests[i], size, error):
+                    if from_here(dests[i], err) \
+                            or size and refused(dests[i], size, error):
                         one_by_one(i, at, pieces, size)
                     else:
                         for _ in range(datagrams):
@@ -1502,24 +1548,24 @@ class MmsgIO(BurstIO):
                                 count - done, dontwait, None)
 
         def one_by_one(i, at, pieces, size):
-            """The datagrams of a train the kernel refused, one by one."""
+            """The datagrams of a train (size 0: of a lone datagram) the
+            kernel refused, one by one."""
             data = b"".join(map(c.string_at, iovecs[at:at + 2 * pieces:2],
                                 iovecs[at + 1:at + 2 * pieces:2]))
             dest = dests[i]
-            for start in range(0, len(data), size):
+            for start in range(0, len(data), size) if size else (0,):
+                part = data[start:start + size] if size else data
                 if isinstance(dest, socket.socket):
                     try:
-                        dest.send(data[start:start + size], dontwait)
+                        dest.send(part, dontwait)
                     except OSError as e:
                         report(wheres[i], e)
                 else:
-                    send_one(data[start:start + size], dest, wheres[i])
+                    send_one(part, dest, wheres[i])
 
         def refused(dest, size, error):
             """A train refused: whether its datagrams should go singly."""
             if error.errno == errno.EMSGSIZE:
-                if len(too_big) >= 1024:
-                    too_big.clear()
                 too_big[dest] = size
                 return True
             if error.errno in (errno.EIO, errno.EINVAL):
@@ -1551,8 +1597,6 @@ class MmsgIO(BurstIO):
         """The sockaddr tuple of a destination key, remembered."""
         addr = self.addresses.get(dest)
         if addr is None:
-            if len(self.addresses) > 1024:
-                self.addresses.clear()
             addr = self.addresses[dest] = self.address(dest)
         return addr
 
@@ -1795,7 +1839,7 @@ class MmsgIO(BurstIO):
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
 
 
-class LocalReplies(dict):
+class LocalReplies(Bounded):
     """Replies from the address each datagram came to, on a socket bound to
     a wildcard address: on a host with several addresses a peer hears from
     the one it sent to, not from whichever the route prefers.
@@ -1805,15 +1849,22 @@ class LocalReplies(dict):
     control message a reply carries (that address alone, no interface: the
     route still picks the way out), so that the relay's tables key peers by
     both, and sendmmsg takes name and control message from one slot.  This
-    dict maps a control message received to that key tail: one lookup per
+    cache maps a control message received to that key tail: one lookup per
     datagram, at C speed (map over __getitem__); tail is its shape.
+
+    An IPv6 address made local by a route alone (`ip -6 route add local
+    2001:db8:1::/64 dev lo`) is a source the kernel takes in IPV6_PKTINFO
+    only from a socket that may use non-local addresses: IP_FREEBIND, which
+    Linux applies to IPv6 sockets too (IPV6_FREEBIND, Linux 4.15, sets the
+    same flag).  IPv4 needs none.  A source the kernel refuses even so (old
+    kernels checked it whatever the flag) leaves from the kernel's choice.
     """
 
     HEADER = socket.CMSG_LEN(0) if hasattr(socket, "CMSG_LEN") else 16
     WILDCARDS = ("0.0.0.0", "::")       # the hosts a wildcard bind gives
 
     def __init__(self, family):
-        dict.__init__(self)
+        Bounded.__init__(self)
         self.v6 = family == socket.AF_INET6
         if self.v6:
             self.level, self.kind, self.size = \
@@ -1826,6 +1877,7 @@ class LocalReplies(dict):
         self.space = socket.CMSG_SPACE(self.size)
         self.data_at = (28 if self.v6 else 16) + len(self.pad) + self.HEADER
         self.tail = self.reply(bytes(self.size))
+        self.refused = False        # a source refused yet (MmsgIO, said once)
 
     @staticmethod
     def enable(sock):
@@ -1837,6 +1889,10 @@ class LocalReplies(dict):
         try:
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                try:        # replies from addresses local by a route
+                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+                except OSError:
+                    pass    # the kernel's choice then (MmsgIO's from_any)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         except OSError:
@@ -1859,8 +1915,6 @@ class LocalReplies(dict):
             + data + bytes(self.space - self.HEADER - self.size)
 
     def __missing__(self, raw):
-        if len(self) >= 1024:
-            self.clear()
         data = raw[self.HEADER:self.HEADER + self.size]
         if self.v6:                             # the address, no interface
             data = data[:16] + bytes(4)
@@ -2004,7 +2058,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
     def report(counter, exc):
         stats[counter] += 1
-        log_socket_error(log, SERVER_ERRORS[counter], exc)
+        if exc is not None:         # else a count alone: sources_refused
+            log_socket_error(log, SERVER_ERRORS[counter], exc)
 
     io = burst_io(sock, report, portable, lambda text: log(text, WARN),
                   reply_from_local=True, trains_in=not proxy_protocol)
