@@ -3069,11 +3069,20 @@ class TestProxyHeaders(unittest.TestCase):
         six = ux.proxy_header(("2001:db8::55", 37368, 0, 0),
                               ("2001:db8::1", 5566, 0, 0))
         tlv = good[:14] + b"\x00\x0f" + good[16:] + b"\x04\x00\x00"
+        # LOCAL (the spec: a receiver must accept it, whatever its family,
+        # and use the real endpoints): relayed as any header.
+        local = PP_SIG + b"\x20\x00\x00\x00"
         for data, length in ((good + b"payload", 28), (six, 52),
                              (tlv + b"x", 31), (good, 28),
                              (good[:-1], 0),            # cut short
                              (b"x" + good, 0),
-                             (good[:12] + b"\x20" + good[13:], 0),  # LOCAL
+                             (local + b"query", 16),
+                             (good[:12] + b"\x20" + good[13:], 28),
+                             (local[:14] + b"\x00\x03" + b"\x04\x00\x00", 19),
+                             (local[:14] + b"\x00\x03" + b"\x04\x00", 0),
+                             (PP_SIG + b"\x22\x12\x00\x0c" + good[16:], 0),
+                             (PP_SIG + b"\x11\x12\x00\x0c" + good[16:], 0),
+                             (good[:13] + b"\x00" + good[14:], 0),  # UNSPEC
                              (good[:13] + b"\x11" + good[14:], 0),  # TCP
                              (good[:14] + b"\x00\x0b" + good[16:], 0),
                              (b"", 0)):
@@ -3082,6 +3091,7 @@ class TestProxyHeaders(unittest.TestCase):
                 self.assertEqual(ux.proxy_length(buf, 2, len(buf)), length)
         self.assertEqual(ux.proxy_source(good), ("192.0.2.55", 37368))
         self.assertEqual(ux.proxy_source(six), ("2001:db8::55", 37368, 0, 0))
+        self.assertIsNone(ux.proxy_source(local))
 
 
 class TestProxyProtocol(RelayCase):
@@ -3152,13 +3162,17 @@ class TestProxyProtocol(RelayCase):
         server.sendto(b"\x00\x03" + header + b"query", caddr)
         self.assertEqual(self.recv(real)[0], header + b"query")
         proc.wait_line(r"^New incoming channel 3 for 192\.0\.2\.55:37368$")
+        local = PP_SIG + b"\x20\x00\x00\x00"      # LOCAL: no address
+        server.sendto(b"\x00\x04" + local + b"health", caddr)
+        self.assertEqual(self.recv(real)[0], local + b"health")
+        proc.wait_line(r"^New incoming channel 4$")
         server.sendto(b"\x00\x03no header", caddr)
         proc.wait_line("Dropped a datagram from the server without a PROXY "
                        "protocol header")
         self.assert_silent(real)
         stats = usr1_stats(proc, "client")
         self.assertEqual((stats["proxy_headers"], stats["proxy_malformed"]),
-                         (1, 1))
+                         (2, 1))
 
     @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
     def test_trains_each_segment_with_its_header(self):

@@ -441,6 +441,7 @@ def in_networks(networks, addr):
 # tag), so the real server learns who sent it.
 PROXY_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 PROXY_V2 = 0x21                         # version 2, command PROXY
+PROXY_LOCAL = 0x20      # version 2, command LOCAL: no addresses, any family
 PROXY_UDP4, PROXY_UDP6 = 0x12, 0x22     # address family and DGRAM
 PROXY_ADDRESSES = {PROXY_UDP4: 12, PROXY_UDP6: 36}
 
@@ -459,19 +460,25 @@ def proxy_header(source, dest):
 
 def proxy_length(buf, start, end):
     """The length of the PROXY v2 DGRAM header at buf[start:end] (TLVs
-    after the addresses included), or 0 where none is well-formed."""
+    after the addresses included), or 0 where none is well-formed.  A
+    LOCAL header is well-formed whatever its family: the spec says a
+    receiver must accept it and use the real endpoints."""
     if end - start < 16 or not buf.startswith(PROXY_SIGNATURE, start):
         return 0
-    family = buf[start + 13]
+    command, family = buf[start + 12], buf[start + 13]
     length = buf[start + 14] << 8 | buf[start + 15]
-    if buf[start + 12] != PROXY_V2 or family not in PROXY_ADDRESSES \
-            or length < PROXY_ADDRESSES[family] or end - start < 16 + length:
+    if end - start < 16 + length or command != PROXY_LOCAL and (
+            command != PROXY_V2 or family not in PROXY_ADDRESSES
+            or length < PROXY_ADDRESSES[family]):
         return 0
     return 16 + length
 
 
 def proxy_source(header):
-    """The source sockaddr a well-formed PROXY v2 header names."""
+    """The source sockaddr a well-formed PROXY v2 header names (None for
+    LOCAL)."""
+    if header[12] == PROXY_LOCAL:
+        return None
     if header[13] == PROXY_UDP4:
         return socket.inet_ntop(socket.AF_INET, bytes(header[16:20])), \
             header[24] << 8 | header[25]
@@ -2468,7 +2475,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
                      lambda: on_worker_readable(worker, tag))
         stats["channels_opened"] += 1
         workers.put(tag, worker)
-        if header and log.verbosity >= DEBUG:
+        if header and header[12] == PROXY_V2 and log.verbosity >= DEBUG:
             log.limited("channel", "New incoming channel %d for %s"
                         % (tag, format_addr(proxy_source(header))))
         else:
