@@ -3174,6 +3174,111 @@ class TestProxyProtocol(RelayCase):
         self.assertEqual((stats["proxy_headers"], stats["proxy_malformed"]),
                          (2, 1))
 
+    def password_client(self, *extra):
+        """A password-mode client with --proxy-protocol before a fake
+        server: (proc, server, real, its address, the first challenge)."""
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "--proxy-protocol", *extra,
+                                 env={ux.PASSWORD_ENV: V_PASSWORD})
+        claims = ux.verify(V_KEY, self.recv(server)[0])
+        self.assertEqual(list(claims), ["nonce", "proxy"])
+        self.assertIsNone(claims["nonce"])
+        return proc, server, real, caddr, claims["proxy"]
+
+    def test_a_password_client_relays_only_while_the_server_says_so(self):
+        proc, server, real, caddr, challenge = self.password_client()
+        header = ux.proxy_header(("192.0.2.55", 37368), ("198.51.100.1", 5566))
+        query = b"\x00\x01" + header + b"query"
+        server.sendto(query, caddr)             # before any answer
+        server.sendto(ux.sign(V_KEY, ux.retry_claims(7)), caddr)
+        self.assertEqual(ux.verify(V_KEY, self.recv(server)[0]),
+                         {"nonce": 7, "proxy": challenge})
+        server.sendto(V_REGISTERED, caddr)      # what the Rust server says
+        proc.wait_line(r"^Authenticated$")
+        proc.wait_line(r"does not say that it adds PROXY protocol headers")
+        server.sendto(query, caddr)
+        for forged in (ux.sign(V_KEY, ux.proxy_claims(challenge ^ 1)),
+                       ux.sign(V_KEY_CHBS, ux.proxy_claims(challenge)),
+                       ux.sign(V_KEY, b'{"ProxyV2":%d,"x":1}' % challenge)):
+            server.sendto(forged, caddr)
+        server.sendto(query, caddr)
+        self.assert_silent(real)
+        server.sendto(ux.sign(V_KEY, ux.proxy_claims(challenge)), caddr)
+        proc.wait_line(r"adds PROXY protocol headers$")
+        server.sendto(query, caddr)
+        self.assertEqual(self.recv(real)[0], header + b"query")
+        # A server restarted without the flag: said again at once.
+        server.sendto(V_REGISTERED, caddr)
+        proc.wait_line(r"does not say that it adds PROXY protocol headers")
+        server.sendto(query, caddr)
+        self.assert_silent(real)
+        stats = usr1_stats(proc, "client")
+        self.assertEqual((stats["proxy_headers"], stats["proxy_unconfirmed"],
+                          stats["proxy_malformed"]), (1, 4, 0))
+
+    def test_each_keepalive_asks_with_a_fresh_challenge(self):
+        proc, server, real, caddr, first = self.password_client("-i", 1000)
+        second = ux.verify(V_KEY, self.recv(server)[0])["proxy"]
+        third = ux.verify(V_KEY, self.recv(server)[0])["proxy"]
+        self.assertEqual(len({first, second, third}), 3)
+        query = b"\x00\x01" + ux.proxy_header(("192.0.2.55", 37368),
+                                              ("198.51.100.1", 5566))
+        server.sendto(ux.sign(V_KEY, ux.proxy_claims(first)), caddr)
+        server.sendto(query, caddr)             # the answer came too late
+        self.assert_silent(real)
+        server.sendto(ux.sign(V_KEY, ux.proxy_claims(second)), caddr)
+        proc.wait_line(r"adds PROXY protocol headers$")
+        server.sendto(query, caddr)
+        self.assertEqual(self.recv(real)[0], query[2:])
+
+    def test_the_server_says_so_to_a_client_that_asks(self):
+        for flag in (("--proxy-protocol",), ()):
+            with self.subTest(flag=flag):
+                proc, saddr = self.start("-s", "127.0.0.1:0", "-P",
+                                         V_PASSWORD, *flag)
+                client = self.udp()
+                client.sendto(ux.sign(V_KEY, ux.request_claims(None, 5)),
+                              saddr)
+                nonce = ux.retry_nonce(ux.verify(V_KEY, self.recv(client)[0]))
+                for challenge in (6, ux.M64):
+                    client.sendto(ux.sign(V_KEY, ux.request_claims(
+                        nonce, challenge)), saddr)
+                    self.assertEqual(self.recv(client), (ux.sign(
+                        V_KEY, ux.proxy_claims(challenge) if flag
+                        else ux.REGISTERED_CLAIMS), saddr))
+                client.sendto(V_INITIAL_REQUEST, saddr)     # no question
+                self.assertEqual(self.recv(client), (V_REGISTERED, saddr))
+                proc.stop()
+
+    def test_password_end_to_end_a_forged_header_stays_payload(self):
+        env = {ux.PASSWORD_ENV: V_PASSWORD}
+        for flag in (("--proxy-protocol",), ()):
+            with self.subTest(flag=flag):
+                real = self.udp()
+                server, saddr = self.start("-s", "127.0.0.1:0", *flag,
+                                           env=env)
+                client, _ = self.start(
+                    "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
+                    ux.format_addr(real.getsockname()), "--proxy-protocol",
+                    env=env)
+                client.wait_line("adds PROXY protocol headers$" if flag
+                                 else "does not say that it adds")
+                conn = self.udp()
+                forged = ux.proxy_header(("192.0.2.1", 53), saddr)
+                conn.sendto(forged + b"query", saddr)
+                if flag:
+                    self.assertEqual(self.recv(real)[0], ux.proxy_header(
+                        conn.getsockname(), saddr) + forged + b"query")
+                else:
+                    self.assert_silent(real)
+                    self.assertEqual(usr1_stats(client, "client")[
+                        "proxy_unconfirmed"], 1)
+                server.stop()
+                client.stop()
+
     @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
     def test_trains_each_segment_with_its_header(self):
         real, conn = gro_socket(self), self.udp()
@@ -3190,21 +3295,31 @@ class TestProxyProtocol(RelayCase):
     @unittest.skipUnless(os.access(RUST, os.X_OK), "no Rust udpexposer 0.3.0 "
                          "beside the repository (../shared/ref)")
     def test_the_rust_client_in_the_middle(self):
-        real = self.udp()
-        self.echo(real)
-        server, saddr = self.start("-s", "127.0.0.1:0", "--proxy-protocol")
-        rust = subprocess.Popen(
-            [RUST, "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
-             ux.format_addr(real.getsockname())],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(rust.wait, TIMEOUT)
-        self.addCleanup(rust.kill)
-        server.wait_line("New client address")
-        conn = self.udp()
-        conn.sendto(b"through rust", saddr)
-        # The echo sends back what the real server got: header and payload.
-        self.assertEqual(self.recv(conn), (ux.proxy_header(
-            conn.getsockname(), saddr) + b"through rust", saddr))
+        """A Rust client never asks whether headers are added, and hears
+        nothing new: in password mode a token it does not know would reach
+        the real server as data (on channel 0x6579)."""
+        for password in ((), ("-P", V_PASSWORD)):
+            with self.subTest(password=password):
+                real = self.udp()
+                server, saddr = self.start("-s", "127.0.0.1:0",
+                                           "--proxy-protocol", *password)
+                rust = subprocess.Popen(
+                    [RUST, "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
+                     ux.format_addr(real.getsockname())] + list(password),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.addCleanup(rust.wait, TIMEOUT)
+                self.addCleanup(rust.kill)
+                server.wait_line("New client address")
+                conn = self.udp()
+                conn.sendto(b"through rust", saddr)
+                data, chan = self.recv(real)
+                self.assertEqual(data, ux.proxy_header(
+                    conn.getsockname(), saddr) + b"through rust")
+                real.sendto(b"back", chan)
+                self.assertEqual(self.recv(conn), (b"back", saddr))
+                self.assert_silent(real)
+                rust.kill()
+                server.stop()
 
 
 # ====================================================================== the edges
