@@ -1901,7 +1901,10 @@ class TestThroughNat(RelayCase):
     def test_proxy_protocol_to_unbound(self):
         """A DNS resolver behind the NAT that reads PROXY v2 headers and
         lets only 198.51.100.0/29 in: through the relay with
-        --proxy-protocol it sees who asks; without, it answers nobody."""
+        --proxy-protocol it sees who asks; without, it answers nobody.
+        198.51.100.9 forging a header that names 198.51.100.2 is refused:
+        the server's header comes first, or (password mode, a server that
+        does not say it adds them) the client relays nothing."""
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)
         conf, logfile, port = os.path.join(tmp, "unbound.conf"), \
@@ -1926,6 +1929,7 @@ class TestThroughNat(RelayCase):
   access-control: 198.51.100.0/29 allow
   local-zone: "test." static
   local-data: "who.test. A 192.0.2.1"
+  local-data: "forged.test. A 192.0.2.2"
 remote-control:
   control-enable: no
 """ % dict(hidden=self.HIDDEN, port=port, log=logfile, tmp=tmp))
@@ -1953,20 +1957,56 @@ remote-control:
                 stdout=subprocess.PIPE, universal_newlines=True,
                 timeout=30).stdout
 
-        real = ("%s:%d" % (self.HIDDEN, port),)
-        for extra, answered in ((("--proxy-protocol",), True), ((), False)):
-            with self.subTest(extra=extra):
-                server = self.start_server(*extra)
+        def forge():
+            """From 198.51.100.9, a query for forged.test behind a header
+            that names 198.51.100.2: the reply's (rcode, answers) or None."""
+            conn = self.connectee(9)
+            conn.settimeout(2)
+            query = struct.pack(">6H", 0x5858, 0x0100, 1, 0, 0, 0) \
+                + b"\x06forged\x04test\x00" + struct.pack(">HH", 1, 1)
+            conn.sendto(ux.proxy_header(("198.51.100.2", 5300), self.HELPER)
+                        + query, self.HELPER)
+            try:
+                reply = conn.recv(4096)
+            except socket.timeout:
+                return None
+            return reply[3] & 15, struct.unpack(">H", reply[6:8])[0]
+
+        real = "%s:%d" % (self.HIDDEN, port)
+        flag, pw = ("--proxy-protocol",), {ux.PASSWORD_ENV: "p"}
+        rust = os.access(RUST, os.X_OK)
+        # server (ours' flags, or "rust"), client flags, env, answered
+        cases = [(flag, flag, {}, True), ((), (), {}, False),
+                 (flag, flag, pw, True), ((), flag, pw, False)] \
+            + [("rust", flag, pw, False)] * rust
+        for server_flags, extra, env, answered in cases:
+            with self.subTest(server=server_flags, client=extra, env=env):
+                if server_flags == "rust":
+                    server = subprocess.Popen(
+                        ["ip", "netns", "exec", self.wan, RUST, "-s", "-P",
+                         "p", "%s:%d" % self.HELPER],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    self.addCleanup(server.wait, TIMEOUT)
+                    self.addCleanup(server.kill)
+                else:
+                    server = self.start("-s", "%s:%d" % self.HELPER, "-n", 16,
+                                        *server_flags, env=env,
+                                        netns=self.wan)[0]
                 client = self.start("0.0.0.0:0", "-a", "%s:%d" % self.HELPER,
-                                    "-c", real[0], "-n", 16, "-i",
-                                    self.INTERVAL_MS, "-v", *extra,
+                                    "-c", real, "-n", 16, "-i",
+                                    self.INTERVAL_MS, "-v", *extra, env=env,
                                     netns=self.lan)[0]
-                server.wait_line(r"New client address: 203\.0\.113\.10:")
+                if env and answered:
+                    client.wait_line("adds PROXY protocol headers$")
+                elif env:
+                    client.wait_line("does not say that it adds PROXY")
+                else:
+                    server.wait_line(r"New client address: 203\.0\.113\.10:")
                 out = dig(2)
                 if answered:
                     self.assertRegex(out, r"who\.test\.\s+\d+\s+IN\s+A\s+"
                                           r"192\.0\.2\.1")
-                    client.wait_line(r"New incoming channel 1 for "
+                    client.wait_line(r"New incoming channel \d+ for "
                                      r"198\.51\.100\.2:\d+$")
                     self.assertRegex(log(), r"info: 198\.51\.100\.2 "
                                             r"who\.test\. A IN")
@@ -1974,7 +2014,17 @@ remote-control:
                     self.assertIn("status: REFUSED", dig(9))
                 else:
                     self.assertIn("timed out", out)
-                server.stop()
+                if extra:       # REFUSED by .9, or never relayed
+                    self.assertEqual(forge(), (5, 0) if answered else None)
+                    self.assertNotIn("forged.test", log())
+                if env and not answered:
+                    self.assertEqual(usr1_stats(client, "client")[
+                        "proxy_unconfirmed"], 2)
+                if server_flags == "rust":
+                    server.kill()
+                    server.wait(TIMEOUT)
+                else:
+                    server.stop()
                 client.stop()
 
     def test_nat_reboot_with_a_new_address(self):
