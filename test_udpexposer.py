@@ -3249,6 +3249,7 @@ class TestProxyProtocol(RelayCase):
         server.sendto(V_REGISTERED, caddr)      # what the Rust server says
         proc.wait_line(r"^Authenticated$")
         proc.wait_line(r"does not say that it adds PROXY protocol headers")
+        server.sendto(V_REGISTERED, caddr)      # said again only rarely
         server.sendto(query, caddr)
         for forged in (ux.sign(V_KEY, ux.proxy_claims(challenge ^ 1)),
                        ux.sign(V_KEY_CHBS, ux.proxy_claims(challenge)),
@@ -3258,6 +3259,7 @@ class TestProxyProtocol(RelayCase):
         self.assert_silent(real)
         server.sendto(ux.sign(V_KEY, ux.proxy_claims(challenge)), caddr)
         proc.wait_line(r"adds PROXY protocol headers$")
+        self.assertEqual(sum("does not say" in l for l in proc.lines), 1)
         server.sendto(query, caddr)
         self.assertEqual(self.recv(real)[0], header + b"query")
         # A server restarted without the flag: said again at once.
@@ -3283,6 +3285,35 @@ class TestProxyProtocol(RelayCase):
         proc.wait_line(r"adds PROXY protocol headers$")
         server.sendto(query, caddr)
         self.assertEqual(self.recv(real)[0], query[2:])
+
+    def test_a_server_that_moves_must_say_so_again(self):
+        old, new, real = self.udp(), self.udp(), self.udp()
+        now = [old.getsockname()]
+        sock = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0))
+        self.addCleanup(sock.close)
+        sink, stop, caddr = LineSink(), threading.Event(), sock.getsockname()
+        t = threading.Thread(target=ux.run_client, daemon=True, kwargs=dict(
+            sock=sock, server=now[0], real_family=socket.AF_INET,
+            real_server=real.getsockname(), max_clients=4, interval=1000,
+            log=ux.Log(sink), key=V_KEY, server_name="relay.example.net:53",
+            resolve_every=0.2, resolver=lambda text: (socket.AF_INET, now[0]),
+            stop=stop, proxy_protocol=True))
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        query = b"\x00\x01" + ux.proxy_header(("192.0.2.55", 37368),
+                                              ("198.51.100.1", 5566))
+        for server in (old, new):
+            if server is new:
+                now[0] = new.getsockname()
+                sink.wait_line("Server address changed")
+            challenge = ux.verify(V_KEY, self.recv(server)[0])["proxy"]
+            server.sendto(query, caddr)     # before it says so: dropped
+            self.assert_silent(real)
+            server.sendto(ux.sign(V_KEY, ux.proxy_claims(challenge)), caddr)
+            sink.wait_line("adds PROXY protocol headers$")
+            server.sendto(query, caddr)
+            self.assertEqual(self.recv(real)[0], query[2:])
 
     def test_the_server_says_so_to_a_client_that_asks(self):
         for flag in (("--proxy-protocol",), ()):
