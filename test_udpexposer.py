@@ -1456,6 +1456,18 @@ class TestCrypto(unittest.TestCase):
         self.assertIsNone(ux.retry_nonce({"Retry": -5}))
         self.assertIsNone(ux.retry_nonce("Registered"))
 
+    def test_the_proxy_question_and_answer(self):
+        self.assertEqual(ux.request_claims(None, 5),
+                         b'{"nonce":null,"proxy":5}')
+        self.assertEqual(ux.request_nonce({"nonce": 7, "proxy": 5}), (True, 7))
+        self.assertEqual(ux.request_nonce({"proxy": 5}), (False, None))
+        self.assertEqual(ux.retry_nonce(json.loads(ux.proxy_claims(ux.M64)),
+                                        "ProxyV2"), ux.M64)
+        longest = ux.sign(V_KEY, ux.request_claims(ux.M64, ux.M64))
+        self.assertEqual(len(longest), ux.MAX_TOKEN)
+        self.assertEqual(ux.verify(V_KEY, longest),
+                         {"nonce": ux.M64, "proxy": ux.M64})
+
     def test_stats_blob(self):
         self.assertEqual(ux.stats_json(V_STATS_BLOB), V_STATS_JSON)
         stats = dict(zip(ux.STAT_NAMES, range(1, 24)))
