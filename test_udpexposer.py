@@ -1510,6 +1510,18 @@ class TestCrypto(unittest.TestCase):
         self.assertIsNone(ux.retry_nonce({"Retry": -5}))
         self.assertIsNone(ux.retry_nonce("Registered"))
 
+    def test_the_proxy_question_and_answer(self):
+        self.assertEqual(ux.request_claims(None, 5),
+                         b'{"nonce":null,"proxy":5}')
+        self.assertEqual(ux.request_nonce({"nonce": 7, "proxy": 5}), (True, 7))
+        self.assertEqual(ux.request_nonce({"proxy": 5}), (False, None))
+        self.assertEqual(ux.retry_nonce(json.loads(ux.proxy_claims(ux.M64)),
+                                        "ProxyV2"), ux.M64)
+        longest = ux.sign(V_KEY, ux.request_claims(ux.M64, ux.M64))
+        self.assertEqual(len(longest), ux.MAX_TOKEN)
+        self.assertEqual(ux.verify(V_KEY, longest),
+                         {"nonce": ux.M64, "proxy": ux.M64})
+
     def test_stats_blob(self):
         self.assertEqual(ux.stats_json(V_STATS_BLOB), V_STATS_JSON)
         stats = dict(zip(ux.STAT_NAMES, range(1, 24)))
@@ -1955,7 +1967,10 @@ class TestThroughNat(RelayCase):
     def test_proxy_protocol_to_unbound(self):
         """A DNS resolver behind the NAT that reads PROXY v2 headers and
         lets only 198.51.100.0/29 in: through the relay with
-        --proxy-protocol it sees who asks; without, it answers nobody."""
+        --proxy-protocol it sees who asks; without, it answers nobody.
+        198.51.100.9 forging a header that names 198.51.100.2 is refused:
+        the server's header comes first, or (password mode, a server that
+        does not say it adds them) the client relays nothing."""
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)
         conf, logfile, port = os.path.join(tmp, "unbound.conf"), \
@@ -1980,6 +1995,7 @@ class TestThroughNat(RelayCase):
   access-control: 198.51.100.0/29 allow
   local-zone: "test." static
   local-data: "who.test. A 192.0.2.1"
+  local-data: "forged.test. A 192.0.2.2"
 remote-control:
   control-enable: no
 """ % dict(hidden=self.HIDDEN, port=port, log=logfile, tmp=tmp))
@@ -2007,20 +2023,56 @@ remote-control:
                 stdout=subprocess.PIPE, universal_newlines=True,
                 timeout=30).stdout
 
-        real = ("%s:%d" % (self.HIDDEN, port),)
-        for extra, answered in ((("--proxy-protocol",), True), ((), False)):
-            with self.subTest(extra=extra):
-                server = self.start_server(*extra)
+        def forge():
+            """From 198.51.100.9, a query for forged.test behind a header
+            that names 198.51.100.2: the reply's (rcode, answers) or None."""
+            conn = self.connectee(9)
+            conn.settimeout(2)
+            query = struct.pack(">6H", 0x5858, 0x0100, 1, 0, 0, 0) \
+                + b"\x06forged\x04test\x00" + struct.pack(">HH", 1, 1)
+            conn.sendto(ux.proxy_header(("198.51.100.2", 5300), self.HELPER)
+                        + query, self.HELPER)
+            try:
+                reply = conn.recv(4096)
+            except socket.timeout:
+                return None
+            return reply[3] & 15, struct.unpack(">H", reply[6:8])[0]
+
+        real = "%s:%d" % (self.HIDDEN, port)
+        flag, pw = ("--proxy-protocol",), {ux.PASSWORD_ENV: "p"}
+        rust = os.access(RUST, os.X_OK)
+        # server (ours' flags, or "rust"), client flags, env, answered
+        cases = [(flag, flag, {}, True), ((), (), {}, False),
+                 (flag, flag, pw, True), ((), flag, pw, False)] \
+            + [("rust", flag, pw, False)] * rust
+        for server_flags, extra, env, answered in cases:
+            with self.subTest(server=server_flags, client=extra, env=env):
+                if server_flags == "rust":
+                    server = subprocess.Popen(
+                        ["ip", "netns", "exec", self.wan, RUST, "-s", "-P",
+                         "p", "%s:%d" % self.HELPER],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    self.addCleanup(server.wait, TIMEOUT)
+                    self.addCleanup(server.kill)
+                else:
+                    server = self.start("-s", "%s:%d" % self.HELPER, "-n", 16,
+                                        *server_flags, env=env,
+                                        netns=self.wan)[0]
                 client = self.start("0.0.0.0:0", "-a", "%s:%d" % self.HELPER,
-                                    "-c", real[0], "-n", 16, "-i",
-                                    self.INTERVAL_MS, "-v", *extra,
+                                    "-c", real, "-n", 16, "-i",
+                                    self.INTERVAL_MS, "-v", *extra, env=env,
                                     netns=self.lan)[0]
-                server.wait_line(r"New client address: 203\.0\.113\.10:")
+                if env and answered:
+                    client.wait_line("adds PROXY protocol headers$")
+                elif env:
+                    client.wait_line("does not say that it adds PROXY")
+                else:
+                    server.wait_line(r"New client address: 203\.0\.113\.10:")
                 out = dig(2)
                 if answered:
                     self.assertRegex(out, r"who\.test\.\s+\d+\s+IN\s+A\s+"
                                           r"192\.0\.2\.1")
-                    client.wait_line(r"New incoming channel 1 for "
+                    client.wait_line(r"New incoming channel \d+ for "
                                      r"198\.51\.100\.2:\d+$")
                     self.assertRegex(log(), r"info: 198\.51\.100\.2 "
                                             r"who\.test\. A IN")
@@ -2028,7 +2080,17 @@ remote-control:
                     self.assertIn("status: REFUSED", dig(9))
                 else:
                     self.assertIn("timed out", out)
-                server.stop()
+                if extra:       # REFUSED by .9, or never relayed
+                    self.assertEqual(forge(), (5, 0) if answered else None)
+                    self.assertNotIn("forged.test", log())
+                if env and not answered:
+                    self.assertEqual(usr1_stats(client, "client")[
+                        "proxy_unconfirmed"], 2)
+                if server_flags == "rust":
+                    server.kill()
+                    server.wait(TIMEOUT)
+                else:
+                    server.stop()
                 client.stop()
 
     def test_nat_reboot_with_a_new_address(self):
@@ -3252,11 +3314,20 @@ class TestProxyHeaders(unittest.TestCase):
         six = ux.proxy_header(("2001:db8::55", 37368, 0, 0),
                               ("2001:db8::1", 5566, 0, 0))
         tlv = good[:14] + b"\x00\x0f" + good[16:] + b"\x04\x00\x00"
+        # LOCAL (the spec: a receiver must accept it, whatever its family,
+        # and use the real endpoints): relayed as any header.
+        local = PP_SIG + b"\x20\x00\x00\x00"
         for data, length in ((good + b"payload", 28), (six, 52),
                              (tlv + b"x", 31), (good, 28),
                              (good[:-1], 0),            # cut short
                              (b"x" + good, 0),
-                             (good[:12] + b"\x20" + good[13:], 0),  # LOCAL
+                             (local + b"query", 16),
+                             (good[:12] + b"\x20" + good[13:], 28),
+                             (local[:14] + b"\x00\x03" + b"\x04\x00\x00", 19),
+                             (local[:14] + b"\x00\x03" + b"\x04\x00", 0),
+                             (PP_SIG + b"\x22\x12\x00\x0c" + good[16:], 0),
+                             (PP_SIG + b"\x11\x12\x00\x0c" + good[16:], 0),
+                             (good[:13] + b"\x00" + good[14:], 0),  # UNSPEC
                              (good[:13] + b"\x11" + good[14:], 0),  # TCP
                              (good[:14] + b"\x00\x0b" + good[16:], 0),
                              (b"", 0)):
@@ -3265,6 +3336,7 @@ class TestProxyHeaders(unittest.TestCase):
                 self.assertEqual(ux.proxy_length(buf, 2, len(buf)), length)
         self.assertEqual(ux.proxy_source(good), ("192.0.2.55", 37368))
         self.assertEqual(ux.proxy_source(six), ("2001:db8::55", 37368, 0, 0))
+        self.assertIsNone(ux.proxy_source(local))
 
 
 class TestProxyProtocol(RelayCase):
@@ -3335,13 +3407,153 @@ class TestProxyProtocol(RelayCase):
         server.sendto(b"\x00\x03" + header + b"query", caddr)
         self.assertEqual(self.recv(real)[0], header + b"query")
         proc.wait_line(r"^New incoming channel 3 for 192\.0\.2\.55:37368$")
+        local = PP_SIG + b"\x20\x00\x00\x00"      # LOCAL: no address
+        server.sendto(b"\x00\x04" + local + b"health", caddr)
+        self.assertEqual(self.recv(real)[0], local + b"health")
+        proc.wait_line(r"^New incoming channel 4$")
         server.sendto(b"\x00\x03no header", caddr)
         proc.wait_line("Dropped a datagram from the server without a PROXY "
                        "protocol header")
         self.assert_silent(real)
         stats = usr1_stats(proc, "client")
         self.assertEqual((stats["proxy_headers"], stats["proxy_malformed"]),
-                         (1, 1))
+                         (2, 1))
+
+    def password_client(self, *extra):
+        """A password-mode client with --proxy-protocol before a fake
+        server: (proc, server, real, its address, the first challenge)."""
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "--proxy-protocol", *extra,
+                                 env={ux.PASSWORD_ENV: V_PASSWORD})
+        claims = ux.verify(V_KEY, self.recv(server)[0])
+        self.assertEqual(list(claims), ["nonce", "proxy"])
+        self.assertIsNone(claims["nonce"])
+        return proc, server, real, caddr, claims["proxy"]
+
+    def test_a_password_client_relays_only_while_the_server_says_so(self):
+        proc, server, real, caddr, challenge = self.password_client()
+        header = ux.proxy_header(("192.0.2.55", 37368), ("198.51.100.1", 5566))
+        query = b"\x00\x01" + header + b"query"
+        server.sendto(query, caddr)             # before any answer
+        server.sendto(ux.sign(V_KEY, ux.retry_claims(7)), caddr)
+        self.assertEqual(ux.verify(V_KEY, self.recv(server)[0]),
+                         {"nonce": 7, "proxy": challenge})
+        server.sendto(V_REGISTERED, caddr)      # what the Rust server says
+        proc.wait_line(r"^Authenticated$")
+        proc.wait_line(r"does not say that it adds PROXY protocol headers")
+        server.sendto(V_REGISTERED, caddr)      # said again only rarely
+        server.sendto(query, caddr)
+        for forged in (ux.sign(V_KEY, ux.proxy_claims(challenge ^ 1)),
+                       ux.sign(V_KEY_CHBS, ux.proxy_claims(challenge)),
+                       ux.sign(V_KEY, b'{"ProxyV2":%d,"x":1}' % challenge)):
+            server.sendto(forged, caddr)
+        server.sendto(query, caddr)
+        self.assert_silent(real)
+        server.sendto(ux.sign(V_KEY, ux.proxy_claims(challenge)), caddr)
+        proc.wait_line(r"adds PROXY protocol headers$")
+        self.assertEqual(sum("does not say" in l for l in proc.lines), 1)
+        server.sendto(query, caddr)
+        self.assertEqual(self.recv(real)[0], header + b"query")
+        # A server restarted without the flag: said again at once.
+        server.sendto(V_REGISTERED, caddr)
+        proc.wait_line(r"does not say that it adds PROXY protocol headers")
+        server.sendto(query, caddr)
+        self.assert_silent(real)
+        stats = usr1_stats(proc, "client")
+        self.assertEqual((stats["proxy_headers"], stats["proxy_unconfirmed"],
+                          stats["proxy_malformed"]), (1, 4, 0))
+
+    def test_each_keepalive_asks_with_a_fresh_challenge(self):
+        proc, server, real, caddr, first = self.password_client("-i", 1000)
+        second = ux.verify(V_KEY, self.recv(server)[0])["proxy"]
+        third = ux.verify(V_KEY, self.recv(server)[0])["proxy"]
+        self.assertEqual(len({first, second, third}), 3)
+        query = b"\x00\x01" + ux.proxy_header(("192.0.2.55", 37368),
+                                              ("198.51.100.1", 5566))
+        server.sendto(ux.sign(V_KEY, ux.proxy_claims(first)), caddr)
+        server.sendto(query, caddr)             # the answer came too late
+        self.assert_silent(real)
+        server.sendto(ux.sign(V_KEY, ux.proxy_claims(second)), caddr)
+        proc.wait_line(r"adds PROXY protocol headers$")
+        server.sendto(query, caddr)
+        self.assertEqual(self.recv(real)[0], query[2:])
+
+    def test_a_server_that_moves_must_say_so_again(self):
+        old, new, real = self.udp(), self.udp(), self.udp()
+        now = [old.getsockname()]
+        sock = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0))
+        self.addCleanup(sock.close)
+        sink, stop, caddr = LineSink(), threading.Event(), sock.getsockname()
+        t = threading.Thread(target=ux.run_client, daemon=True, kwargs=dict(
+            sock=sock, server=now[0], real_family=socket.AF_INET,
+            real_server=real.getsockname(), max_clients=4, interval=1000,
+            log=ux.Log(sink), key=V_KEY, server_name="relay.example.net:53",
+            resolve_every=0.2, resolver=lambda text: (socket.AF_INET, now[0]),
+            stop=stop, proxy_protocol=True))
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        query = b"\x00\x01" + ux.proxy_header(("192.0.2.55", 37368),
+                                              ("198.51.100.1", 5566))
+        for server in (old, new):
+            if server is new:
+                now[0] = new.getsockname()
+                sink.wait_line("Server address changed")
+            challenge = ux.verify(V_KEY, self.recv(server)[0])["proxy"]
+            server.sendto(query, caddr)     # before it says so: dropped
+            self.assert_silent(real)
+            server.sendto(ux.sign(V_KEY, ux.proxy_claims(challenge)), caddr)
+            sink.wait_line("adds PROXY protocol headers$")
+            server.sendto(query, caddr)
+            self.assertEqual(self.recv(real)[0], query[2:])
+
+    def test_the_server_says_so_to_a_client_that_asks(self):
+        for flag in (("--proxy-protocol",), ()):
+            with self.subTest(flag=flag):
+                proc, saddr = self.start("-s", "127.0.0.1:0", "-P",
+                                         V_PASSWORD, *flag)
+                client = self.udp()
+                client.sendto(ux.sign(V_KEY, ux.request_claims(None, 5)),
+                              saddr)
+                nonce = ux.retry_nonce(ux.verify(V_KEY, self.recv(client)[0]))
+                for challenge in (6, ux.M64):
+                    client.sendto(ux.sign(V_KEY, ux.request_claims(
+                        nonce, challenge)), saddr)
+                    self.assertEqual(self.recv(client), (ux.sign(
+                        V_KEY, ux.proxy_claims(challenge) if flag
+                        else ux.REGISTERED_CLAIMS), saddr))
+                client.sendto(V_INITIAL_REQUEST, saddr)     # no question
+                self.assertEqual(self.recv(client), (V_REGISTERED, saddr))
+                proc.stop()
+
+    def test_password_end_to_end_a_forged_header_stays_payload(self):
+        env = {ux.PASSWORD_ENV: V_PASSWORD}
+        for flag in (("--proxy-protocol",), ()):
+            with self.subTest(flag=flag):
+                real = self.udp()
+                server, saddr = self.start("-s", "127.0.0.1:0", *flag,
+                                           env=env)
+                client, _ = self.start(
+                    "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
+                    ux.format_addr(real.getsockname()), "--proxy-protocol",
+                    env=env)
+                client.wait_line("adds PROXY protocol headers$" if flag
+                                 else "does not say that it adds")
+                conn = self.udp()
+                forged = ux.proxy_header(("192.0.2.1", 53), saddr)
+                conn.sendto(forged + b"query", saddr)
+                if flag:
+                    self.assertEqual(self.recv(real)[0], ux.proxy_header(
+                        conn.getsockname(), saddr) + forged + b"query")
+                else:
+                    self.assert_silent(real)
+                    self.assertEqual(usr1_stats(client, "client")[
+                        "proxy_unconfirmed"], 1)
+                server.stop()
+                client.stop()
 
     @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
     def test_trains_each_segment_with_its_header(self):
@@ -3359,21 +3571,31 @@ class TestProxyProtocol(RelayCase):
     @unittest.skipUnless(os.access(RUST, os.X_OK), "no Rust udpexposer 0.3.0 "
                          "beside the repository (../shared/ref)")
     def test_the_rust_client_in_the_middle(self):
-        real = self.udp()
-        self.echo(real)
-        server, saddr = self.start("-s", "127.0.0.1:0", "--proxy-protocol")
-        rust = subprocess.Popen(
-            [RUST, "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
-             ux.format_addr(real.getsockname())],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(rust.wait, TIMEOUT)
-        self.addCleanup(rust.kill)
-        server.wait_line("New client address")
-        conn = self.udp()
-        conn.sendto(b"through rust", saddr)
-        # The echo sends back what the real server got: header and payload.
-        self.assertEqual(self.recv(conn), (ux.proxy_header(
-            conn.getsockname(), saddr) + b"through rust", saddr))
+        """A Rust client never asks whether headers are added, and hears
+        nothing new: in password mode a token it does not know would reach
+        the real server as data (on channel 0x6579)."""
+        for password in ((), ("-P", V_PASSWORD)):
+            with self.subTest(password=password):
+                real = self.udp()
+                server, saddr = self.start("-s", "127.0.0.1:0",
+                                           "--proxy-protocol", *password)
+                rust = subprocess.Popen(
+                    [RUST, "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
+                     ux.format_addr(real.getsockname())] + list(password),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.addCleanup(rust.wait, TIMEOUT)
+                self.addCleanup(rust.kill)
+                server.wait_line("New client address")
+                conn = self.udp()
+                conn.sendto(b"through rust", saddr)
+                data, chan = self.recv(real)
+                self.assertEqual(data, ux.proxy_header(
+                    conn.getsockname(), saddr) + b"through rust")
+                real.sendto(b"back", chan)
+                self.assertEqual(self.recv(conn), (b"back", saddr))
+                self.assert_silent(real)
+                rust.kill()
+                server.stop()
 
 
 # ====================================================================== the edges

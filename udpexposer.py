@@ -71,14 +71,16 @@ MAX_PASSWORD = 4096     # bytes of --password-file's first line, at most
 TOKEN_PREFIX = b"eyJhbGciOiJIUzI1NiJ9."   # base64url of {"alg":"HS256"}, "."
 TOKEN_LOOKALIKE_TAG = 0x6579              # b"ey": never handed out as a tag
 MAC_TEXT = 43                             # base64url of a 32-byte MAC
-# The longest token there is: claims of at most 30 bytes ({"nonce":N}, N a
-# u64), which are 40 characters of base64url.  Longer ones are data.
-MAX_TOKEN = len(TOKEN_PREFIX) + 40 + 1 + MAC_TEXT
+# The longest token there is: claims of at most 59 bytes
+# ({"nonce":N,"proxy":C}, N and C u64s), which are 79 characters of
+# base64url.  Longer ones are data.
+MAX_TOKEN = len(TOKEN_PREFIX) + 79 + 1 + MAC_TEXT
 STATS_NONCE = (1 << 64) - 1
 ARGON2_SALT = b"udpexposer"
 ARGON2_MEMORY_KIB, ARGON2_PASSES, ARGON2_LANES = 256, 2, 2
 AUTH_WINDOW = (-10, 1)                    # seconds around now a nonce may be
 UNANSWERED_PINGS = 3                      # then the client says so
+PROXY_WARN_EVERY = 600.0    # s: a client's "does not add headers", again
 STATS_TRIES, STATS_WAIT = 3, 1.5
 STATS_REPLIES_PER_SECOND = 5              # a replayed -S request reflects
 # A replayed keepalive from many forged sources gets Retry replies, each
@@ -115,6 +117,7 @@ CLIENT_STATS = (
     "channels_opened", "channels_closed", "evicted_unanswered",
     "evicted_answered", "loops_broken", "real_server_refusals", "errors",
     "server_address_changes", "proxy_headers", "proxy_malformed",
+    "proxy_unconfirmed",
 )
 
 
@@ -443,6 +446,7 @@ def in_networks(networks, addr):
 # tag), so the real server learns who sent it.
 PROXY_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 PROXY_V2 = 0x21                         # version 2, command PROXY
+PROXY_LOCAL = 0x20      # version 2, command LOCAL: no addresses, any family
 PROXY_UDP4, PROXY_UDP6 = 0x12, 0x22     # address family and DGRAM
 PROXY_ADDRESSES = {PROXY_UDP4: 12, PROXY_UDP6: 36}
 
@@ -461,19 +465,25 @@ def proxy_header(source, dest):
 
 def proxy_length(buf, start, end):
     """The length of the PROXY v2 DGRAM header at buf[start:end] (TLVs
-    after the addresses included), or 0 where none is well-formed."""
+    after the addresses included), or 0 where none is well-formed.  A
+    LOCAL header is well-formed whatever its family: the spec says a
+    receiver must accept it and use the real endpoints."""
     if end - start < 16 or not buf.startswith(PROXY_SIGNATURE, start):
         return 0
-    family = buf[start + 13]
+    command, family = buf[start + 12], buf[start + 13]
     length = buf[start + 14] << 8 | buf[start + 15]
-    if buf[start + 12] != PROXY_V2 or family not in PROXY_ADDRESSES \
-            or length < PROXY_ADDRESSES[family] or end - start < 16 + length:
+    if end - start < 16 + length or command != PROXY_LOCAL and (
+            command != PROXY_V2 or family not in PROXY_ADDRESSES
+            or length < PROXY_ADDRESSES[family]):
         return 0
     return 16 + length
 
 
 def proxy_source(header):
-    """The source sockaddr a well-formed PROXY v2 header names."""
+    """The source sockaddr a well-formed PROXY v2 header names (None for
+    LOCAL)."""
+    if header[12] == PROXY_LOCAL:
+        return None
     if header[13] == PROXY_UDP4:
         return socket.inet_ntop(socket.AF_INET, bytes(header[16:20])), \
             header[24] << 8 | header[25]
@@ -808,12 +818,21 @@ def verify(key, token):
 REGISTERED_CLAIMS = b'"Registered"'
 
 
-def request_claims(nonce=None):
-    return b'{"nonce":null}' if nonce is None else b'{"nonce":%d}' % nonce
+def request_claims(nonce=None, proxy=None):
+    """A request's claims; proxy: the challenge of a client that asks
+    whether the server adds PROXY headers (PROTOCOL.md)."""
+    claims = b'{"nonce":null' if nonce is None else b'{"nonce":%d' % nonce
+    return claims + (b"}" if proxy is None else b',"proxy":%d}' % proxy)
 
 
 def retry_claims(nonce):
     return b'{"Retry":%d}' % nonce
+
+
+def proxy_claims(challenge):
+    """Registered, and PROXY v2 headers added: the answer to a request
+    whose "proxy" challenge was challenge."""
+    return b'{"ProxyV2":%d}' % challenge
 
 
 def _u64(value):
@@ -821,19 +840,21 @@ def _u64(value):
 
 
 def request_nonce(claims):
-    """(True, nonce or None) for request claims, (False, None) otherwise."""
-    if isinstance(claims, dict) and list(claims) == ["nonce"]:
+    """(True, nonce or None) for request claims, (False, None) otherwise.
+    (A request may carry a "proxy" challenge too.)"""
+    if isinstance(claims, dict) and "nonce" in claims \
+            and claims.keys() <= {"nonce", "proxy"}:
         nonce = claims["nonce"]
         if nonce is None or _u64(nonce):
             return True, nonce
     return False, None
 
 
-def retry_nonce(claims):
-    """The N of a {"Retry": N} reply, or None."""
-    if isinstance(claims, dict) and list(claims) == ["Retry"] \
-            and _u64(claims["Retry"]):
-        return claims["Retry"]
+def retry_nonce(claims, name="Retry"):
+    """The N of a {"Retry": N} reply (of {name: N}), or None."""
+    if isinstance(claims, dict) and list(claims) == [name] \
+            and _u64(claims[name]):
+        return claims[name]
     return None
 
 
@@ -2049,7 +2070,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     notify: systemd's Notify, if any.
     proxy_protocol: a PROXY v2 header between tag and payload of each
         connectee's datagram.  Each is read alone (no UDP_GRO), with room
-        before it for tag and header.
+        before it for tag and header.  A client that asks is told so.
     """
     if stats is None:
         stats = server_stats()
@@ -2140,7 +2161,11 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             client = src
             log("New client address: %s" % format_addr(address(src)))
         stats["last_ka_s"] = now
-        io.send_now(registered, src, "err2")
+        # A client with --proxy-protocol asks whether the headers are
+        # added, with a challenge: only it ever hears this answer.
+        challenge = proxy_protocol and claims.get("proxy")
+        io.send_now(sign(key, proxy_claims(challenge)) if _u64(challenge)
+                    else registered, src, "err2")
         return True
 
     def new_connectee(src):
@@ -2387,6 +2412,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     proxy_protocol: each datagram from the server must start (after its
         tag) with a PROXY v2 header, relayed with it; others are dropped.
+        With a key, nothing is relayed until the server says that it adds
+        the headers: a connectee could put its own first.
 
     Each channel socket is connected to the real server: the kernel drops
     datagrams from anyone else, and a port unreachable comes back as
@@ -2422,6 +2449,13 @@ def run_client(sock, server, real_family, real_server, max_clients,
     backoff = 1.0                   # seconds to the next try, unresolved
     looking_up = heard = authenticated = silent = refused = False
     hinted = False                  # see stranger()
+    # Password mode with proxy_protocol: each keepalive asks, with a fresh
+    # challenge, whether the server adds the headers; what carries one is
+    # relayed only while its signed answer to the last challenge (or the
+    # one before) says so.  (Plain mode cannot know: adds stays True.)
+    asking = key is not None and proxy_protocol
+    challenges, adds = (None, None), not asking
+    unconfirmed = Budget(1, PROXY_WARN_EVERY)       # its warning, rarely
 
     def send_to_server(data, where):
         io.send_now(data, server_key, where)
@@ -2439,15 +2473,34 @@ def run_client(sock, server, real_family, real_server, max_clients,
             log("Received a reply from server")
         nonce = retry_nonce(claims)
         if nonce is not None:
-            send_to_server(sign(key, request_claims(nonce)), "answer a Retry")
-        elif claims == "Registered":
-            last_registered = time.monotonic()
-            if not authenticated:
-                authenticated = True
-                log("Authenticated")
-            if silent:
-                silent = False
-                log("Server %s answers again" % format_addr(server))
+            send_to_server(sign(key, request_claims(nonce, challenges[0])),
+                           "answer a Retry")
+            return
+        says = retry_nonce(claims, "ProxyV2")
+        if claims != "Registered" and (says is None
+                                       or says not in challenges):
+            return
+        last_registered = time.monotonic()
+        if not authenticated:
+            authenticated = True
+            log("Authenticated")
+        if silent:
+            silent = False
+            log("Server %s answers again" % format_addr(server))
+        if asking:
+            proxied(says is not None)
+
+    def proxied(says):
+        """Whether the server's answer says that it adds PROXY headers."""
+        nonlocal adds
+        if says and not adds:
+            log("Server %s adds PROXY protocol headers" % format_addr(server))
+        elif not says and (adds or unconfirmed.take()):
+            log("Server %s does not say that it adds PROXY protocol headers "
+                "(a Rust server, or no --proxy-protocol there): relaying "
+                "nothing, since a connectee could put its own header first"
+                % format_addr(server), WARN)
+        adds = says
 
     def looped(first):
         """Whether first, the datagram a new channel is opened for, goes
@@ -2523,7 +2576,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
                      lambda: on_worker_readable(worker, tag))
         stats["channels_opened"] += 1
         workers.put(tag, worker)
-        if header and log.verbosity >= DEBUG:
+        if header and header[12] == PROXY_V2 and log.verbosity >= DEBUG:
             log.limited("channel", "New incoming channel %d for %s"
                         % (tag, format_addr(proxy_source(header))))
         else:
@@ -2598,7 +2651,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 on_token(view[at:at + n])
                 continue
             tag = buf[at] << 8 | buf[at + 1]
-            if proxy_protocol and not proxy_length(buf, at + 2, at + n):
+            if proxy_protocol and not (
+                    adds and proxy_length(buf, at + 2, at + n)):
                 malformed()
                 continue
             worker = worker_of(tag)
@@ -2642,7 +2696,11 @@ def run_client(sock, server, real_family, real_server, max_clients,
         return msgs, relayed
 
     def malformed():
-        """--proxy-protocol: a datagram from the server without a header."""
+        """--proxy-protocol: a datagram from the server without a header, or
+        from one that has not said that it adds them (password mode)."""
+        if not adds:
+            stats["proxy_unconfirmed"] += 1
+            return
         stats["proxy_malformed"] += 1
         log.limited("proxy", "Dropped a datagram from the server without a "
                     "PROXY protocol header: is the server run with "
@@ -2702,7 +2760,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def on_lookup(result):
         nonlocal server, server_key, looking_up, next_ping, next_lookup, \
-            backoff
+            backoff, adds
         looking_up = False
         if server is None:              # not resolved since the start
             if isinstance(result, Exception):
@@ -2725,9 +2783,10 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 % (format_addr(server), format_addr(result)))
             server, server_key = result, io.key_of(result)
             next_ping = time.monotonic()    # tell the new address at once
+            adds = not asking               # until the new one says so
 
     def timers():
-        nonlocal next_ping, next_lookup, silent
+        nonlocal next_ping, next_lookup, silent, challenges, keepalive
         if looking_up:
             try:
                 on_lookup(lookups.get_nowait())
@@ -2735,6 +2794,10 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 pass
         now = time.monotonic()
         if now >= next_ping and server is not None:
+            if asking:
+                challenges = (int.from_bytes(os.urandom(8), "big"),
+                              challenges[0])
+                keepalive = sign(key, request_claims(None, challenges[0]))
             send_to_server(keepalive, "send a keepalive")
             stats["keepalives"] += 1
             next_ping = now + period
