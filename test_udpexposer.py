@@ -1487,6 +1487,17 @@ class TestPasswordSources(unittest.TestCase):
         with self.assertRaises(ux.UsageError):
             ux.read_password(self.args("--password-file", f.name + ".none"), {})
 
+    def test_an_empty_password_is_refused_from_every_source(self):
+        for args, env in ((self.args("-P", ""), {}),
+                          (self.args("--password-file", "/dev/null"), {}),
+                          (self.args(), {ux.PASSWORD_ENV: ""})):
+            with self.subTest(args=args, env=env):
+                with self.assertRaisesRegex(ux.UsageError, "empty"):
+                    ux.read_password(args, env)
+        # -P is the one source given: an empty variable beside it is unused.
+        self.assertEqual(ux.read_password(self.args("-P", "x"),
+                                          {ux.PASSWORD_ENV: ""}), b"x")
+
     def test_bytes_that_are_not_utf8_give_one_key_from_every_source(self):
         raw = b"pw\xff\xfe"
         as_decoded = os.fsdecode(raw)   # how Python hands argv and environ
@@ -2465,7 +2476,7 @@ class TestHostileTraffic(RelayCase):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True, timeout=30)
         self.assertEqual(p.returncode, 2)
-        self.assertRegex(p.stderr, r"^udpexposer: -c localhost:\d+ is the "
+        self.assertRegex(p.stderr, r"^udpexposer: -c localhost:\d+: the "
                                    r"server at -a: the relay would loop\n$")
 
     def test_a_loop_the_addresses_hide_is_broken(self):
@@ -2764,7 +2775,7 @@ class TestService(RelayCase):
             times.append(time.monotonic())
             status = msg
         self.assertRegex(status, rb"STATUS=client 127\.0\.0\.1:\d+, 1 "
-                                 rb"connectees, 1 datagrams relayed$")
+                                 rb"connectee, 1 datagram relayed$")
         gaps = [b - a for a, b in zip(times, times[1:])]
         self.assertLess(max(gaps), 0.2)             # half of WATCHDOG_USEC
         proc.p.terminate()
@@ -2991,9 +3002,56 @@ class TestCommandLine(RelayCase):
                      ["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "127.0.0.1:9",
                       "--resolve-interval", "0"],
                      ["-s", "127.0.0.1:0", "-q", "-v"],
+                     ["-s", "127.0.0.1:0", "-P", ""],
+                     ["-s", "127.0.0.1:0", "-i", "10"],
+                     ["-s", "127.0.0.1:0", "--resolve-interval", "5"],
+                     ["127.0.0.1:0", "-S", "-a", "127.0.0.1:9", "-P", "x",
+                      "-i", "10"],
+                     ["-s", "999.1.1.1:5566"],
+                     ["127.0.0.1:0", "-a", "999.1.1.1:9", "-c", "127.0.0.1:9"],
                      []):
             with self.subTest(args=args):
                 self.assert_usage_error(*args)
+
+    def test_errors_say_what_they_are_about(self):
+        for args, text in (
+                (["-s", "999.1.1.1:5566"], "udpexposer: listen_addr "
+                 "999.1.1.1:5566: '999.1.1.1' is not an IP address"),
+                (["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "bad name:9"],
+                 "udpexposer: -c bad name:9: bad host name 'bad name'"),
+                (["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "127.0.0.1:9"],
+                 "udpexposer: -c 127.0.0.1:9: the server at -a: the relay "
+                 "would loop"),
+                (["-a", "127.0.0.1:5566", "-c", "127.0.0.1:1234"],
+                 "udpexposer: the listen address is missing, e.g. 0.0.0.0:0 "
+                 "(any port) for a client"),
+                (["-s", "127.0.0.1:0", "-P", ""],
+                 "udpexposer: -P gives an empty password (an unset "
+                 "variable?): give one, or none for plain mode"),
+                (["-s", "127.0.0.1:0", "-i", "10"], "udpexposer: -i and "
+                 "--resolve-interval are for client mode (-a and -c)")):
+            with self.subTest(args=args):
+                self.assertEqual(self.assert_usage_error(*args), text)
+
+    def test_a_name_that_does_not_resolve_names_its_flag(self):
+        getaddrinfo = socket.getaddrinfo
+
+        def nobody(host, *args):
+            if host == "real.example":      # no lookup leaves the host
+                raise socket.gaierror(socket.EAI_NONAME,
+                                      "Name or service not known")
+            return getaddrinfo(host, *args)
+        args = ux.build_parser().parse_args(
+            ["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "real.example:9"])
+        with mock.patch.object(socket, "getaddrinfo", nobody):
+            with self.assertRaises(ux.UsageError) as caught:
+                ux.setup(args, {})
+        self.assertEqual(str(caught.exception), "-c real.example:9: cannot "
+                         "resolve 'real.example': Name or service not known")
+
+    def test_counts_of_one(self):
+        proc = self.start("-s", "127.0.0.1:0", "-n", "1")[0]
+        self.assertRegex(proc.lines[-1], r"plain mode, up to 1 connectee$")
 
     def test_port_in_use(self):
         taken = self.udp()
