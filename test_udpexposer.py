@@ -1447,6 +1447,25 @@ class TestCrypto(unittest.TestCase):
                 self.assertIsNone(ux.verify(V_KEY, bad))
         self.assertIsNone(ux.verify(V_KEY_CHBS, good))  # another password
 
+    def test_ours_whatever_the_key(self):
+        """What a server drops when it does not verify: the Rust tool's
+        messages, under any key, MAC unchecked; not lookalikes."""
+        for token in (V_INITIAL_REQUEST, V_INITIAL_REQUEST_CHBS, V_REGISTERED,
+                      V_STATS_REQUEST, V_RETRY_REPLY, V_ANSWER_TO_RETRY,
+                      V_REGISTERED[:-3] + b"AAA"):
+            with self.subTest(token=token):
+                self.assertTrue(ux.ours(token))
+        for data in (ux.sign(V_KEY, b'{"sub":"x"}'),        # another JWT
+                     ux.sign(V_KEY, b'{"nonce":-1}'),
+                     ux.sign(V_KEY, b'{"nonce":null} '),
+                     V_REGISTERED + b"x", V_REGISTERED[:-1],
+                     V_REGISTERED.replace(b".", b"!", 2),
+                     ux.TOKEN_PREFIX + b"A" * 81,
+                     ux.TOKEN_PREFIX + b"x.y",
+                     ux.TOKEN_PREFIX + os.urandom(1200), b""):
+            with self.subTest(data=data):
+                self.assertFalse(ux.ours(data))
+
     def test_claims_that_are_not_requests(self):
         for claims in ("Registered", {"nonce": -1}, {"nonce": 1 << 64},
                        {"nonce": "1"}, {"nonce": True}, {"nonce": 1, "x": 2},
@@ -1593,15 +1612,27 @@ class TestPasswordServer(RelayCase):
                        % re.escape(ux.format_addr(stranger.getsockname())))
 
         self.register(proc, saddr, client)
-        stranger.sendto(b"", saddr)
+        # A client with another password: dropped, and no connectee.
         stranger.sendto(V_INITIAL_REQUEST_CHBS, saddr)
-        # Both arrive at the client as a connectee's data, not as a takeover.
-        self.assertEqual(self.recv(client)[0], b"\x00\x01")
-        self.assertEqual(self.recv(client)[0],
-                         b"\x00\x01" + V_INITIAL_REQUEST_CHBS)
+        stranger.sendto(ux.sign(V_KEY_CHBS, ux.request_claims(7)), saddr)
+        lookalikes = [ux.TOKEN_PREFIX + b"data",    # not a token: data
+                      ux.sign(V_KEY_CHBS, b'{"sub":"x"}')]   # not ours
+        for data in [b""] + lookalikes:
+            stranger.sendto(data, saddr)
+        # These arrive at the client as a connectee's data, in order, not
+        # as a takeover.
+        for data in [b""] + lookalikes:
+            self.assertEqual(self.recv(client)[0], b"\x00\x01" + data)
+        self.assert_silent(client)
         self.assert_silent(stranger)
         client.sendto(b"\x00\x01back", saddr)       # client still in charge
         self.assertEqual(self.recv(stranger), (b"back", saddr))
+        lines = proc.drain()
+        self.assertEqual(sum("Connectee seqn" in line for line in lines), 1,
+                         lines)
+        stats = usr1_stats(proc, "server")
+        self.assertEqual(stats["from_connectee_msgs"], 3)
+        self.assertEqual(stats["invalid_auths"], 6)
 
 
 class TestPasswordServerPortable(TestPasswordServer):
@@ -1715,9 +1746,12 @@ class TestPasswordEndToEnd(RelayCase):
             msg = b"pw %d " % i + os.urandom(1000)
             c.sendto(msg, saddr)
             self.assertEqual(self.recv(c), (msg, saddr))
-        # a token-shaped connectee payload is data, and passes whole
+        # A message of ours under another password is dropped; a payload
+        # shaped as another token is data, and passes whole.
+        foreign = ux.sign(V_KEY, b'{"sub":"x"}')
         conns[0].sendto(V_REGISTERED, saddr)
-        self.assertEqual(self.recv(conns[0]), (V_REGISTERED, saddr))
+        conns[0].sendto(foreign, saddr)
+        self.assertEqual(self.recv(conns[0]), (foreign, saddr))
 
     def test_wrong_password_never_registers(self):
         real = self.udp()
@@ -2520,7 +2554,7 @@ class TestHostileTraffic(RelayCase):
         thief.sendto(V_STATS_REQUEST, saddr)
         self.assertEqual(len(self.recv(thief)[0]), 184)
 
-    def test_forged_tokens_are_data_and_peers_keep_talking(self):
+    def test_forgeries_are_dropped_and_peers_keep_talking(self):
         proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
         client, peer, forger = self.udp(), self.udp(), self.udp()
         TestPasswordServer.register(self, proc, saddr, client)
@@ -2532,8 +2566,9 @@ class TestHostileTraffic(RelayCase):
             for data in forged * 10:
                 forger.sendto(data, saddr)
             peer.sendto(b"peer %d" % rnd, saddr)
-            # The forgeries reach the client as the forger's data, in order.
-            for data in forged * 10:
+            # The lookalikes reach the client as the forger's data, in
+            # order; the messages of ours that do not verify do not.
+            for data in forged[2:] * 10:
                 got = self.recv(client)[0]
                 self.assertEqual(got[2:], data)
             tagged = self.recv(client)[0]

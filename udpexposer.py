@@ -794,6 +794,25 @@ def verify(key, token):
 
 
 REGISTERED_CLAIMS = b'"Registered"'
+# A message of ours whatever the key: the claims a peer signs (PROTOCOL.md),
+# base64url, and a MAC.  One that does not verify is not a connectee's data.
+OUR_TOKEN = re.compile(re.escape(TOKEN_PREFIX)
+                       + rb"([A-Za-z0-9_-]{1,40})\.[A-Za-z0-9_-]{%d}" % MAC_TEXT)
+OUR_CLAIMS = re.compile(
+    rb'\{"nonce":(null|[0-9]{1,20})\}|"Registered"|\{"Retry":[0-9]{1,20}\}')
+
+
+def ours(token):
+    """Whether token is shaped as a message of ours, its MAC unchecked."""
+    match = OUR_TOKEN.fullmatch(token)
+    if match is None:
+        return False
+    body = match.group(1)
+    try:
+        claims = base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4))
+    except ValueError:
+        return False
+    return OUR_CLAIMS.fullmatch(claims) is not None
 
 
 def request_claims(nonce=None):
@@ -2034,21 +2053,26 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         return int.from_bytes(digest, "big")
 
     def on_signed(token, src):
-        """A datagram that looks signed: True if it verified and was handled.
+        """A datagram that looks signed: True if it was handled (not data).
 
-        One that does not verify gets no reply; it is ordinary data.
+        One that does not verify gets no reply.  A message of ours under
+        another key (a client with the wrong password) is dropped; anything
+        else is ordinary data.
         """
         nonlocal client
         stats["signed_looking"] += 1
         claims = verify(key, token)
         if claims is None:
             stats["invalid_auths"] += 1
-            who = "A stats request (-S)" if bytes(token).startswith(
+            token = bytes(token)
+            if not ours(token):
+                return False
+            who = "A stats request (-S)" if token.startswith(
                 STATS_REQUEST_SIGNED) else "A client"
             log.limited("auth failed", lambda: "%s from %s failed to "
                         "authenticate (another password?)"
                         % (who, format_addr(address(src))), WARN)
-            return False
+            return True
         is_request, nonce = request_nonce(claims)
         if not is_request:
             return True                 # one of ours, but not for a server
