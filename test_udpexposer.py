@@ -3061,8 +3061,8 @@ class TestCommandLine(RelayCase):
                  "udpexposer: the listen address is missing, e.g. 0.0.0.0:0 "
                  "(any port) for a client"),
                 (["-s", "127.0.0.1:0", "-P", ""],
-                 "udpexposer: -P gives an empty password (an unset "
-                 "variable?): give one, or none for plain mode"),
+                 "udpexposer: -P gives an empty password: give one, or "
+                 "none for plain mode"),
                 (["-s", "127.0.0.1:0", "-i", "10"], "udpexposer: -i and "
                  "--resolve-interval are for client mode (-a and -c)")):
             with self.subTest(args=args):

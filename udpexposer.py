@@ -3073,15 +3073,15 @@ def read_password(args, environ):
             raise UsageError("--password-file %s holds an empty first line"
                              % args.password_file)
         return password
-    if args.password is not None:
+    if args.password is not None:                 # -P "$PW", PW unset?
         source, password = "-P", args.password
     elif PASSWORD_ENV in environ:
         source, password = PASSWORD_ENV, environ[PASSWORD_ENV]
     else:
         return None
     if not password:
-        raise UsageError("%s gives an empty password (an unset variable?): "
-                         "give one, or none for plain mode" % source)
+        raise UsageError("%s gives an empty password: give one, or none for "
+                         "plain mode" % source)
     return os.fsencode(password)
 
 
