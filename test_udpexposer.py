@@ -1167,7 +1167,8 @@ class TestTrains(RelayCase):
             conn.sendto(b"hi %d" % i, saddr)
             data, _ = self.recv(client)
             tags[i] = data[:2]
-        order = [0, 0, 1, 1, 1, 0, 2, 0]
+        tags[3] = b"\x00\x63"                     # nobody's: dropped
+        order = [0, 0, 1, 1, 1, 0, 3, 3, 3, 2, 0]
         parts = [tags[i] + bytes([i, j]) * 300 for j, i in enumerate(order)]
         with stopped(server):
             send_train(client, parts, saddr)
@@ -1178,7 +1179,8 @@ class TestTrains(RelayCase):
                 want.append(b"lone")
             self.assertEqual([self.recv(conn)[0] for _ in want], want)
         stats = usr1_stats(server, "server")
-        self.assertEqual(stats["from_client_msgs"], len(parts) + 1)
+        self.assertEqual((stats["from_client_msgs"], stats["ch_not_founds"]),
+                         (len(parts) - 3 + 1, 3))
 
     def test_trains_from_the_real_server_alone(self):
         """A download: the real server sends trains, the connectee none.
