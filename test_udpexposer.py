@@ -7,6 +7,7 @@ Run:  python3 -m unittest -v        (or: python3 -m pytest -v)
 import json
 import os
 import queue
+import random
 import re
 import select
 import selectors
@@ -679,13 +680,13 @@ def send_train(sock, parts, dest=None):
     return sock.sendmsg(parts, segment, 0, dest)
 
 
-def receive_trains(sock, count):
+def receive_trains(sock, count, sources=None):
     """count datagrams from a socket with UDP_GRO on: (datagrams, sizes of
-    the trains they came in)."""
+    the trains they came in); each one's source added to sources."""
     got, trains = [], []
     while len(got) < count:
-        data, ancillary, _, _ = sock.recvmsg(70000, 64)
-        size = len(data)
+        data, ancillary, _, src = sock.recvmsg(70000, 64)
+        size, before = len(data), len(got)
         for level, kind, value in ancillary:
             if (level, kind) == (ux.SOL_UDP, ux.UDP_GRO):
                 size = struct.unpack("=i", value[:4])[0] or size
@@ -694,6 +695,8 @@ def receive_trains(sock, count):
         else:
             got += [data[i:i + size] for i in range(0, len(data), size)]
         trains.append(size if len(data) > size else None)
+        if sources is not None:
+            sources += [src] * (len(got) - before)
     return got, trains
 
 
@@ -3455,6 +3458,333 @@ class TestEdges(RelayCase):
         self.assertGreater(replies, 0)
         stats = usr1_stats(proc, "server")
         self.assertEqual(stats["retries_refused"], 210 - replies)
+
+
+
+# ====================================================================== bursts
+
+def roomy(sock):
+    """sock with room to receive a whole burst (as root beyond rmem_max)."""
+    for option in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, 1 << 22)
+            break
+        except OSError:
+            continue
+    return sock
+
+
+def is_token(data):
+    return data.startswith(ux.TOKEN_PREFIX)
+
+
+def take(sock, count, controls=0, control=is_token, wait=2.0):
+    """What sock receives, trains cut into datagrams, until count of them
+    that are no control message and `controls` that are came, or `wait`
+    passed without any: ([(source, datagram)], control messages), each in
+    order."""
+    got, controlled = [], []
+    sock.settimeout(wait)
+    try:
+        while len(got) < count or len(controlled) < controls:
+            sources = []
+            for src, data in zip(sources, receive_trains(sock, 1, sources)[0]):
+                (controlled if control(data) else got).append((src, data))
+    except socket.timeout:
+        pass
+    finally:
+        sock.settimeout(TIMEOUT)
+    return got, [data for _, data in controlled]
+
+
+def noise(rng, size):
+    """size random bytes from rng."""
+    return rng.getrandbits(8 * size).to_bytes(size, "big") if size else b""
+
+
+class TestBursts(RelayCase):
+    """Bursts built on purpose (the relay stopped while they queue, read in
+    one go after) from random mixes of what a relay meets: lone datagrams,
+    trains from known and new sources, trains of mixed tags, tokens,
+    keepalives, dwarfs, empty datagrams, strangers, with evictions (small
+    -n), batched and portable.  Every datagram reaches its peer byte for
+    byte and in order, or is one the relay is documented to drop (counted);
+    the relay lives.  A model (the tool's own LRU) says where each goes.
+
+    Seeded: a failure names its seed in its subtest; UDPEXPOSER_BURST_SEED
+    replays it, UDPEXPOSER_BURST_ROUNDS runs more rounds (a soak)."""
+
+    ROUNDS = int(os.environ.get("UDPEXPOSER_BURST_ROUNDS") or 6)
+    BYTES = 150000          # sent in one burst at most: no buffer overflows
+
+    def seeds(self):
+        seed = os.environ.get("UDPEXPOSER_BURST_SEED")
+        return int(seed) if seed else random.randrange(1 << 32)
+
+    def same(self, got, want, what):
+        """got == want, a list of datagrams each; a short message if not."""
+        if got == want:
+            return
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
+                  min(len(got), len(want)))
+        self.fail("%s: %d datagrams, %d wanted; the first difference at %d: "
+                  "%r, wanted %r" % (what, len(got), len(want), at,
+                                     got[at][:30] if at < len(got) else None,
+                                     want[at][:30] if at < len(want) else None))
+
+    def assert_quiet(self, socks):
+        """Nothing more arrives on socks (all they should have came)."""
+        ready, _, _ = select.select(socks, [], [], 0.02)
+        for sock in ready:
+            data = sock.recv(70000, socket.MSG_DONTWAIT)
+            if not (is_token(data) or data == b"" and sock is socks[0]):
+                self.fail("an extra datagram %r" % data[:30])
+
+    def assert_counters(self, proc, mode, want):
+        stats = usr1_stats(proc, mode)
+        self.assertEqual({name: stats[name] for name in want}, want)
+        self.assertIsNone(proc.p.poll())
+        self.assertNotIn("Traceback", proc.stop())
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_a_newcomers_train_fills_the_send_queue(self):
+        """Issue 24: a newcomer's train goes datagram by datagram (63 sends
+        here), a known connectee's train is one more, a lone datagram one
+        more: more than a send queue holds, in one burst.  The server died
+        of it."""
+        proc, saddr = self.start("-s", "127.0.0.1:0")
+        client, known, new = roomy(gro_socket(self)), self.udp(), self.udp()
+        client.sendto(b"", saddr)
+        proc.wait_line("New client address")
+        known.sendto(b"hello", saddr)
+        self.assertEqual(self.recv(client)[0], b"\x00\x01hello")
+        first = [bytes([i]) * 100 for i in range(63)]
+        with stopped(proc):
+            send_train(new, first, saddr)
+            send_train(known, [b"A" * 100, b"B" * 100], saddr)
+            known.sendto(b"lone", saddr)
+        got, _ = take(client, 66)
+        self.same([data for _, data in got],
+                  [b"\x00\x02" + data for data in first]
+                  + [b"\x00\x01A" + b"A" * 99, b"\x00\x01B" + b"B" * 99,
+                     b"\x00\x01lone"], "to the client")
+        self.assertIsNone(proc.p.poll())
+        self.assertNotIn("Traceback", proc.stop())
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_a_train_that_ends_in_a_tag_alone(self):
+        """A train of tagged datagrams whose last is only its tag (an empty
+        datagram, which a kernel's GRO may well put last): the datagrams
+        queued after it in the same burst go where they should, whole.
+        (Its queued iovecs were one too many: each later message in the
+        burst took the one before's, to its own peer.)"""
+        for role in ("server", "client"):
+            with self.subTest(role=role):
+                peer, a, b = roomy(gro_socket(self)), self.udp(), self.udp()
+                if role == "server":
+                    proc, addr = self.start("-s", "127.0.0.1:0")
+                    peer.sendto(b"", addr)          # peer: the client
+                    proc.wait_line("New client address")
+                    for conn in (a, b):
+                        conn.sendto(b"hi", addr)
+                        self.recv(peer)
+                    receivers = (a, b)
+                else:
+                    real = roomy(self.udp())        # peer: the server
+                    proc, addr = self.start(
+                        "127.0.0.1:0", "-a", ux.format_addr(peer.getsockname()),
+                        "-c", ux.format_addr(real.getsockname()))
+                    self.recv(peer)                 # its keepalive
+                    receivers = (real, real)
+                train = [b"\x00\x01" + bytes([i]) * 100 for i in range(3)]
+                with stopped(proc):
+                    send_train(peer, train + [b"\x00\x01"], addr)
+                    peer.sendto(b"\x00\x02after", addr)
+                    peer.sendto(b"\x00\x01last", addr)
+                if role == "server":
+                    self.same([d for _, d in take(a, 5)[0]],
+                              [p[2:] for p in train] + [b"", b"last"],
+                              "to connectee 1")
+                    self.same([d for _, d in take(b, 1)[0]], [b"after"],
+                              "to connectee 2")
+                else:
+                    got = take(real, 6)[0]
+                    ports = {}
+                    for src, data in got:
+                        ports.setdefault(src, []).append(data)
+                    self.assertEqual(sorted(ports.values()), sorted([
+                        [p[2:] for p in train] + [b"", b"last"], [b"after"]]))
+                self.assertNotIn("Traceback", proc.stop())
+
+    # ------------------------------------------------------------ server
+
+    def test_random_bursts_on_the_server(self):
+        seed = self.seeds()
+        for password in (False, True):
+            for portable in (False, True):
+                with self.subTest(seed=seed, password=password,
+                                  portable=portable):
+                    self.server_bursts(random.Random(
+                        "server %d %s %s" % (seed, password, portable)),
+                        password, portable)
+
+    def server_bursts(self, rng, password, portable):
+        n = rng.randint(2, 5)
+        extra = ("-n", n) + (("-P", V_PASSWORD) if password else ()) \
+            + (("--portable-io",) if portable else ())
+        proc, saddr = self.start("-s", "127.0.0.1:0", *extra)
+        client = roomy(gro_socket(self))
+        if password:
+            TestPasswordServer.register(self, proc, saddr, client)
+        else:
+            client.sendto(b"", saddr)
+            proc.wait_line("New client address")
+        conns = [roomy(self.udp()) for _ in range(n + 3)]
+        # The model: the server's table, as the server keeps it.
+        model = ux.Connectees(n, (ux.TOKEN_LOOKALIKE_TAG,) if password
+                              else ())
+        table = model.table
+        want = dict.fromkeys((
+            "from_connectee_msgs", "from_client_msgs", "new_connectees",
+            "evicted_answered", "evicted_unanswered", "dwarfs",
+            "ch_not_founds", "simple_keepalives", "refresh_address",
+            "invalid_auths", "dropped_no_client_address", "err1", "err2",
+            "err3", "err4"), 0)
+        want["simple_keepalives" if not password else "auth_completeds"] = 1
+
+        def inbound(i, data):
+            """Connectee i sends data: to the client, tagged."""
+            tag = model.tag_of.get(i)
+            if tag is None:
+                tag, evicted = model.add(i)
+                want["new_connectees"] += 1
+                if evicted is not None:
+                    want["evicted_answered" if evicted[1]
+                         else "evicted_unanswered"] += 1
+            elif tag in table.answered:
+                table.answered.move_to_end(tag)
+            else:
+                table.unanswered.move_to_end(tag)
+            want["from_connectee_msgs"] += 1
+            want["invalid_auths"] += password and is_token(data)
+            expect[0].append(ux.TAG.pack(tag) + data)
+
+        def outbound(data):
+            """The client sends data: to its tag's connectee, untagged."""
+            if password and data == V_INITIAL_REQUEST:
+                want["refresh_address"] += 1
+                registered.append(V_REGISTERED)
+                return
+            if len(data) < ux.TAG_SIZE:
+                want["dwarfs"] += 1
+                return
+            if is_token(data):              # does not verify: data
+                want["invalid_auths"] += 1
+            tag = ux.TAG.unpack_from(data)[0]
+            i = table.answered.get(tag)
+            if i is not None:
+                table.answered.move_to_end(tag)
+            else:
+                i = table.answer(tag)
+            if i is None:
+                want["ch_not_founds"] += 1
+                return
+            want["from_client_msgs"] += 1
+            expect[1 + i].append(data[ux.TAG_SIZE:])
+
+        def a_tag():
+            """Mostly one a connectee holds, now and then one nobody does."""
+            tags = list(model.tag_of.values())
+            if tags and rng.random() < 0.85:
+                return rng.choice(tags)
+            return rng.choice((n + 4, 0, 0xFFFF, ux.TOKEN_LOOKALIKE_TAG))
+
+        def lookalike(size):
+            return (ux.TOKEN_PREFIX + noise(rng, size))[:max(size, 22)]
+
+        kinds = ["lone in", "lone in", "train in", "train in", "lone out",
+                 "lone out", "train out", "train out", "keepalive", "dwarf"]
+        if password:
+            kinds += ["token in", "token out", "token train out", "empty in"]
+        sizes = (1, 2, 3, 20, 100, 500, 1400, 1400, 9000)
+        for round_ in range(self.ROUNDS):
+            expect = [[] for _ in range(1 + len(conns))]
+            registered, sends, total = [], [], 0
+            while total < self.BYTES and len(sends) < rng.randint(3, 60):
+                kind = rng.choice(kinds)
+                i = rng.randrange(len(conns))
+                size = rng.choice(sizes)
+                if kind == "lone in":
+                    data = noise(rng, size)
+                    sends.append((conns[i], data))
+                    inbound(i, data)
+                elif kind == "token in":
+                    data = lookalike(size)
+                    sends.append((conns[i], data))
+                    inbound(i, data)
+                elif kind == "empty in":
+                    sends.append((conns[i], b""))
+                    inbound(i, b"")
+                elif kind == "train in":
+                    count = rng.randint(2, min(128, 65507 // size))
+                    parts = [noise(rng, size) for _ in range(count - 1)]
+                    parts.append(noise(rng, rng.randint(1, size)))
+                    if password and size >= 22 and rng.random() < 0.3:
+                        parts[rng.randrange(count - 1)] = lookalike(size)
+                    sends.append((conns[i], parts))
+                    for data in parts:
+                        inbound(i, data)
+                elif kind in ("lone out", "token out", "dwarf", "keepalive"):
+                    if kind == "lone out":
+                        data = ux.TAG.pack(a_tag()) + noise(rng, size - 1)
+                    elif kind == "token out":
+                        data = lookalike(size)
+                    elif kind == "dwarf":
+                        data = b"\x01"
+                    else:
+                        data = V_INITIAL_REQUEST if password else b""
+                        want["simple_keepalives"] += not password
+                    sends.append((client, data))
+                    if data:
+                        outbound(data)
+                else:                           # a train from the client
+                    size = max(size, 2)
+                    count = rng.randint(2, min(128, 65507 // size))
+                    if kind == "token train out":
+                        size = len(V_INITIAL_REQUEST)
+                        count = rng.randint(2, 20)
+                    parts, tag = [], a_tag()
+                    for j in range(count):
+                        if rng.random() < 0.2:
+                            tag = a_tag()   # runs of mixed tags
+                        parts.append(ux.TAG.pack(tag)
+                                     + noise(rng, size - ux.TAG_SIZE))
+                        if kind == "token train out" and rng.random() < 0.3:
+                            parts[-1] = V_INITIAL_REQUEST
+                    last = rng.choice((size, size, rng.randint(1, size)))
+                    parts[-1] = parts[-1][:last]
+                    sends.append((client, parts))
+                    for data in parts:
+                        outbound(data)
+                total += sum(map(len, sends[-1][1])) \
+                    if isinstance(sends[-1][1], list) else len(sends[-1][1])
+            with stopped(proc):
+                for sock, data in sends:
+                    if isinstance(data, list):
+                        send_train(sock, data, saddr)
+                    else:
+                        sock.sendto(data, saddr)
+            for sock, wanted in zip([client] + conns, expect):
+                got, tokens = take(sock, len(wanted), len(registered)
+                                   if sock is client else 0)
+                self.same([data for _, data in got], wanted,
+                          "round %d to %s" % (round_, "the client"
+                                              if sock is client else
+                                              "connectee %d" % conns.index(sock)))
+                if sock is client:
+                    self.assertEqual(tokens, registered)
+            self.assert_quiet([client] + conns)
+        self.assert_counters(proc, "server", want)
 
 
 if __name__ == "__main__":

@@ -1385,10 +1385,9 @@ class MmsgIO(BurstIO):
                 self.gro_on(dest)       # its connectee sends trains
             most = min(TRAIN_OUT, MAX_TRAIN_BYTES // size) if self.gso \
                 and size < too_big.get(dest, MAX_DATAGRAM) else 1
-            step = 2 * pieces * most
-            for j in range(0, count, most):
+            for j in range(0, count, most):     # flat may hold more
                 n = min(most, count - j)
-                push(flat[j * 2 * pieces:j * 2 * pieces + step], dest, where,
+                push(flat[j * 2 * pieces:(j + n) * 2 * pieces], dest, where,
                      (pieces * n, size if n > 1 else 0, n))
 
         def flush():
