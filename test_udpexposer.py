@@ -3532,6 +3532,10 @@ class TestBursts(RelayCase):
                                      got[at][:30] if at < len(got) else None,
                                      want[at][:30] if at < len(want) else None))
 
+    def assert_alive(self, proc, what):
+        if proc.p.poll() is not None:
+            self.fail("%s: the relay died: %s" % (what, proc.stop()[-600:]))
+
     def assert_quiet(self, socks):
         """Nothing more arrives on socks (all they should have came)."""
         ready, _, _ = select.select(socks, [], [], 0.02)
@@ -3564,6 +3568,7 @@ class TestBursts(RelayCase):
             send_train(known, [b"A" * 100, b"B" * 100], saddr)
             known.sendto(b"lone", saddr)
         got, _ = take(client, 66)
+        self.assert_alive(proc, "after the burst")
         self.same([data for _, data in got],
                   [b"\x00\x02" + data for data in first]
                   + [b"\x00\x01A" + b"A" * 99, b"\x00\x01B" + b"B" * 99,
@@ -3702,16 +3707,19 @@ class TestBursts(RelayCase):
         def lookalike(size):
             return (ux.TOKEN_PREFIX + noise(rng, size))[:max(size, 22)]
 
-        kinds = ["lone in", "lone in", "train in", "train in", "lone out",
-                 "lone out", "train out", "train out", "keepalive", "dwarf"]
+        kinds = ["lone in", "lone in", "train in", "train in", "train new",
+                 "lone out", "lone out", "train out", "train out",
+                 "keepalive", "dwarf"]
         if password:
             kinds += ["token in", "token out", "token train out", "empty in"]
         sizes = (1, 2, 3, 20, 100, 500, 1400, 1400, 9000)
         for round_ in range(self.ROUNDS):
             expect = [[] for _ in range(1 + len(conns))]
             registered, sends, total = [], [], 0
-            while total < self.BYTES and len(sends) < rng.randint(3, 60):
-                kind = rng.choice(kinds)
+            items, longest = rng.randint(3, 150), rng.choice((3, 8, 128))
+            weights = [rng.random() for _ in kinds]     # this burst's mix
+            while total < self.BYTES and len(sends) < items:
+                kind = rng.choices(kinds, weights)[0]
                 i = rng.randrange(len(conns))
                 size = rng.choice(sizes)
                 if kind == "lone in":
@@ -3725,8 +3733,12 @@ class TestBursts(RelayCase):
                 elif kind == "empty in":
                     sends.append((conns[i], b""))
                     inbound(i, b"")
-                elif kind == "train in":
-                    count = rng.randint(2, min(128, 65507 // size))
+                elif kind in ("train in", "train new"):
+                    count = rng.randint(2, min(longest, 65507 // size))
+                    if kind == "train new":     # goes datagram by datagram
+                        i = rng.choice([i for i in range(len(conns))
+                                        if i not in model.tag_of])
+                        count = rng.randint(2, min(128, 65507 // size))
                     parts = [noise(rng, size) for _ in range(count - 1)]
                     parts.append(noise(rng, rng.randint(1, size)))
                     if password and size >= 22 and rng.random() < 0.3:
@@ -3749,7 +3761,7 @@ class TestBursts(RelayCase):
                         outbound(data)
                 else:                           # a train from the client
                     size = max(size, 2)
-                    count = rng.randint(2, min(128, 65507 // size))
+                    count = rng.randint(2, min(longest, 65507 // size))
                     if kind == "token train out":
                         size = len(V_INITIAL_REQUEST)
                         count = rng.randint(2, 20)
@@ -3774,17 +3786,228 @@ class TestBursts(RelayCase):
                         send_train(sock, data, saddr)
                     else:
                         sock.sendto(data, saddr)
-            for sock, wanted in zip([client] + conns, expect):
-                got, tokens = take(sock, len(wanted), len(registered)
-                                   if sock is client else 0)
-                self.same([data for _, data in got], wanted,
-                          "round %d to %s" % (round_, "the client"
-                                              if sock is client else
-                                              "connectee %d" % conns.index(sock)))
-                if sock is client:
-                    self.assertEqual(tokens, registered)
+            got = [take(sock, len(wanted), len(registered)
+                        if sock is client else 0)
+                   for sock, wanted in zip([client] + conns, expect)]
+            self.assert_alive(proc, "round %d" % round_)
+            for j, ((datagrams, tokens), wanted) in enumerate(zip(got,
+                                                                  expect)):
+                self.same([data for _, data in datagrams], wanted,
+                          "round %d to %s" % (round_, "connectee %d" % (j - 1)
+                                              if j else "the client"))
+            self.assertEqual(got[0][1], registered)
             self.assert_quiet([client] + conns)
         self.assert_counters(proc, "server", want)
+
+
+    # ------------------------------------------------------------ client
+
+    def test_random_bursts_on_the_client(self):
+        seed = self.seeds()
+        for password in (False, True):
+            for portable in (False, True):
+                with self.subTest(seed=seed, password=password,
+                                  portable=portable):
+                    self.client_bursts(random.Random(
+                        "client %d %s %s" % (seed, password, portable)),
+                        password, portable)
+
+    def client_bursts(self, rng, password, portable):
+        """The server's datagrams in bursts (lone, trains of mixed tags,
+        tokens, dwarfs, strangers'), then the real server's answers on
+        some channels in bursts (lone, trains).  The real server tells
+        channels apart by their ports; each datagram names the channel
+        (tag, generation) the model says it goes on, where it has room."""
+        n = rng.randint(2, 5)
+        extra = ("-n", n) + (("-P", V_PASSWORD) if password else ()) \
+            + (("--portable-io",) if portable else ())
+        server, real = roomy(gro_socket(self)), roomy(gro_socket(self))
+        stranger = self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a", ux.format_addr(
+            server.getsockname()), "-c", ux.format_addr(real.getsockname()),
+            *extra)
+
+        def keepalive(data):
+            return not data or is_token(data)
+        take(server, 0, 1, keepalive)           # the first keepalive
+        tags = rng.sample((0, 1, 2, 3, 4, 5, 7, 100, 0x6501,
+                           ux.TOKEN_LOOKALIKE_TAG, 0xFFFF), n + 3)
+        # The model: the client's channels, tag -> generation (how many
+        # it had), as the client keeps them.
+        workers, generations = ux.LRU(n), {}
+        opened, closed, clock = {}, {}, [0]
+        ports, channels = {}, {}        # port <-> (tag, generation)
+        want = dict.fromkeys((
+            "from_server_msgs", "from_real_server_msgs", "dwarfs",
+            "strangers", "channels_opened", "channels_closed", "errors",
+            "real_server_refusals", "loops_broken"), 0)
+        serial = [0]
+
+        def channel(tag):
+            """The channel a datagram from the server for tag goes on."""
+            clock[0] += 1
+            gen = workers.answered.get(tag)
+            if gen is not None:
+                workers.answered.move_to_end(tag)
+                return tag, gen
+            gen = workers.get(tag)
+            if gen is None:
+                if len(workers) >= n:
+                    old, old_gen, _ = workers.evict()
+                    closed[old, old_gen] = clock[0]
+                    want["channels_closed"] += 1
+                gen = generations[tag] = generations.get(tag, 0) + 1
+                workers.put(tag, gen)
+                opened[tag, gen] = clock[0]
+                want["channels_opened"] += 1
+            return tag, gen
+
+        def is_open(tag):
+            return tag in workers.answered or tag in workers.unanswered
+
+        def body(key, size):
+            """size bytes that name channel key (and a serial) if they can."""
+            serial[0] += 1
+            return (struct.pack(">HHI", key[0], key[1], serial[0])
+                    + noise(rng, size))[:size]
+
+        def inbound(tag, size):
+            """A datagram from the server for tag, size bytes after it."""
+            key = channel(tag)
+            data = body(key, size)
+            expect.setdefault(key, []).append(data)
+            want["from_server_msgs"] += 1
+            return ux.TAG.pack(tag) + data
+
+        def arrived(got):
+            """The datagrams the real server got, by channel."""
+            by_channel = {}
+            for (_, port), data in got:
+                key = ports.get(port)
+                if len(data) >= 8:
+                    named = struct.unpack_from(">HH", data)
+                    if key != named:    # a new channel; on a port reused?
+                        self.assertTrue(key is None or closed.get(key, 1e9)
+                                        <= opened[named], (port, key, named))
+                        self.assertEqual(channels.get(named, port), port,
+                                         "two ports for %r" % (named,))
+                        key = ports[port] = named
+                        channels[named] = port
+                self.assertIsNotNone(key, "a datagram from a new port that "
+                                     "names no channel")
+                by_channel.setdefault(key, []).append(data)
+            return by_channel
+
+        kinds = ["lone", "lone", "lone", "train", "train", "train", "dwarf",
+                 "stranger"]
+        if password:
+            kinds += ["token", "token train"]
+        sizes = (0, 1, 5, 8, 20, 100, 500, 1400, 1400, 9000)
+        answered = []           # tags answered last round, in tag order
+        for round_ in range(self.ROUNDS):
+            expect, sends, total = {}, [], 0
+            for tag in answered:        # their order in the LRU known again
+                sends.append((server, inbound(tag, 10)))
+            items, longest = rng.randint(3, 150), rng.choice((3, 8, 128))
+            weights = [rng.random() for _ in kinds]     # this burst's mix
+            while total < self.BYTES and len(sends) < items:
+                kind = rng.choices(kinds, weights)[0]
+                if kind == "lone":
+                    tag, size = rng.choice(tags), rng.choice(sizes)
+                    if not is_open(tag):
+                        size = max(size, 8)
+                    sends.append((server, inbound(tag, size)))
+                elif kind == "dwarf":
+                    sends.append((server, rng.choice((b"", b"\x07"))))
+                    want["dwarfs"] += 1
+                elif kind == "stranger":
+                    parts = [ux.TAG.pack(rng.choice(tags)) + noise(rng, 50)
+                             for _ in range(rng.randint(1, 5))]
+                    sends.append((stranger, parts if len(parts) > 1
+                                  else parts[0]))
+                    want["strangers"] += len(parts)
+                elif kind == "token":
+                    sends.append((server, rng.choice((
+                        V_REGISTERED, ux.TOKEN_PREFIX + noise(rng, 60)))))
+                else:                       # a train of mixed tags
+                    size = rng.choice((3, 4, 10, 100, 500, 1400, 9000))
+                    if kind == "token train":
+                        size = len(V_REGISTERED)
+                    count = rng.randint(2, min(longest, 65507 // size))
+                    pool = tags
+                    if size < 10:   # too short to name a channel: none new
+                        pool = [tag for tag in tags if is_open(tag)]
+                        if not pool:
+                            continue
+                    parts, tag = [], rng.choice(pool)
+                    for j in range(count):
+                        if rng.random() < 0.2:
+                            tag = rng.choice(pool)
+                        last = size
+                        if j == count - 1:
+                            last = rng.choice((size, rng.randint(1, size)))
+                            if last == 1:
+                                parts.append(b"\x07")     # a dwarf last
+                                want["dwarfs"] += 1
+                                break
+                            if not is_open(tag):
+                                last = max(last, 10)
+                        if kind == "token train" and rng.random() < 0.3:
+                            parts.append(V_REGISTERED)
+                        else:
+                            parts.append(inbound(tag, last - ux.TAG_SIZE))
+                    sends.append((server, parts))
+                data = sends[-1][1]
+                total += sum(map(len, data)) if isinstance(data, list) \
+                    else len(data)
+            with stopped(proc):
+                for sock, data in sends:
+                    if isinstance(data, list):
+                        send_train(sock, data, caddr)
+                    else:
+                        sock.sendto(data, caddr)
+            got = arrived(take(real, sum(map(len, expect.values())))[0])
+            self.assert_alive(proc, "round %d" % round_)
+            for key in set(got) | set(expect):
+                self.same(got.get(key, []), expect.get(key, []),
+                          "round %d on channel %r" % (round_, key))
+            # The real server answers on some channels, in one burst.
+            expect, sends = {}, []
+            live = [(tag, gen) for tag, gen in channels
+                    if gen in (workers.answered.get(tag),
+                               workers.unanswered.get(tag))]
+            for key in rng.sample(live, rng.randint(0, len(live))):
+                for _ in range(rng.randint(1, 3)):
+                    size = rng.choice(sizes)
+                    if rng.random() < 0.5:
+                        parts = [body(key, max(size, 1)) for _ in range(
+                            rng.randint(2, min(64, 65507 // max(size, 1))))]
+                    else:
+                        parts = [body(key, size)]
+                    sends.append((key, parts))
+                    expect.setdefault(key[0], []).extend(
+                        ux.TAG.pack(key[0]) + data for data in parts)
+                    want["from_real_server_msgs"] += len(parts)
+            with stopped(proc):
+                for key, parts in sends:
+                    dest = ("127.0.0.1", channels[key])
+                    if len(parts) > 1:
+                        send_train(real, parts, dest)
+                    else:
+                        real.sendto(parts[0], dest)
+            got = {}
+            self.assert_alive(proc, "round %d, answers" % round_)
+            for _, data in take(server, sum(map(len, expect.values())),
+                                control=keepalive)[0]:
+                got.setdefault(ux.TAG.unpack_from(data)[0], []).append(data)
+            for tag in set(got) | set(expect):
+                self.same(got.get(tag, []), expect.get(tag, []),
+                          "round %d from channel %d" % (round_, tag))
+            answered = sorted(expect)
+            for tag in answered:
+                workers.answer(tag)
+            self.assert_quiet([server, real])
+        self.assert_counters(proc, "client", want)
 
 
 if __name__ == "__main__":
