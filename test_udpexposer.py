@@ -281,12 +281,17 @@ def fmt_host(host):
 
 
 def echo_forever(sock, stop, reply_from=None):
-    """Send every datagram back where it came from, until stop is set."""
+    """Send every datagram back where it came from, until stop is set; a
+    train (on a socket with UDP_GRO on) goes back as one."""
     sock.settimeout(0.05)
     while not stop.is_set():
         try:
-            data, src = sock.recvfrom(70000)
-            (reply_from or sock).sendto(data, src)
+            sources = []
+            got, trains = receive_trains(sock, 1, sources)
+            if trains[0]:
+                send_train(reply_from or sock, got, sources[0])
+            else:
+                (reply_from or sock).sendto(got[0], sources[0])
         except socket.timeout:
             continue
         except OSError:
@@ -3620,6 +3625,81 @@ class TestBursts(RelayCase):
                     self.assertEqual(sorted(ports.values()), sorted([
                         [p[2:] for p in train] + [b"", b"last"], [b"after"]]))
                 self.assertNotIn("Traceback", proc.stop())
+
+    def test_500_connectees_with_trains_run_clean(self):
+        """500 connectees, 200 datagrams in flight, 30 % of the sends GSO
+        trains, through a server and a client to a real server that echoes
+        (a train as a train): every datagram back byte for byte, in order,
+        plain and -P.  (Issue 24: this killed 1.1.0's server in about half
+        the runs.)"""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 2048 and (hard == resource.RLIM_INFINITY or hard > soft):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (
+                2048 if hard == resource.RLIM_INFINITY else min(2048, hard),
+                hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE,
+                            (soft, hard))
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+            self.skipTest("needs 1200 open files (ulimit -n)")
+        seed = self.seeds()
+        rng = random.Random("500 %d" % seed)
+        window = 200
+        for extra in ((), ("-P", V_PASSWORD)):
+            with self.subTest(seed=seed, extra=extra):
+                real, _, saddr, _, server, client = self.relayed("-n", 600,
+                                                                 *extra)
+                self.echo(roomy(real))
+                before = usr1_stats(server, "server")
+                conns = [roomy(self.udp()) for _ in range(500)]
+                sel = selectors.DefaultSelector()
+                self.addCleanup(sel.close)
+                items = []
+                for i, conn in enumerate(conns):
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ, i)
+                    for j in range(3):
+                        size = rng.choice((6, 100, 600, 1400))
+                        count = rng.randint(2, 8) if rng.random() < 0.3 else 1
+                        parts = [struct.pack(">HI", i, j * 8 + k)
+                                 + noise(rng, size - 6) for k in range(count)]
+                        parts[-1] = parts[-1][:rng.randint(6, size)]
+                        items.append((i, parts))
+                rng.shuffle(items)
+                waiting = [[] for _ in conns]
+                flying, done = 0, 0
+                while items or flying:
+                    while items and flying + len(items[-1][1]) <= window:
+                        i, parts = items.pop()
+                        if len(parts) > 1:
+                            send_train(conns[i], parts, saddr)
+                        else:
+                            conns[i].sendto(parts[0], saddr)
+                        waiting[i].extend(parts)
+                        flying += len(parts)
+                    events = sel.select(TIMEOUT)
+                    self.assertTrue(events, "stuck with %d in flight, %d "
+                                    "back, %d sends to go" % (
+                                        flying, done, len(items)))
+                    for key, _ in events:
+                        i = key.data
+                        while True:
+                            try:
+                                data = conns[i].recv(70000)
+                            except BlockingIOError:
+                                break
+                            self.assertTrue(waiting[i], "an extra datagram "
+                                            "to connectee %d" % i)
+                            self.assertEqual(data, waiting[i].pop(0),
+                                             "to connectee %d" % i)
+                            flying -= 1
+                            done += 1
+                stats = usr1_stats(server, "server")
+                self.assertEqual([stats[name] - before[name] for name in (
+                    "from_connectee_msgs", "from_client_msgs",
+                    "new_connectees")], [done, done, 500])
+                self.assertEqual(usr1_stats(client, "client")["errors"], 0)
+                self.assertNotIn("Traceback", server.stop() + client.stop())
 
     # ------------------------------------------------------------ server
 
