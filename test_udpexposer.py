@@ -3724,15 +3724,18 @@ class TestBursts(RelayCase):
         host = "::1" if ":" in bind else "127.0.0.1"
         proc, saddr = self.start("-s", "%s:0" % fmt_host(bind), *extra)
         saddr = (host, saddr[1]) + ((0, 0) if ":" in host else ())
-        client = roomy(self.udp(host))
-        if not ux.enable_gro(client):
+        # Peers: the client, at socks[client[0]]; in plain mode an empty
+        # datagram from socks[1] moves it there and back; every other is a
+        # connectee.
+        socks = [roomy(self.udp(host)) for _ in range(n + 5)]
+        if not ux.enable_gro(socks[0]) or not ux.enable_gro(socks[1]):
             self.skipTest("no UDP_GRO in this kernel")
+        client = [0]
         if password:
-            TestPasswordServer.register(self, proc, saddr, client)
+            TestPasswordServer.register(self, proc, saddr, socks[0])
         else:
-            client.sendto(b"", saddr)
+            socks[0].sendto(b"", saddr)
             proc.wait_line("New client address")
-        conns = [roomy(self.udp(host)) for _ in range(n + 3)]
         # The model: the server's table, as the server keeps it.
         model = ux.Connectees(n, (ux.TOKEN_LOOKALIKE_TAG,) if password
                               else ())
@@ -3742,11 +3745,13 @@ class TestBursts(RelayCase):
             "evicted_answered", "evicted_unanswered", "dwarfs",
             "ch_not_founds", "simple_keepalives", "refresh_address",
             "invalid_auths", "dropped_no_client_address", "err1", "err2",
-            "err3", "err4"), 0)
-        want["simple_keepalives" if not password else "auth_completeds"] = 1
+            "err3", "err4", "simple_address_switches"), 0)
+        for name in (("auth_completeds",) if password else (
+                "simple_keepalives", "simple_address_switches")):
+            want[name] = 1
 
         def inbound(i, data):
-            """Connectee i sends data: to the client, tagged."""
+            """Peer i sends data: to the client, tagged."""
             tag = model.tag_of.get(i)
             if tag is None:
                 tag, evicted = model.add(i)
@@ -3760,7 +3765,7 @@ class TestBursts(RelayCase):
                 table.unanswered.move_to_end(tag)
             want["from_connectee_msgs"] += 1
             want["invalid_auths"] += password and is_token(data)
-            expect[0].append(ux.TAG.pack(tag) + data)
+            expect[client[0]].append(ux.TAG.pack(tag) + data)
 
         def outbound(data):
             """The client sends data: to its tag's connectee, untagged."""
@@ -3783,7 +3788,7 @@ class TestBursts(RelayCase):
                 want["ch_not_founds"] += 1
                 return
             want["from_client_msgs"] += 1
-            expect[1 + i].append(data[ux.TAG_SIZE:])
+            expect[i].append(data[ux.TAG_SIZE:])
 
         def a_tag():
             """Mostly one a connectee holds, now and then one nobody does."""
@@ -3800,38 +3805,47 @@ class TestBursts(RelayCase):
                  "keepalive", "dwarf"]
         if password:
             kinds += ["token in", "token out", "token train out", "empty in"]
+        else:
+            kinds += ["client moves"]
         sizes = (1, 2, 3, 20, 100, 500, 1400, 1400, 9000)
         for round_ in range(self.ROUNDS):
-            expect = [[] for _ in range(1 + len(conns))]
+            expect = [[] for _ in socks]
             registered, sends, total = [], [], 0
             items, longest = rng.randint(3, 150), rng.choice((3, 8, 128))
             weights = [rng.random() for _ in kinds]     # this burst's mix
+            first = rng.choice(("train new", None))     # as in issue 24
             while total < self.BYTES and len(sends) < items:
-                kind = rng.choices(kinds, weights)[0]
-                i = rng.randrange(len(conns))
-                size = rng.choice(sizes)
-                if kind == "lone in":
+                kind = first or rng.choices(kinds, weights)[0]
+                first = None
+                conns = [i for i in range(len(socks)) if i != client[0]]
+                i, size = rng.choice(conns), rng.choice(sizes)
+                if kind == "client moves":
+                    client[0] = 1 - client[0]
+                    sends.append((socks[client[0]], b""))
+                    want["simple_keepalives"] += 1
+                    want["simple_address_switches"] += 1
+                elif kind == "lone in":
                     data = noise(rng, size)
-                    sends.append((conns[i], data))
+                    sends.append((socks[i], data))
                     inbound(i, data)
                 elif kind == "token in":
                     data = lookalike(size)
-                    sends.append((conns[i], data))
+                    sends.append((socks[i], data))
                     inbound(i, data)
                 elif kind == "empty in":
-                    sends.append((conns[i], b""))
+                    sends.append((socks[i], b""))
                     inbound(i, b"")
                 elif kind in ("train in", "train new"):
                     count = rng.randint(2, min(longest, 65507 // size))
                     if kind == "train new":     # goes datagram by datagram
-                        i = rng.choice([i for i in range(len(conns))
+                        i = rng.choice([i for i in conns
                                         if i not in model.tag_of])
                         count = rng.randint(2, min(128, 65507 // size))
                     parts = [noise(rng, size) for _ in range(count - 1)]
                     parts.append(noise(rng, rng.randint(1, size)))
                     if password and size >= 22 and rng.random() < 0.3:
                         parts[rng.randrange(count - 1)] = lookalike(size)
-                    sends.append((conns[i], parts))
+                    sends.append((socks[i], parts))
                     for data in parts:
                         inbound(i, data)
                 elif kind in ("lone out", "token out", "dwarf", "keepalive"):
@@ -3844,7 +3858,7 @@ class TestBursts(RelayCase):
                     else:
                         data = V_INITIAL_REQUEST if password else b""
                         want["simple_keepalives"] += not password
-                    sends.append((client, data))
+                    sends.append((socks[client[0]], data))
                     if data:
                         outbound(data)
                 else:                           # a train from the client
@@ -3863,7 +3877,7 @@ class TestBursts(RelayCase):
                             parts[-1] = V_INITIAL_REQUEST
                     last = rng.choice((size, size, rng.randint(1, size)))
                     parts[-1] = parts[-1][:last]
-                    sends.append((client, parts))
+                    sends.append((socks[client[0]], parts))
                     for data in parts:
                         outbound(data)
                 total += sum(map(len, sends[-1][1])) \
@@ -3874,17 +3888,16 @@ class TestBursts(RelayCase):
                         send_train(sock, data, saddr)
                     else:
                         sock.sendto(data, saddr)
-            got = [take(sock, len(wanted), len(registered)
-                        if sock is client else 0)
-                   for sock, wanted in zip([client] + conns, expect)]
+            got = [take(sock, len(wanted), len(registered) if not i else 0)
+                   for i, (sock, wanted) in enumerate(zip(socks, expect))]
             self.assert_alive(proc, "round %d" % round_)
-            for j, ((datagrams, tokens), wanted) in enumerate(zip(got,
-                                                                  expect)):
+            for i, ((datagrams, _), wanted) in enumerate(zip(got, expect)):
                 self.same([data for _, data in datagrams], wanted,
-                          "round %d to %s" % (round_, "connectee %d" % (j - 1)
-                                              if j else "the client"))
-            self.assertEqual(got[0][1], registered)
-            self.assert_quiet([client] + conns)
+                          "round %d to peer %d (the client: %d)"
+                          % (round_, i, client[0]))
+            self.assertEqual([tokens for _, tokens in got],
+                             [registered] + [[]] * (len(socks) - 1))
+            self.assert_quiet(socks)
         self.assert_counters(proc, "server", want)
 
 
