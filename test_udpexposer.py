@@ -3715,8 +3715,10 @@ class TestBursts(RelayCase):
 
     def server_bursts(self, rng, password, portable):
         n = rng.randint(2, 5)
+        proxy = rng.random() < 0.25         # a header before each payload
         extra = ("-n", n) + (("-P", V_PASSWORD) if password else ()) \
-            + (("--portable-io",) if portable else ())
+            + (("--portable-io",) if portable else ()) \
+            + (("--proxy-protocol",) if proxy else ())
         # Bound to a wildcard address, replies leave from the one each peer
         # used (LocalReplies): a control message in every send.
         bind = rng.choice(("127.0.0.1", "0.0.0.0", "::1", "::")
@@ -3724,6 +3726,9 @@ class TestBursts(RelayCase):
         host = "::1" if ":" in bind else "127.0.0.1"
         proc, saddr = self.start("-s", "%s:0" % fmt_host(bind), *extra)
         saddr = (host, saddr[1]) + ((0, 0) if ":" in host else ())
+        # Where a datagram came to as a PROXY header says: the wildcard
+        # where the socket cannot tell (portable).
+        here = ((bind if portable else host),) + saddr[1:]
         # Peers: the client, at socks[client[0]]; in plain mode an empty
         # datagram from socks[1] moves it there and back; every other is a
         # connectee.
@@ -3745,7 +3750,7 @@ class TestBursts(RelayCase):
             "evicted_answered", "evicted_unanswered", "dwarfs",
             "ch_not_founds", "simple_keepalives", "refresh_address",
             "invalid_auths", "dropped_no_client_address", "err1", "err2",
-            "err3", "err4", "simple_address_switches"), 0)
+            "err3", "err4", "simple_address_switches", "proxy_headers"), 0)
         for name in (("auth_completeds",) if password else (
                 "simple_keepalives", "simple_address_switches")):
             want[name] = 1
@@ -3764,8 +3769,10 @@ class TestBursts(RelayCase):
             else:
                 table.unanswered.move_to_end(tag)
             want["from_connectee_msgs"] += 1
+            want["proxy_headers"] += proxy
             want["invalid_auths"] += password and is_token(data)
-            expect[client[0]].append(ux.TAG.pack(tag) + data)
+            expect[client[0]].append(ux.TAG.pack(tag) + (ux.proxy_header(
+                socks[i].getsockname(), here) if proxy else b"") + data)
 
         def outbound(data):
             """The client sends data: to its tag's connectee, untagged."""
