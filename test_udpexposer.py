@@ -3750,7 +3750,8 @@ class TestBursts(RelayCase):
             "evicted_answered", "evicted_unanswered", "dwarfs",
             "ch_not_founds", "simple_keepalives", "refresh_address",
             "invalid_auths", "dropped_no_client_address", "err1", "err2",
-            "err3", "err4", "simple_address_switches", "proxy_headers"), 0)
+            "err3", "err4", "simple_address_switches", "proxy_headers",
+            "from_connectee_bytes", "from_client_bytes"), 0)
         for name in (("auth_completeds",) if password else (
                 "simple_keepalives", "simple_address_switches")):
             want[name] = 1
@@ -3769,6 +3770,7 @@ class TestBursts(RelayCase):
             else:
                 table.unanswered.move_to_end(tag)
             want["from_connectee_msgs"] += 1
+            want["from_connectee_bytes"] += len(data)
             want["proxy_headers"] += proxy
             want["invalid_auths"] += password and is_token(data)
             expect[client[0]].append(ux.TAG.pack(tag) + (ux.proxy_header(
@@ -3795,6 +3797,7 @@ class TestBursts(RelayCase):
                 want["ch_not_founds"] += 1
                 return
             want["from_client_msgs"] += 1
+            want["from_client_bytes"] += len(data)
             expect[i].append(data[ux.TAG_SIZE:])
 
         def a_tag():
@@ -3949,7 +3952,8 @@ class TestBursts(RelayCase):
         opened, closed, clock = {}, {}, [0]
         ports, channels = {}, {}        # port <-> (tag, generation)
         want = dict.fromkeys((
-            "from_server_msgs", "from_real_server_msgs", "dwarfs",
+            "from_server_msgs", "from_real_server_msgs", "from_server_bytes",
+            "from_real_server_bytes", "dwarfs",
             "strangers", "channels_opened", "channels_closed", "errors",
             "real_server_refusals", "loops_broken"), 0)
         serial = [0]
@@ -3988,6 +3992,7 @@ class TestBursts(RelayCase):
             data = body(key, size)
             expect.setdefault(key, []).append(data)
             want["from_server_msgs"] += 1
+            want["from_server_bytes"] += ux.TAG_SIZE + len(data)
             return ux.TAG.pack(tag) + data
 
         def arrived(got):
@@ -4100,6 +4105,7 @@ class TestBursts(RelayCase):
                     expect.setdefault(key[0], []).extend(
                         ux.TAG.pack(key[0]) + data for data in parts)
                     want["from_real_server_msgs"] += len(parts)
+                    want["from_real_server_bytes"] += sum(map(len, parts))
             with stopped(proc):
                 for key, parts in sends:
                     dest = (host, channels[key])
