@@ -3930,8 +3930,12 @@ class TestBursts(RelayCase):
         channels apart by their ports; each datagram names the channel
         (tag, generation) the model says it goes on, where it has room."""
         n = rng.randint(2, 5)
+        proxy = rng.random() < 0.25         # each payload after a header
         extra = ("-n", n) + (("-P", V_PASSWORD) if password else ()) \
-            + (("--portable-io",) if portable else ())
+            + (("--portable-io",) if portable else ()) \
+            + (("--proxy-protocol",) if proxy else ())
+        head = ux.proxy_header(("192.0.2.1", 4242), ("127.0.0.1", 7)) \
+            if proxy else b""
         host = rng.choice(("127.0.0.1", "::1") if has_ipv6()
                           else ("127.0.0.1",))
         server, real, stranger = [roomy(self.udp(host)) for _ in range(3)]
@@ -3955,6 +3959,7 @@ class TestBursts(RelayCase):
             "from_server_msgs", "from_real_server_msgs", "from_server_bytes",
             "from_real_server_bytes", "dwarfs",
             "strangers", "channels_opened", "channels_closed", "errors",
+            "proxy_headers", "proxy_malformed",
             "real_server_refusals", "loops_broken"), 0)
         serial = [0]
 
@@ -3989,9 +3994,10 @@ class TestBursts(RelayCase):
         def inbound(tag, size):
             """A datagram from the server for tag, size bytes after it."""
             key = channel(tag)
-            data = body(key, size)
+            data = head + body(key, size)
             expect.setdefault(key, []).append(data)
             want["from_server_msgs"] += 1
+            want["proxy_headers"] += proxy
             want["from_server_bytes"] += ux.TAG_SIZE + len(data)
             return ux.TAG.pack(tag) + data
 
@@ -4001,8 +4007,8 @@ class TestBursts(RelayCase):
             for src, data in got:
                 port = src[1]
                 key = ports.get(port)
-                if len(data) >= 8:
-                    named = struct.unpack_from(">HH", data)
+                if len(data) >= len(head) + 8:
+                    named = struct.unpack_from(">HH", data, len(head))
                     if key != named:    # a new channel; on a port reused?
                         self.assertTrue(key is None or closed.get(key, 1e9)
                                         <= opened[named], (port, key, named))
@@ -4019,6 +4025,8 @@ class TestBursts(RelayCase):
                  "stranger"]
         if password:
             kinds += ["token", "token train"]
+        if proxy:
+            kinds += ["malformed"]
         sizes = (0, 1, 5, 8, 20, 100, 500, 1400, 1400, 9000)
         answered = []           # tags answered last round, in tag order
         for round_ in range(self.ROUNDS):
@@ -4043,16 +4051,21 @@ class TestBursts(RelayCase):
                     sends.append((stranger, parts if len(parts) > 1
                                   else parts[0]))
                     want["strangers"] += len(parts)
+                elif kind == "malformed":     # no header
+                    sends.append((server, ux.TAG.pack(rng.choice(tags))
+                                  + noise(rng, rng.choice(sizes))))
+                    want["proxy_malformed"] += 1
                 elif kind == "token":
                     sends.append((server, rng.choice((
                         V_REGISTERED, ux.TOKEN_PREFIX + noise(rng, 60)))))
                 else:                       # a train of mixed tags
-                    size = rng.choice((3, 4, 10, 100, 500, 1400, 9000))
+                    size = len(head) + rng.choice((3, 4, 10, 100, 500, 1400,
+                                                   9000))
                     if kind == "token train":
                         size = len(V_REGISTERED)
                     count = rng.randint(2, min(longest, 65507 // size))
-                    pool = tags
-                    if size < 10:   # too short to name a channel: none new
+                    pool, over = tags, ux.TAG_SIZE + len(head)
+                    if size < over + 8:     # too short to name a channel
                         pool = [tag for tag in tags if is_open(tag)]
                         if not pool:
                             continue
@@ -4063,16 +4076,17 @@ class TestBursts(RelayCase):
                         last = size
                         if j == count - 1:
                             last = rng.choice((size, rng.randint(1, size)))
-                            if last == 1:
-                                parts.append(b"\x07")     # a dwarf last
-                                want["dwarfs"] += 1
+                            if last < over:     # a dwarf, or a header cut
+                                parts.append((ux.TAG.pack(tag) + head)[:last])
+                                want["dwarfs" if last < ux.TAG_SIZE
+                                     else "proxy_malformed"] += 1
                                 break
                             if not is_open(tag):
-                                last = max(last, 10)
+                                last = max(last, over + 8)
                         if kind == "token train" and rng.random() < 0.3:
                             parts.append(V_REGISTERED)
                         else:
-                            parts.append(inbound(tag, last - ux.TAG_SIZE))
+                            parts.append(inbound(tag, last - over))
                     sends.append((server, parts))
                 data = sends[-1][1]
                 total += sum(map(len, data)) if isinstance(data, list) \
