@@ -3534,9 +3534,10 @@ class TestBursts(RelayCase):
         at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
                   min(len(got), len(want)))
         self.fail("%s: %d datagrams, %d wanted; the first difference at %d: "
-                  "%r, wanted %r" % (what, len(got), len(want), at,
-                                     got[at][:30] if at < len(got) else None,
-                                     want[at][:30] if at < len(want) else None))
+                  "%r, wanted %r" % (
+                      what, len(got), len(want), at,
+                      got[at][:30] if at < len(got) else None,
+                      want[at][:30] if at < len(want) else None))
 
     def assert_alive(self, proc, what):
         if proc.p.poll() is not None:
@@ -3602,7 +3603,8 @@ class TestBursts(RelayCase):
                 else:
                     real = roomy(self.udp())        # peer: the server
                     proc, addr = self.start(
-                        "127.0.0.1:0", "-a", ux.format_addr(peer.getsockname()),
+                        "127.0.0.1:0",
+                        "-a", ux.format_addr(peer.getsockname()),
                         "-c", ux.format_addr(real.getsockname()))
                     self.recv(peer)                 # its keepalive
                 train = [b"\x00\x01" + bytes([i]) * 100 for i in range(3)]
@@ -3678,9 +3680,11 @@ class TestBursts(RelayCase):
                         waiting[i].extend(parts)
                         flying += len(parts)
                     events = sel.select(TIMEOUT)
-                    self.assertTrue(events, "stuck with %d in flight, %d "
-                                    "back, %d sends to go" % (
-                                        flying, done, len(items)))
+                    if not events:
+                        self.assert_alive(server, "the server")
+                        self.assert_alive(client, "the client")
+                        self.fail("stuck with %d in flight, %d back, %d "
+                                  "sends to go" % (flying, done, len(items)))
                     for key, _ in events:
                         i = key.data
                         while True:
