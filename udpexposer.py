@@ -1456,10 +1456,9 @@ class MmsgIO(BurstIO):
                 self.gro_on(dest)       # its connectee sends trains
             most = max(1, min(TRAIN_OUT, MAX_TRAIN_BYTES // size)) \
                 if self.gso and size < too_big.get(dest, MAX_DATAGRAM) else 1
-            step = 2 * pieces * most
-            for j in range(0, count, most):
+            for j in range(0, count, most):     # flat may hold more
                 n = min(most, count - j)
-                push(flat[j * 2 * pieces:j * 2 * pieces + step], dest, where,
+                push(flat[j * 2 * pieces:(j + n) * 2 * pieces], dest, where,
                      (pieces * n, size if n > 1 else 0, n))
 
         def flush():
@@ -2227,17 +2226,17 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     address_of, touch = answered.get, answered.move_to_end
     touch_unanswered = table.unanswered.move_to_end
 
-    def connectee_of(tag):
-        """Where the client's datagram for tag goes: its connectee,
+    def connectee_of(tag, datagrams=1):
+        """Where the client's datagrams for tag go: its connectee,
         touched, or on its first reply answered; None for a tag nobody
-        has.  (relay() has the first case inline.)"""
+        has (all of them dropped).  (relay() has the first case inline.)"""
         dest = address_of(tag)
         if dest is not None:
             touch(tag)
             return dest
         dest = table.answer(tag)
         if dest is None:
-            stats["ch_not_founds"] += 1
+            stats["ch_not_founds"] += datagrams
             log.limited("channel", "Failed to find channel %d" % tag, WARN)
         return dest
 
@@ -2348,7 +2347,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             return train_length(n, size), n, 0, 0
         msgs_out = bytes_out = 0                        # client -> connectees
         for first, length, tag in tag_runs(buf, start, n, size):
-            dest = connectee_of(tag)
+            dest = connectee_of(tag, train_length(length, size))
             if dest is None:
                 continue
             msgs_out += train_length(length, size)
