@@ -4449,7 +4449,13 @@ class TestBursts(RelayCase):
 
         def keepalive(data):
             return not data or is_token(data)
-        take(server, 0, 1, keepalive)           # the first keepalive
+        first = take(server, 0, 1, keepalive)[1]    # the first keepalive
+        registered = V_REGISTERED       # a server's answer, and with proxy
+        if password and proxy:          # one that says it adds headers
+            claims = ux.verify(V_KEY, first[0])
+            registered = ux.sign(V_KEY, ux.proxy_claims(claims["proxy"]))
+            server.sendto(registered, caddr)
+            proc.wait_line("adds PROXY protocol headers")
         tags = rng.sample((0, 1, 2, 3, 4, 5, 7, 100, 0x6501,
                            ux.TOKEN_LOOKALIKE_TAG, 0xFFFF), n + 3)
         # The model: the client's channels, tag -> generation (how many
@@ -4559,12 +4565,12 @@ class TestBursts(RelayCase):
                     want["proxy_malformed"] += 1
                 elif kind == "token":
                     sends.append((server, rng.choice((
-                        V_REGISTERED, ux.TOKEN_PREFIX + noise(rng, 60)))))
+                        registered, ux.TOKEN_PREFIX + noise(rng, 60)))))
                 else:                       # a train of mixed tags
                     size = len(head) + rng.choice((3, 4, 10, 100, 500, 1400,
                                                    9000))
                     if kind == "token train":
-                        size = len(V_REGISTERED)
+                        size = len(registered)
                     count = rng.randint(2, min(longest, 65507 // size))
                     pool, over = tags, ux.TAG_SIZE + len(head)
                     if size < over + 8:     # too short to name a channel
@@ -4586,7 +4592,7 @@ class TestBursts(RelayCase):
                             if not is_open(tag):
                                 last = max(last, over + 8)
                         if kind == "token train" and rng.random() < 0.3:
-                            parts.append(V_REGISTERED)
+                            parts.append(registered)
                         else:
                             parts.append(inbound(tag, last - over))
                     sends.append((server, parts))
