@@ -2962,6 +2962,12 @@ METRIC_OF = {
     "evicted_answered": ("evicted_answered", "Answered entries evicted"),
     "stats_refused": ("stats_refused", "-S requests over budget"),
     "retries_refused": ("retries_refused", "Retry replies over budget"),
+    "sources_refused": ("sources_refused_replies", "Replies sent from the "
+                        "kernel's choice of address, not the one their "
+                        "datagram came to"),
+    "proxy_unconfirmed": ("proxy_unconfirmed_datagrams", "Datagrams dropped "
+                          "while the server has not said it adds PROXY "
+                          "headers"),
     "proxy_headers": ("proxy_header_datagrams", "Datagrams with a PROXY "
                       "header"),
     "keepalives": ("keepalives_sent", "Keepalives sent to the server"),
