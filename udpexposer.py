@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 
-__version__ = "1.1.0"        # this tool's own (semantic versioning)
+__version__ = "2.0.0"        # this tool's own (semantic versioning)
 WIRE_VERSION = "0.3.0"       # the Rust udpexposer whose bytes it speaks
 VERSION_TEXT = "%s (wire protocol of udpexposer %s)" % (__version__,
                                                         WIRE_VERSION)
