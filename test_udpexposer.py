@@ -560,7 +560,8 @@ class TestBurstIO(RelayCase):
         got = []
         ats = []
         while len(got) < 3 and time.monotonic() < deadline:
-            at_list, lengths, sources = io.receive()
+            at_list, lengths, sources, trains = io.receive()
+            self.assertEqual(trains, {})
             self.assertEqual(len(lengths), len(sources))
             for at, n, src in zip(at_list, lengths, sources):
                 ats.append(at)
@@ -588,11 +589,11 @@ class TestBurstIO(RelayCase):
         self.assertEqual(self.recv(b)[0], b"now")
 
     def test_portable(self):
-        self.check(ux.BurstIO, "127.0.0.1")
+        self.check(ux.PortableIO, "127.0.0.1")
 
     @unittest.skipUnless(has_ipv6(), "no IPv6 loopback")
     def test_portable_ipv6(self):
-        self.check(ux.BurstIO, "::1")
+        self.check(ux.PortableIO, "::1")
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "Linux only")
     def test_mmsg_loads_on_linux(self):
@@ -611,7 +612,7 @@ class TestBurstIO(RelayCase):
 
     def makers(self):
         """Both I/O classes, or the portable one where there is no mmsg."""
-        yield ux.BurstIO
+        yield ux.PortableIO
         if ux._load_mmsg() is not None:
             yield lambda s, r: ux.MmsgIO(s, r, *ux._load_mmsg())
 
@@ -639,14 +640,14 @@ class TestBurstIO(RelayCase):
             if not waits[-1]:
                 continue
             start = time.monotonic()
-            self.assertEqual(io.receive(), ((), (), ()))
+            self.assertEqual(io.receive(), ((), (), (), {}))
             self.assertGreater(time.monotonic() - start, 0.25)
             self.assertTrue(io.wait_in_receive(TIMEOUT))
             later = threading.Timer(0.1, peer.sendto,
                                     (b"late", sock.getsockname()))
             later.start()
             self.addCleanup(later.cancel)
-            _, lengths, sources = io.receive()
+            _, lengths, sources, _ = io.receive()
             self.assertEqual(list(lengths), [4])
             self.assertEqual(io.address(sources[0]), peer.getsockname())
             io.send_now(b"back", sources[0], "err2")
@@ -709,15 +710,15 @@ def wait_for(receive):
     raise AssertionError("nothing came")
 
 
-def datagrams_of(io, ats, lengths):
+def datagrams_of(io, ats, lengths, trains):
     """What a receive() brought, each train cut into its datagrams: (the
     datagrams, whether a train brought any)."""
     got = []
     for at, n in zip(ats, lengths):
         data = bytes(io.buf[at + 2:at + 2 + n])
-        size = io.train_sizes.get(at, n) or 1
+        size = trains.get(at, n) or 1
         got += [data[i:i + size] for i in range(0, n, size)] or [b""]
-    return got, any(at in io.train_sizes for at in ats)
+    return got, any(at in trains for at in ats)
 
 
 def gro_socket(case):
@@ -753,7 +754,7 @@ class TestTrains(RelayCase):
         peer.sendto(b"late", here)
         got = []
         while len(got) < 2:
-            got += zip(*wait_for(io.receive))
+            got += zip(*wait_for(io.receive)[:3])
         self.assertEqual([bytes(io.buf[at + 2:at + 2 + n]) for at, n, _ in got],
                          [b"early", b"late"])
         self.assertEqual(got[0][2], got[1][2])
@@ -801,10 +802,10 @@ class TestTrains(RelayCase):
         sender.sendto(b"single after", here)
         got, deadline = [], time.monotonic() + TIMEOUT
         while len(got) < 3 and time.monotonic() < deadline:
-            ats, lengths, sources = io.receive()
-            got += [(at, n, io.train_sizes.get(at), src)
+            ats, lengths, sources, trains = io.receive()
+            got += [(at, n, trains.get(at), src)
                     for at, n, src in zip(ats, lengths, sources)]
-        self.assertTrue(io.trains)                  # it came as a train
+        self.assertEqual(io.counts["trains_in"], 1)     # it came as a train
         self.assertEqual([(n, size) for _, n, size, _ in got],
                          [(13, None), (sum(sizes), 1200), (12, None)])
         self.assertEqual(len({src for _, _, _, src in got}), 1)
@@ -833,9 +834,8 @@ class TestTrains(RelayCase):
                          [p[2:] for p in parts])
         # The next burst has no train: nothing of the last one lingers.
         sender.sendto(b"x" * 3000, here)
-        ats, lengths, _ = wait_for(io.receive)
-        self.assertFalse(io.trains)
-        self.assertEqual(io.train_sizes, {})
+        ats, lengths, _, trains = wait_for(io.receive)
+        self.assertEqual(trains, {})
         self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
                          b"x" * 3000)
 
@@ -887,7 +887,7 @@ class TestTrains(RelayCase):
             for q in range(2):
                 io.buf[ux.PLAIN_ATS[q] + 2:ux.PLAIN_ATS[q] + 2 + size] = \
                     bytes([q]) * size
-            io.send_tagged(0, [size, size], 5, dest, "x")
+            io.send_tagged(0, [size, size], [0, 0], 5, dest, "x")
             io.flush()
         self.assertEqual([self.recv(peer)[0] for _ in range(2)],
                          [b"\x00\x05" + bytes([q]) * 40000 for q in range(2)])
@@ -901,9 +901,10 @@ class TestTrains(RelayCase):
         sender = self.udp()
         sender.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x20)
         sender.sendto(b"y" * 100, sock.getsockname())
-        ats, lengths, _ = wait_for(io.receive)
+        ats, lengths, _, trains = wait_for(io.receive)
         self.assertEqual(bytes(io.buf[ats[0] + 2:ats[0] + 2 + lengths[0]]),
                          b"y" * 100)         # not cut at the TOS byte, 0x20
+        self.assertEqual(trains, {})
 
     def test_a_refused_train_falls_back_once_and_loses_nothing(self):
         sock = gro_socket(self)
@@ -915,17 +916,18 @@ class TestTrains(RelayCase):
         here, dest = sock.getsockname(), io.key_of(peer.getsockname())
         for round_ in range(2):
             send_train(sender, [b"%02d" % i * 50 for i in range(10)], here)
-            ats, lengths, _ = wait_for(io.receive)
-            self.assertTrue(io.trains)
+            ats, lengths, _, trains = wait_for(io.receive)
             io.send(ats[0] + 2, 4, dest, "err4")    # a lone one first
-            io.send_train(ats[0] + 2, lengths[0], io.train_sizes[ats[0]],
+            io.send_train(ats[0] + 2, lengths[0], trains[ats[0]],
                           dest, "err4", tag=7)
             io.flush()
             self.assertEqual([self.recv(peer)[0] for _ in range(11)],
                              [b"0000"] + [b"\x00\x07" + b"%02d" % i * 50
                                           for i in range(10)])
-        self.assertFalse(io.gso)
+        self.assertFalse(io.trains_out.on)
         self.assertEqual(len(notices), 1)
+        self.assertEqual((io.counts["trains_refused"],
+                          io.counts["sent_one_by_one"]), (1, 1))
         self.assertRegex(notices[0], "refuses UDP trains .*one by one")
 
     def test_channels_read_and_send_trains(self):
@@ -945,17 +947,15 @@ class TestTrains(RelayCase):
         parts = [b"s%02d" % i + bytes(997) for i in range(30)] + [b"last"]
         send_train(server, [b"\x00\x01" + p for p in parts],
                    sock.getsockname())
-        ats, lengths, _ = wait_for(io.receive)
-        self.assertTrue(io.trains)
+        ats, lengths, _, trains = wait_for(io.receive)
         self.assertEqual(len(ats), 1)
         io.send_on(chan, ats[0] + 2, 2, "y")        # a lone one first
-        io.send_train(ats[0] + 2, lengths[0], io.train_sizes[ats[0]], chan,
-                      "send to the real server")
-        io.flush()
+        io.send_train_on(chan, ats[0] + 2, lengths[0], trains[ats[0]],
+                         "send to the real server")
         datagrams, trains = receive_trains(real, 32)
         self.assertEqual(datagrams, [b"\x00\x01"] + parts)
         self.assertIn(1000, trains)
-        self.assertIn(chan, io.trial)
+        self.assertIn(chan, io.grow.trial)
         back = [b"r%02d" % i + bytes(1197) for i in range(20)]
         send_train(real, back, chan.getsockname())
         select.select([chan], [], [], TIMEOUT)
@@ -969,7 +969,7 @@ class TestTrains(RelayCase):
         self.assertEqual(io.forward(chan, 2, to_server, "x"), (1, 11))
         self.assertEqual(self.recv(server)[0], b"\x00\x02alone again")
         io.forget(chan)             # the client closes it
-        self.assertNotIn(chan, io.trial)
+        self.assertNotIn(chan, io.grow.trial)
 
     def test_a_busy_channel_is_read_in_bursts(self):
         """A channel readable in two selector rounds in a row is read with
@@ -1021,7 +1021,7 @@ class TestTrains(RelayCase):
         chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
                              real.getsockname())
         self.addCleanup(chan.close)
-        self.assertTrue(io.gro_on(chan))
+        self.assertTrue(io.grow.start(chan))
         train = [bytes([i]) * 1023 for i in range(64)]  # two, tagged
         send_train(real, train, chan.getsockname())
         select.select([chan], [], [], TIMEOUT)
@@ -1031,54 +1031,43 @@ class TestTrains(RelayCase):
         self.assertEqual([self.recv(server)[0] for _ in train],
                          [b"\x00\x05" + d for d in train])
 
-    def test_the_socket_tries_trains_too(self):
+    def test_the_socket_reads_trains_from_the_start(self):
+        """The main socket reads with UDP_GRO on from its start, and for
+        good: a train is one item in any burst, between lone datagrams and
+        after a burst that filled every slot."""
         sock = gro_socket(self)
         sock.setblocking(False)             # as udp_socket() makes it
-        with mock.patch.object(ux, "TRIAL_EVERY", 8), \
-                mock.patch.object(ux, "TRIAL_READS", 2):
-            io = self.io(sock)
-            sender = self.udp()
-            here = sock.getsockname()
-            train = [b"%02d" % i * 300 for i in range(6)]
+        io = self.io(sock)
+        sender = self.udp()
+        here = sock.getsockname()
+        train = [b"%02d" % i * 300 for i in range(6)]
 
-            def burst(*sends):
-                """Send, then what one receive() gets: its datagrams, and
-                whether a train brought them."""
-                for send in sends:
-                    send()
-                ats, lengths, _ = wait_for(io.receive)
-                got, trains = datagrams_of(io, ats, lengths)
-                self.assertEqual(trains, io.trains)
-                return got, io.trains
+        def receive():
+            ats, lengths, _, trains = io.receive()
+            self.last = trains
+            return ats, lengths
 
-            def lone(data):
-                return lambda: sender.sendto(data, here)
+        def lone(data):
+            return lambda: sender.sendto(data, here)
 
-            def a_train():
-                send_train(sender, train, here)
-            # On at start: 2 bursts without a train end the trial...
-            self.assertEqual(burst(lone(b"a")), ([b"a"], False))
-            self.assertIn(sock, io.trial)
-            self.assertEqual(burst(lone(b"b")), ([b"b"], False))
-            self.assertNotIn(sock, io.trial)
-            # ... then the kernel cuts trains into datagrams, until the 8th
-            # datagram read since starts the next trial.
-            self.assertEqual(burst(a_train), (train, False))
-            self.assertEqual(burst(lone(b"c"), lone(b"d")),
-                             ([b"c", b"d"], False))
-            self.assertIn(sock, io.trial)
-            self.assertEqual(burst(a_train), (train, True))
-            # A trial ending with datagrams queued stays on: one of them may
-            # be a train.
-            self.assertEqual(burst(lone(b"e")), ([b"e"], False))
-            for i in range(ux.BURST):
-                sender.sendto(b"f%d" % i, here)
+        def a_train():
             send_train(sender, train, here)
-            time.sleep(0.05)
-            got = burst()
-            self.assertEqual(len(got[0]), ux.BURST)     # 1 of 2: it ends
-            self.assertIn(sock, io.trial)               # but stays on
-            self.assertEqual(burst(), (train, True))
+
+        def got(*sends):
+            for send in sends:
+                send()
+            ats, lengths = wait_for(receive)
+            return datagrams_of(io, ats, lengths, self.last)
+        for _ in range(3):
+            self.assertEqual(got(lone(b"a")), ([b"a"], False))
+            self.assertEqual(got(a_train), (train, True))
+        for i in range(ux.BURST):
+            sender.sendto(b"f%d" % i, here)
+        send_train(sender, train, here)
+        time.sleep(0.05)
+        self.assertEqual(got(), ([b"f%d" % i for i in range(ux.BURST)], False))
+        self.assertEqual(got(), (train, True))
+        self.assertEqual(io.counts["trains_in"], 4)
 
     def test_a_channel_tries_trains_from_the_real_server(self):
         sock = gro_socket(self)
@@ -1114,7 +1103,7 @@ class TestTrains(RelayCase):
                 real.sendto(b"lone %d" % i, here)
             self.assertEqual(read(5), [([b"lone %d" % i], False)
                                        for i in range(5)])
-            self.assertIn(chan, io.trial)
+            self.assertIn(chan, io.grow.trial)
             send_train(real, train, here)
             self.assertEqual(read(1), [(train, True)])
             # 3 reads without a train end the trial, but a train queued
@@ -1130,16 +1119,16 @@ class TestTrains(RelayCase):
             for i in range(3):
                 real.sendto(b"last %d" % i, here)
                 read(1)
-            self.assertNotIn(chan, io.trial)
+            self.assertNotIn(chan, io.grow.trial)
             send_train(real, train, here)
             self.assertEqual(read(7), [([d], False) for d in train])
             # The 5th of those was due a trial, but a trial without a train
             # makes a channel rest for one; the next one starts.
-            self.assertNotIn(chan, io.trial)
+            self.assertNotIn(chan, io.grow.trial)
             for i in range(3):
                 real.sendto(b"rest %d" % i, here)
             read(3)
-            self.assertIn(chan, io.trial)
+            self.assertIn(chan, io.grow.trial)
 
     def test_trains_through_server_and_client(self):
         real, conn, saddr, chan = self.relayed()[:4]

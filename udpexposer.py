@@ -104,16 +104,18 @@ STAT_NAMES = (
 
 
 # Counters this tool keeps beyond the wire blob (SIGUSR1 shows them).
+IO_STATS = ("trains_in", "trains_out", "trains_refused", "sent_one_by_one")
 SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed",
                       "evicted_unanswered", "evicted_answered",
-                      "stats_refused", "retries_refused", "proxy_headers")
+                      "stats_refused", "retries_refused", "proxy_headers") \
+    + IO_STATS
 CLIENT_STATS = (
     "keepalives", "from_server_msgs", "from_server_bytes",
     "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
     "channels_opened", "channels_closed", "evicted_unanswered",
     "evicted_answered", "loops_broken", "real_server_refusals", "errors",
     "server_address_changes", "proxy_headers", "proxy_malformed",
-)
+) + IO_STATS
 
 
 def server_stats():
@@ -912,10 +914,43 @@ def run_loop(sel, timers=None, stop=None, signalled=None, after=None):
 
 
 # ---------------------------------------------------------------- datagram I/O in bursts
+#
+# The relays see one façade, PortableIO (recvfrom and sendto, anywhere) or
+# MmsgIO (Linux: recvmmsg and sendmmsg through ctypes, and UDP trains),
+# with one API: see PortableIO.  Inside MmsgIO each mechanism is a room
+# that owns its state: Headers (struct mmsghdr arrays), Outbox (a queue
+# for sendmmsg and its fallbacks), TrainsOut (the UDP_SEGMENT policy),
+# GroTrials (the UDP_GRO policy of channels), LocalReplies (pktinfo).
+#
+# buf holds BURST slots.  A read into slot q lands at q * SLOT + HEADROOM;
+# an item is named by `at`, where its tag goes, TAG_SIZE bytes before its
+# data:
+#
+#   q * SLOT              at = q * SLOT + DATA_AT
+#   |                     |    q * SLOT + HEADROOM
+#   v                     v    v
+#   [ headroom ......... |tag| datagram, or train .......... ]
+#    <- HEADROOM = TAG_SIZE * TRAIN_IN -><- MAX_DATAGRAM -->
+#
+# A burst is (ats, lengths, sources, trains): item i is lengths[i] bytes at
+# buf[ats[i] + TAG_SIZE:] from the source key sources[i]; a train (the
+# kernel's UDP_GRO: datagrams of one size from one peer, the last may be
+# shorter) is one item too, with its segment size in trains[at].  split()
+# spreads a train into its slot's headroom, a tag's room before each.
+#
+# A datagram from a connectee (server): relay() puts its tag at buf[at:],
+# send(at, TAG_SIZE + n, client) queues one iovec in the main socket's
+# Outbox, and flush() sends the burst's datagrams with one sendmmsg.
+# A train: send_train(start, n, size, client, where, tag) queues gather
+# iovecs (the tag from a table of all tags, then the datagram in place),
+# TRAIN_OUT datagrams a message at most, with a UDP_SEGMENT control
+# message; from the client the tags are left out instead (each iovec
+# starts TAG_SIZE into its datagram).  A message the kernel refuses goes
+# datagram by datagram (Outbox.send_rest(), TrainsOut.refused()).
+# A channel (client) is sent to at once, a train by one sendmmsg on its
+# fd: so its datagrams keep their order.  What a channel reads goes to the
+# main Outbox (forward()), which leaves at the selector round's end.
 
-# UDP segmentation offload (Linux 4.18 and 5.0): a "train" is datagrams of
-# one size (the last may be shorter) to or from one peer, handed to or by
-# the kernel in one call.  Older Pythons lack the names.
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)   # send a train
 UDP_GRO = getattr(socket, "UDP_GRO", 104)           # receive trains
@@ -932,17 +967,22 @@ HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
 PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
-TRIAL_EVERY = 4096        # datagrams read between trials of UDP_GRO
+TRIAL_EVERY = 4096        # channel reads between trials of UDP_GRO
 TRIAL_READS = 64          # reads without a train that end a trial
-MAX_REST = 6              # a socket skips 2 ** MAX_REST trials at most
-GRO_SIZE = struct.Struct("=i")    # the segment size in a UDP_GRO cmsg
-# A control message as the kernel writes it: cmsg_len, cmsg_level,
-# cmsg_type, and for UDP_GRO the segment size.
+MAX_REST = 6              # a channel skips 2 ** MAX_REST trials at most
+# A control message: cmsg_len, cmsg_level, cmsg_type, and for UDP_GRO the
+# segment size; UDP_SEGMENT's, with its size padded to CMSG_SPACE(2).
 GRO_CMSG = struct.Struct("@Niii")
-# UDP_SEGMENT's control message: cmsg_len, cmsg_level, cmsg_type, the
-# segment size, padded to CMSG_SPACE(2).
 SEGMENT_CMSG = struct.Struct("@NiiH6x")
 SEGMENT_CMSG_LEN = socket.CMSG_LEN(2) if hasattr(socket, "CMSG_LEN") else 18
+# struct mmsghdr, the layout of every array here: msg_name, msg_namelen,
+# msg_iov, msg_iovlen, msg_control, msg_controllen, msg_flags, msg_len
+# ("0P" pads to a pointer's alignment, on 32-bit and 64-bit alike).
+MMSGHDR = struct.Struct("@PIPNPNi0PI0P")
+CONTROLLEN_AT = struct.calcsize("@PIPNP")
+LEN_AT = struct.calcsize("@PIPNPNi0P")
+WORD = struct.calcsize("P")     # void *iov_base and size_t iov_len alike
+WORD_CODE = "Q" if WORD == 8 else "I"
 
 
 def repeated(one, mode="="):
@@ -950,133 +990,18 @@ def repeated(one, mode="="):
     return [struct.Struct(mode + one * k) for k in range(BURST + 1)]
 
 
-class BurstIO:
-    """Datagram I/O on one socket, a burst at a time, with recvfrom/sendto.
-
-    receive() reads what is waiting, up to BURST datagrams or trains, and
-    returns (ats, lengths, sources), one item per datagram or train: item i
-    is lengths[i] bytes at buf[ats[i] + TAG_SIZE:], from sources[i], with
-    TAG_SIZE free bytes before it for a tag; a train's segment size is in
-    train_sizes[ats[i]] (MmsgIO only).  Sources are opaque, hashable
-    address keys; address(key) turns one into a sockaddr tuple, key_of()
-    back.  send() queues a range of buf for a destination key (send_train()
-    a train) and flush() sends what is queued.
-    A client's channels go through here too: forward() reads what one has
-    and sends it on tagged (errors are raised), send_on() sends buf's bytes
-    on one (queued until flush() in a burst with trains), and
-    forget(sock) says the client closes one; end_round() ends a selector
-    round.  send_now() sends bytes at once, outside any burst.
-    Errors go to report(where, exc) and never stop the caller.
-    """
-
-    SEND_FLAGS = 0
-
-    def __init__(self, sock, report, notice=None):
-        self.sock = sock
-        self.report = report
-        self.notice = notice or (lambda text: None)
-        self.buf = bytearray(BURST * SLOT)
-        self.view = memoryview(self.buf)
-        # each slot's room for a lone datagram
-        self.slots = [self.view[at + TAG_SIZE:at + TAG_SIZE + MAX_DATAGRAM]
-                      for at in PLAIN_ATS]
-        self.receive, self.send = self._closures(sock, report)
-        self.train_sizes = {}           # never a train here: see MmsgIO
-
-    def _closures(self, own, report):
-        """receive() and send() over locals: this is the hot path."""
-        view, slots = self.view, self.slots
-        recv_into, sendto = own.recvfrom_into, own.sendto
-        lengths, sources = [0] * BURST, [None] * BURST
-
-        def receive():
-            """Read what is waiting, up to BURST datagrams."""
-            k = 0
-            for _ in range(BURST):
-                try:
-                    lengths[k], sources[k] = recv_into(slots[k], MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:
-                    report("err1", e)
-                    continue
-                k += 1
-            return PLAIN_ATS, lengths[:k], sources[:k]
-
-        def send(start, length, dest, where):
-            """Relay buf[start:start + length] to dest."""
-            try:
-                sendto(view[start:start + length], dest)
-            except OSError as e:        # a full send buffer drops it too
-                report(where, e)
-
-        return receive, send
-
-    def send_now(self, data, dest, where, chan=None):
-        """Send data at once, outside any burst: to the destination key
-        dest, or on the connected socket chan."""
-        try:
-            if chan is None:
-                self.sock.sendto(data, self.SEND_FLAGS, dest)
-            else:
-                chan.send(data, self.SEND_FLAGS)
-        except OSError as e:
-            self.report(where, e)
-
-    def forward(self, chan, tag, dest, where):
-        """Read one datagram from the channel chan and send it on to dest
-        at once, with tag before it: (1, its size).  See MmsgIO."""
-        n = chan.recv_into(self.slots[0], MAX_DATAGRAM)
-        TAG.pack_into(self.buf, DATA_AT, tag)
-        self.send_now(self.view[DATA_AT:DATA_AT + n + TAG_SIZE], dest, where)
-        return 1, n
-
-    def send_on(self, sock, start, length, where):
-        self.send_now(self.view[start:start + length], None, where, sock)
-
-    def forget(self, sock):
-        """The client closes this channel."""
-
-    def local_address(self, src):
-        """The local address src sent to, where known: see MmsgIO."""
-        return None
-
-    def flush(self):
-        pass
-
-    def end_round(self):
-        """A selector round ends (run_loop): see MmsgIO."""
-
-    def wait_in_receive(self, seconds):
-        """Make receive() wait for the first datagram: False, it cannot."""
-        return False
-
-    @staticmethod
-    def address(key):
-        return key
-
-    def key_of(self, addr):
-        """The source key recvfrom gives for a sockaddr tuple."""
-        return addr
+# One struct call reads the msg_len (msg_controllen) of k headers.
+LENGTHS = repeated("%dxI%dx" % (LEN_AT, MMSGHDR.size - LEN_AT - 4))
+CONTROLLENS = repeated("%dxN%dx" % (
+    CONTROLLEN_AT, MMSGHDR.size - CONTROLLEN_AT - WORD), "@")
+IOVECS = repeated("PN", "@")
 
 
-def _load_mmsg():
-    """libc's recvmmsg and sendmmsg through ctypes, or None where not Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-        # PyDLL keeps the GIL across the call: cheaper, and both calls are
-        # made so that they never block (PyPy has only CDLL; the one call
-        # that waits goes through CDLL, see MmsgIO).  No argtypes:
-        # converting by them costs more than the system call.  Callers pass
-        # small ints and c_void_p objects made in advance.
-        libc = getattr(ctypes, "PyDLL", ctypes.CDLL)(None, use_errno=True)
-        for name in ("recvmmsg", "sendmmsg"):
-            getattr(libc, name).restype = ctypes.c_int
-    except (ImportError, OSError, AttributeError):
-        return None
-    return ctypes, libc
+def gro_segment(controls, at):
+    """The one parser of UDP_GRO control messages: the segment size of a
+    train whose control buffer starts at controls[at], else 0."""
+    _, level, kind, size = GRO_CMSG.unpack_from(controls, at)
+    return size if level == SOL_UDP and kind == UDP_GRO else 0
 
 
 def split_train(buf, start, n, size):
@@ -1129,432 +1054,728 @@ def train_length(n, size):
     return -(-n // size)
 
 
-class MmsgIO(BurstIO):
-    """BurstIO on Linux: recvmmsg and sendmmsg through ctypes, and UDP
-    trains (GRO in, GSO out) where the kernel has them.
+def enable_gro(sock):
+    """Ask for trains on sock (UDP_GRO): whether the kernel agreed."""
+    if not GRO_ROOM or not hasattr(sock, "recvmsg_into"):
+        return False
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
 
-    Sources and destinations are raw sockaddr bytes here: cheaper to make,
-    hash and send to.  UDP_GRO is on trial (try_trains).  A train read is
-    one item, like a lone datagram but with its segment size in
-    self.train_sizes (at -> size): the relay sends it on whole with
-    send_train(), which puts a tag before each datagram, or leaves each
-    one's tag out, by gather iovecs (nothing is copied).
-    send() and send_train() queue; flush() (or the BURST-th message) sends
-    what is queued: one datagram with sendto, more with one sendmmsg, in
-    which a train is one message with a UDP_SEGMENT control message, as
-    floor_gso.c does.  Where the kernel refuses a train, its datagrams go
-    one by one, and the socket does so from then on (all trains, or
-    trains of that size and more to that destination), and loses none.
-    Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
-    receive() waits in recvmmsg for the first datagram.  Sockets are
-    non-blocking, as udp_socket() makes them, or blocking without a timeout.
+
+class PortableIO:
+    """The relays' I/O on one socket, a burst at a time: recvfrom/sendto.
+
+    buf, view: the slots (see the section's top) and a memoryview of them.
+    receive() -> (ats, lengths, sources, trains): what is waiting, up to
+        BURST items; sources are opaque hashable keys, address(key) gives
+        the sockaddr tuple and key_of(addr) the key back; trains maps an
+        item's `at` to its segment size (never one here).
+    split(at, n, size) -> (ats, lengths): a train as datagrams.
+    send(start, length, dest, where): buf[start:start + length] to a key.
+    send_train(start, n, size, dest, where, tag=None): a train at
+        buf[start:start + n] to a key, each datagram with tag before it,
+        or with tag None each without its first TAG_SIZE bytes.
+    send_on(chan, start, length, where), send_train_on(chan, start, n,
+        size, where): the same on a client's channel (tags left out).
+    forward(chan, tag, dest, where) -> (datagrams, bytes): what a channel
+        has, read and sent on to a key, tag before each.
+    flush(): what is queued leaves; end_round(): a selector round ended;
+        forget(chan): a channel closes.
+    send_now(data, dest, where, chan=None): at once, outside any burst.
+    local_address(key): the local IP a source sent to, where known.
+    wait_in_receive(seconds): make receive() wait; False where it cannot.
+    Errors go to report(where, exc), counted events to counts, and a
+    lasting change of behaviour to notice(text); none stops the caller.
     """
 
-    MSG_DONTWAIT = 0x40
-    MSG_WAITFORONE = 0x10000
-    SEND_FLAGS = MSG_DONTWAIT       # the socket may be blocking: see below
-    # struct mmsghdr: name, namelen, iov, iovlen, control, controllen,
-    # flags, len
-    MMSGHDR = struct.Struct("@PIPNPNi4xI4x")
+    SEND_FLAGS = 0
+    NO_TRAINS = {}
 
-    def __init__(self, sock, report, ctypes, libc, notice=None,
-                 reply_from_local=False, trains_in=True):
-        BurstIO.__init__(self, sock, report, notice)
-        self.c, self.fd = ctypes, sock.fileno()
-        # On a wildcard bind, with reply_from_local: sources are keyed by
-        # the local address too, and replies leave from it (LocalReplies).
-        self.local = LocalReplies.of(sock) if reply_from_local else None
-        # trains in: see try_trains(); never without trains_in
-        self.gro = trains_in and enable_gro(sock)
-        self.gso = self.gro             # trains out, until the kernel refuses
-        self.trains = False             # whether this burst brought trains
-        self.train_sizes = {}           # the trains of this burst: at -> size
-        # Sockets (this one, channels) reading with UDP_GRO on, on trial,
-        # each with how many reads it goes on without a train.
-        self.trial = {sock: TRIAL_READS} if self.gro else {}
-        # datagrams read until the next trial
-        self.until_trial = TRIAL_EVERY if trains_in else float("inf")
-        self.trials = 0                 # trials due so far
-        self.failures, self.rest = {}, {}   # see end_trial()
-        self.addresses = {}             # dest key -> sockaddr tuple
-        self.too_big = {}               # dest -> a segment size refused
-        # The send queue, one entry per message: dests, wheres; its
-        # iovecs (pointer, length pairs, all messages' one after the
-        # other); and shapes: message index -> (iovecs, segment size or 0,
-        # datagrams) for all but a lone datagram to a peer of this socket.
-        self.iovecs, self.dests, self.wheres, self.shapes = [], [], [], {}
-        # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
-        # sockaddr_in6 (IPv4-mapped included) for IPv6.
-        self.name_size = 28 if sock.family == socket.AF_INET6 else 16
-        self.room = (GRO_ROOM if self.gro else 0) \
-            + (0 if self.local is None else self.local.space)
-        self.base = ctypes.addressof(
-            (ctypes.c_char * len(self.buf)).from_buffer(self.buf))
-        # Every tag's two bytes, for gather iovecs: tag t at 2 * t.
-        self.tag_bytes = (ctypes.c_char * (2 * (MAX_TAG + 1))).from_buffer_copy(
-            struct.pack(">%dH" % (MAX_TAG + 1), *range(MAX_TAG + 1)))
-        self.tags_at = ctypes.addressof(self.tag_bytes)
-        # Channels (connected: no names) read bursts into the free slots
-        # (forward()); a selector round counts (end_round()).
-        self.read, self.filled, self.round, self.seen = libc.recvmmsg, 0, 0, {}
-        chan_msgs, _, _, _, (self.msg_size, _, len_at) = self.arrays_chan = \
-            mmsg_array(ctypes, self.base + HEADROOM, SLOT, 0, GRO_ROOM)
-        self.chan_bytes = memoryview(chan_msgs).cast("B")
-        self.chan_pristine = bytes(self.chan_bytes)
-        self.chan_msgs = [ctypes.c_void_p(ctypes.addressof(chan_msgs)
-                                          + q * self.msg_size)
-                          for q in range(BURST)]
-        # One struct call per burst reads all lengths (any struct mmsghdr
-        # array: see mmsg_array()).
-        self.lengths_of = repeated("%dxI%dx" % (
-            len_at, self.msg_size - len_at - 4))
-        self.send, self.send_on, self.flush, self.send_one, self.queue = \
-            self._sender(libc.sendmmsg)
-        self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
+    def __init__(self, sock, report, notice=None, counts=None):
+        self.sock, self.report = sock, report
+        self.notice = notice or (lambda text: None)
+        self.counts = collections.Counter() if counts is None else counts
+        self.buf = bytearray(BURST * SLOT)
+        self.view = memoryview(self.buf)
+        # each slot's room for a lone datagram
+        self.slots = [self.view[at + TAG_SIZE:at + TAG_SIZE + MAX_DATAGRAM]
+                      for at in PLAIN_ATS]
+        self.receive = self._recvfrom(sock.recvfrom_into, report)
 
-    def _receiver(self, read, flags):
-        """receive() over one call read(fd, msgs, BURST, flags, None)."""
-        c, fd, report, sock, trial = self.c, self.fd, self.report, \
-            self.sock, self.trial
-        msgs, _, names, controls, (msg_size, controllen_at, _) = \
-            self.arrays_in = mmsg_array(c, self.base + HEADROOM, SLOT,
-                                        self.name_size, self.room)
-        at_msgs = c.c_void_p(c.addressof(msgs))
-        # One struct call per burst reads all lengths, one all sources.
-        lengths_of = self.lengths_of
-        sources_of = repeated("%ds" % self.name_size)
-        local, room = self.local, self.room
-        if local is not None:
-            controllens_of = repeated("%dxN%dx" % (
-                controllen_at, msg_size - controllen_at - c.sizeof(c.c_size_t)),
-                "@")
-            locals_of = repeated("%ds%dx" % (local.space, room - local.space))
-            add, replies = bytes.__add__, local.__getitem__
-        # The kernel sets each msg_controllen to what it wrote there (0 but
-        # for a train): a slice assignment puts back all it read.
-        msgs_bytes = memoryview(msgs).cast("B")
-        pristine = memoryview(bytes(msgs_bytes))
-        self.headers_in = msgs_bytes, pristine      # see gro_on()
-        headers = [slice(0, k * msg_size) for k in range(BURST + 1)]
-        pristines = [pristine[:k * msg_size] for k in range(BURST + 1)]
-        no_trains = bytes(len(controls))    # no control message anywhere
-        dests, flush, train_sizes = self.dests, self.flush, self.train_sizes
+    def _recvfrom(self, recv_into, report):
+        slots, lengths, sources = self.slots, [0] * BURST, [None] * BURST
 
         def receive():
-            if dests:               # the channels' of this round: slots
-                flush()
-            if train_sizes:
-                train_sizes.clear()
-            k = read(fd, at_msgs, BURST, flags, None)
-            if k < 0:
-                err = c.get_errno()
-                if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                    report("err1", OSError(err, os.strerror(err)))
-                return (), (), ()
-            lengths = lengths_of[k].unpack_from(msgs_bytes)
-            sources = sources_of[k].unpack_from(names)
-            if local is not None:   # each message's control: pktinfo first,
-                trains = sock in trial and max(controllens_of[k].unpack_from(
-                    msgs_bytes)) > local.space  # a train's after UDP_GRO's
-                msgs_bytes[headers[k]] = pristines[k]
-                sources = list(map(add, sources, map(
-                    replies, locals_of[k].unpack_from(controls))))
-                if trains:
-                    self.trained(sock)
-                    return self.mark(lengths, sources, controls, room, local)
-            elif sock in trial:                 # UDP_GRO is on
-                msgs_bytes[headers[k]] = pristines[k]
-                if controls != no_trains:
-                    self.trained(sock)
-                    return self.mark(lengths, sources, controls, room, local)
-            if sock in trial:
-                self.untrained(sock)
-            else:
-                self.until_trial -= k
-                if self.until_trial <= 0:
-                    self.try_trains(sock)
-            return PLAIN_ATS, lengths, sources
-
+            k = 0
+            for _ in range(BURST):
+                try:
+                    lengths[k], sources[k] = recv_into(slots[k], MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    report("err1", e)
+                    continue
+                k += 1
+            return PLAIN_ATS, lengths[:k], sources[:k], self.NO_TRAINS
         return receive
 
-    def mark(self, lengths, sources, controls, room, local=None, first=0,
-             sizes=None):
-        """What a read with UDP_GRO on brought into slots first...:
-        (ats, lengths, sources), a train one item, and its segment size in
-        sizes (train_sizes by default): at -> size.  Each message had
-        `room` bytes of controls, UDP_GRO's first, and with local a
-        train's pktinfo after (LocalReplies)."""
-        sizes = self.train_sizes if sizes is None else sizes
-        for i in range(len(lengths)):
-            _, level, kind, size = GRO_CMSG.unpack_from(controls,
-                                                        (first + i) * room)
-            if (level, kind) != (SOL_UDP, UDP_GRO):
-                continue
-            if local is not None:   # its pktinfo follows: the source anew
-                at = (first + i) * room
-                sources[i] = sources[i][:self.name_size] + local[bytes(
-                    controls[at + GRO_ROOM:at + room])]
-            if lengths[i] > size:
-                sizes[PLAIN_ATS[first + i]] = size
-        controls[first * room:(first + len(lengths)) * room] = \
-            bytes(len(lengths) * room)
-        return PLAIN_ATS[first:first + len(lengths)], lengths, sources
-
     def split(self, at, n, size):
-        """A train the relay cannot send on whole (ats, lengths): spread
-        into its datagrams in its slot (split_train)."""
         try:
             return split_train(self.buf, at - DATA_AT, n, size)
         except OSError as e:
             self.report("err1", e)
             return (), ()
 
-    def _sender(self, sendmmsg):
-        """send(), send_on(), flush(), send_one(data, dest, where), which
-        sends one datagram on this socket at once, and queue(), which
-        queues datagrams by their iovecs (see send_train())."""
-        c, fd, report, view, base = self.c, self.fd, self.report, \
-            self.view, self.base
-        name_size, local = self.name_size, self.local
-        # A destination key fills its message's name, and with local its
-        # control message too: they lie one after the other (mmsg_array).
-        key_size = name_size + (0 if local is None else len(local.tail))
-        msgs, iovs, names, _, (msg_size, _, _) = self.arrays_out = \
-            mmsg_array(c, 0, 0, name_size,
-                       0 if local is None else local.space, inline=True)
-        at_out_p = c.c_void_p(c.addressof(msgs))
-        iovecs_of = repeated("PN", "@")         # void *base, size_t len
-        names_view = memoryview(names)
-        names_at = msgs[0].hdr.name     # message j's at j * key_size
-        # Messages with trains: their own headers, every queued iovec, and
-        # per message a control buffer (the key's, then UDP_SEGMENT's).
-        batch = (c.c_char * (BURST * msg_size))()
-        at_batch = c.addressof(batch)
-        at_batch_p = c.c_void_p(at_batch)
-        # void *base and size_t len: words of one size on Linux
-        word = c.sizeof(c.c_void_p)
-        word_code = "Q" if word == 8 else "I"
-        all_iovs = (c.c_char * (2 * word * BURST * 2 * TRAIN_OUT))()
-        at_iovs = c.addressof(all_iovs)
-        iov_words = memoryview(all_iovs).cast("B").cast(word_code)
-        seg_at = 0 if local is None else local.space
-        ctl_space = seg_at + SEGMENT_CMSG.size
-        name_slot = key_size - seg_at   # a key's control message, after
-        controls = (c.c_char * (BURST * ctl_space))()
-        at_controls = c.addressof(controls)
-        header = self.MMSGHDR
-        sendto, sendmsg, dontwait = self.sock.sendto, self.sock.sendmsg, \
-            self.MSG_DONTWAIT
-        addresses, sockaddr, too_big = self.addresses, self.sockaddr, \
-            self.too_big
-        iovecs, dests, wheres, shapes, trial = self.iovecs, self.dests, \
-            self.wheres, self.shapes, self.trial
-        lone = (1, 0, 1)                # the shape of a lone datagram
+    def send(self, start, length, dest, where):
+        self.send_now(self.view[start:start + length], dest, where)
 
-        def push(pairs, dest, where, shape=None):
-            """The one way into the send queue: a full queue (sendmmsg's
-            most, BURST messages) leaves first, so it never holds more
-            than its arrays.  shape: see queue()."""
-            if len(dests) == BURST:
-                flush()
-            if shape is not None:
-                shapes[len(dests)] = shape
-            iovecs.extend(pairs)
-            dests.append(dest)
-            wheres.append(where)
+    def send_on(self, chan, start, length, where):
+        self.send_now(self.view[start:start + length], None, where, chan)
 
-        def send(start, length, dest, where):
-            push((base + start, length), dest, where)
+    def send_train(self, start, n, size, dest, where, tag=None):
+        """A loop of sends: a train reaches here only from a test."""
+        prefix = b"" if tag is None else TAG.pack(tag)
+        skip = 0 if tag is None else TAG_SIZE
+        for first in range(start, start + n, size):
+            end = min(first + size, start + n)
+            self.send_now(prefix + self.buf[first + TAG_SIZE - skip:end],
+                          dest, where)
 
-        def send_on(chan, start, length, where):
-            if self.trains:     # in order with the trains for the channel
-                push((base + start, length), chan, where, lone)
-                return
-            try:
-                chan.send(view[start:start + length], dontwait)
-            except OSError as e:
-                report(where, e)
+    def send_train_on(self, chan, start, n, size, where):
+        for first in range(start, start + n, size):
+            self.send_on(chan, first + TAG_SIZE,
+                         min(size, start + n - first) - TAG_SIZE, where)
 
-        def queue(flat, pieces, size, count, dest, where):
-            """Queue count datagrams of `size` bytes (the last may be
-            shorter) to dest, a key or a channel, each made of `pieces`
-            iovecs of the flat list of pointer and length pairs: as trains
-            of TRAIN_OUT datagrams and MAX_TRAIN_BYTES at most where the
-            kernel takes them, else one by one."""
-            if isinstance(dest, socket.socket) and dest not in trial:
-                self.gro_on(dest)       # its connectee sends trains
-            most = max(1, min(TRAIN_OUT, MAX_TRAIN_BYTES // size)) \
-                if self.gso and size < too_big.get(dest, MAX_DATAGRAM) else 1
-            step = 2 * pieces * most
-            for j in range(0, count, most):
-                n = min(most, count - j)
-                push(flat[j * 2 * pieces:j * 2 * pieces + step], dest, where,
-                     (pieces * n, size if n > 1 else 0, n))
-
-        def flush():
-            queued = len(dests)
-            if not queued:
-                return
-            if shapes:
-                send_batches(queued)
-                shapes.clear()
-            elif queued == 1:           # half the cost of a sendmmsg of one
-                send_one(view[iovecs[0] - base:iovecs[0] - base + iovecs[1]],
-                         dests[0], wheres[0])
-            else:
-                iovecs_of[queued].pack_into(iovs, 0, *iovecs)
-                names_view[:queued * key_size] = b"".join(dests)
-                sent = sendmmsg(fd, at_out_p, queued, dontwait, None)
-                if sent != queued:
-                    send_rest(fd, at_out_p.value, [
-                        (i, 2 * i, lone) for i in range(queued)], sent)
-            iovecs.clear()
-            dests.clear()
-            wheres.clear()
-            self.filled = 0
-
-        def send_one(data, dest, where):
-            try:
-                if local is None:
-                    sendto(data, dontwait,
-                           addresses.get(dest) or sockaddr(dest))
-                else:
-                    sendmsg([data], local.ancillary(dest), dontwait,
-                            sockaddr(dest))
-            except OSError as e:
-                report(where, e)
-
-        def send_batches(queued):
-            """Send a queue that holds trains or channels' messages: one
-            sendmmsg for this socket's, one per channel for theirs."""
-            iov_words[:len(iovecs)] = array.array(word_code, iovecs)
-            mine, channels, at = [], {}, 0
-            for i in range(queued):
-                shape = shapes.get(i, lone)
-                dest = dests[i]
-                if isinstance(dest, socket.socket):
-                    channels.setdefault(dest, []).append((i, at, shape))
-                else:
-                    mine.append((i, at, shape))
-                at += 2 * shape[0]
-            send_batch(fd, mine)
-            for chan, messages in channels.items():
-                send_batch(chan.fileno(), messages)
-
-        def send_batch(to, messages):
-            """One sendmmsg on fd `to` of messages (queue index, index of
-            its first iovec value, shape); names only for this socket's."""
-            for j, (i, at, (pieces, size, _)) in enumerate(messages):
-                name = namelen = control = controllen = 0
-                if to == fd:
-                    dest = dests[i]
-                    names_view[j * key_size:(j + 1) * key_size] = dest
-                    name, namelen = names_at + j * key_size, name_size
-                    if local is not None:
-                        control, controllen = name + key_size - local.space, \
-                            local.space
-                if size:                # a train: its UDP_SEGMENT after
-                    where = first = j * ctl_space
-                    if controllen:      # the key's pktinfo before it
-                        controls[where:where + seg_at] = dest[name_slot:]
-                    else:
-                        first += seg_at
-                    SEGMENT_CMSG.pack_into(controls, where + seg_at,
-                                           SEGMENT_CMSG_LEN, SOL_UDP,
-                                           UDP_SEGMENT, size)
-                    control, controllen = at_controls + first, \
-                        where + ctl_space - first
-                header.pack_into(batch, j * msg_size, name, namelen,
-                                 at_iovs + word * at, pieces, control,
-                                 controllen, 0, 0)
-            count = len(messages)
-            sent = sendmmsg(to, at_batch_p, count, dontwait, None)
-            if sent != count:
-                send_rest(to, at_batch, messages, sent)
-
-        def send_rest(to, at_msgs, messages, sent):
-            """After a sendmmsg of messages (queue index, index of its
-            first iovec value, shape) at at_msgs that sent less than all:
-            what the kernel refuses is reported, or for a train sent one by
-            one; a full buffer loses the rest, reported."""
-            done, count = 0, len(messages)
-            while True:
-                if sent > 0:
-                    done += sent
-                else:
-                    err = c.get_errno()
-                    error = OSError(err, os.strerror(err))
-                    i, at, (pieces, size, datagrams) = messages[done]
-                    if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                        for i, _, shape in messages[done:]:     # all lost
-                            for _ in range(shape[2]):
-                                report(wheres[i], error)
-                        return
-                    if size and refused(dests[i], size, error):
-                        one_by_one(i, at, pieces, size)
-                    else:
-                        for _ in range(datagrams):
-                            report(wheres[i], error)
-                    done += 1
-                if done >= count:
-                    return
-                sent = sendmmsg(to, c.c_void_p(at_msgs + done * msg_size),
-                                count - done, dontwait, None)
-
-        def one_by_one(i, at, pieces, size):
-            """The datagrams of a train the kernel refused, one by one."""
-            data = b"".join(map(c.string_at, iovecs[at:at + 2 * pieces:2],
-                                iovecs[at + 1:at + 2 * pieces:2]))
-            dest = dests[i]
-            for start in range(0, len(data), size):
-                if isinstance(dest, socket.socket):
-                    try:
-                        dest.send(data[start:start + size], dontwait)
-                    except OSError as e:
-                        report(wheres[i], e)
-                else:
-                    send_one(data[start:start + size], dest, wheres[i])
-
-        def refused(dest, size, error):
-            """A train refused: whether its datagrams should go singly."""
-            if error.errno == errno.EMSGSIZE:
-                if len(too_big) >= 1024:
-                    too_big.clear()
-                too_big[dest] = size
-                return True
-            if error.errno in (errno.EIO, errno.EINVAL):
-                if self.gso:
-                    self.gso = False
-                    self.notice("The kernel refuses UDP trains (%s): sending "
-                                "datagrams one by one from now on" % error)
-                return True
-            return False
-
-        return send, send_on, flush, send_one, queue
+    def forward(self, chan, tag, dest, where):
+        n = chan.recv_into(self.slots[0], MAX_DATAGRAM)
+        TAG.pack_into(self.buf, DATA_AT, tag)
+        self.send_now(self.view[DATA_AT:DATA_AT + TAG_SIZE + n], dest, where)
+        return 1, n
 
     def send_now(self, data, dest, where, chan=None):
-        if chan is None:
-            self.send_one(data, dest, where)
-        else:
-            BurstIO.send_now(self, data, None, where, chan)
+        try:
+            if chan is None:
+                self.sock.sendto(data, self.SEND_FLAGS, dest)
+            else:
+                chan.send(data, self.SEND_FLAGS)
+        except OSError as e:        # a full send buffer drops it too
+            self.report(where, e)
 
-    def ancillary(self, dest):
-        """The control messages a datagram to dest carries (sendmsg's)."""
-        return [] if self.local is None else self.local.ancillary(dest)
+    def flush(self):
+        pass
 
-    def local_address(self, src):
-        """The local address src sent to: its IP text where the socket
-        knows it (a wildcard bind), else None."""
-        return None if self.local is None else self.local.address(src)
+    def end_round(self):
+        pass
 
-    def sockaddr(self, dest):
-        """The sockaddr tuple of a destination key, remembered."""
-        addr = self.addresses.get(dest)
-        if addr is None:
-            if len(self.addresses) > 1024:
-                self.addresses.clear()
-            addr = self.addresses[dest] = self.address(dest)
+    def forget(self, chan):
+        pass
+
+    def local_address(self, key):
+        return None
+
+    def wait_in_receive(self, seconds):
+        return False
+
+    @staticmethod
+    def address(key):
+        return key
+
+    def key_of(self, addr):
         return addr
+
+
+def _load_mmsg():
+    """libc's recvmmsg and sendmmsg through ctypes, or None where not Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        # PyDLL keeps the GIL across the call: cheaper, and both calls are
+        # made so that they never block (PyPy has only CDLL; the one call
+        # that waits goes through CDLL, see MmsgIO).  No argtypes:
+        # converting by them costs more than the system call.  Callers pass
+        # small ints and c_void_p objects made in advance.
+        libc = getattr(ctypes, "PyDLL", ctypes.CDLL)(None, use_errno=True)
+        for name in ("recvmmsg", "sendmmsg"):
+            getattr(libc, name).restype = ctypes.c_int
+    except (ImportError, OSError, AttributeError):
+        return None
+    return ctypes, libc
+
+
+class Headers:
+    """BURST struct mmsghdr in a ctypes buffer (MMSGHDR's layout), with
+    room for names (name_size bytes each) and control messages (room
+    bytes each).  For reads each has one iovec into its slot of buf at
+    `base`; what recvmmsg changes (msg_controllen, msg_len) restore(k)
+    puts back.  at(i): the address to hand the kernel for message i."""
+
+    def __init__(self, c, base, name_size=0, room=0):
+        self.raw = (c.c_char * (BURST * MMSGHDR.size))()
+        self.bytes = memoryview(self.raw).cast("B")
+        first = c.addressof(self.raw)
+        self.pointers = [c.c_void_p(first + i * MMSGHDR.size)
+                         for i in range(BURST)]
+        self.names = bytearray(BURST * name_size or 1)
+        self.controls = bytearray(BURST * room or 1)
+        # The iovecs, then names and controls: kept alive by these fields
+        # while the kernel has their addresses.
+        self.iovs = (c.c_char * (BURST * 2 * WORD))()
+        IOVECS[BURST].pack_into(self.iovs, 0, *[
+            x for q in range(BURST) for x in (
+                base + q * SLOT + HEADROOM, MAX_DATAGRAM)])
+        names, controls, iovs = (c.addressof((c.c_char * len(b)).from_buffer(
+            b)) for b in (self.names, self.controls, self.iovs))
+        for i in range(BURST):
+            MMSGHDR.pack_into(
+                self.raw, i * MMSGHDR.size, names + i * name_size if name_size
+                else 0, name_size, iovs + i * 2 * WORD, 1,
+                controls + i * room if room else 0, room, 0, 0)
+        self.pristine = memoryview(bytes(self.bytes))
+        self.spans = [slice(0, k * MMSGHDR.size) for k in range(BURST + 1)]
+
+    def restore(self, first, k):
+        span = slice(first * MMSGHDR.size, (first + k) * MMSGHDR.size)
+        self.bytes[span] = self.pristine[span]
+
+    def lengths(self, first, k):
+        return LENGTHS[k].unpack_from(self.bytes, first * MMSGHDR.size)
+
+    def controllens(self, first, k):
+        return CONTROLLENS[k].unpack_from(self.bytes, first * MMSGHDR.size)
+
+
+class TrainsOut:
+    """The UDP_SEGMENT policy of one I/O: how many datagrams a message may
+    carry to a destination, and what a refusal means.  Decided at bind
+    (with UDP_GRO: a kernel that gives trains takes them); EIO or EINVAL
+    turns trains off for good, said once; EMSGSIZE (the path MTU) makes
+    that destination's trains of that size and more go one by one."""
+
+    def __init__(self, on, notice, counts):
+        self.on, self.notice, self.counts = on, notice, counts
+        self.too_big = {}               # destination -> a refused size
+
+    def most(self, dest, size):
+        if not self.on or size >= self.too_big.get(dest, MAX_DATAGRAM):
+            return 1
+        return max(1, min(TRAIN_OUT, MAX_TRAIN_BYTES // size))
+
+    def refused(self, dest, size, error):
+        """A train refused: whether its datagrams should go singly."""
+        self.counts["trains_refused"] += 1
+        if error.errno == errno.EMSGSIZE:
+            if len(self.too_big) >= 1024:
+                self.too_big.clear()
+            self.too_big[dest] = size
+            return True
+        if error.errno in (errno.EIO, errno.EINVAL):
+            if self.on:
+                self.on = False
+                self.notice("The kernel refuses UDP trains (%s): sending "
+                            "datagrams one by one from now on" % error)
+            return True
+        return False
+
+
+class Outbox:
+    """A queue of messages for sendmmsg on one socket, and its flush.
+
+    An entry is a message: its iovecs (pointer and length pairs, in one
+    flat list for all), a destination (a key; on a channel's Outbox, which
+    sends on the fd set before, the channel),
+    `where` for report(), and a shape: (iovecs, segment size or 0 for one
+    datagram, datagrams); a lone datagram of one iovec has none.  push()
+    is the one way in, and sends a full queue first, so the queue never
+    holds more than the BURST headers.  A queue of lone datagrams leaves
+    with the headers made in advance (names and, with local replies, each
+    key's pktinfo from one slot); one with trains packs each message's
+    header.  What the kernel refuses: send_rest()."""
+
+    def __init__(self, c, libc, fd, name_size, local, report, trains):
+        self.c, self.fd, self.report, self.trains = c, fd, report, trains
+        self.sendmmsg = libc.sendmmsg
+        self.pairs, self.dests, self.wheres, self.shapes = [], [], [], {}
+        self.name_size = name_size
+        # A key: name, then with local replies its control message.
+        tail = 0 if local is None else len(local.tail)
+        self.key_size = name_size + tail
+        self.pktinfo = 0 if local is None else local.space
+        self.seg_at = self.pktinfo          # UDP_SEGMENT after the pktinfo
+        self.ctl_space = self.seg_at + SEGMENT_CMSG.size
+        self.raw = (c.c_char * (BURST * MMSGHDR.size))()
+        self.at = c.addressof(self.raw)
+        self.names = (c.c_char * (BURST * self.key_size or 1))()
+        self.names_at = c.addressof(self.names)
+        self.names_view = memoryview(self.names).cast("B")
+        self.controls = (c.c_char * (BURST * self.ctl_space))()
+        self.controls_at = c.addressof(self.controls)
+        self.iovs = (c.c_char * (2 * WORD * BURST * 2 * TRAIN_OUT))()
+        self.iovs_at = c.addressof(self.iovs)
+        self.iov_words = memoryview(self.iovs).cast("B").cast(WORD_CODE)
+        # The lone datagrams' headers: message i, iovec i, key slot i (its
+        # pktinfo right after the name), put back after a queue of trains.
+        for i in range(BURST):
+            name = self.names_at + i * self.key_size
+            MMSGHDR.pack_into(self.raw, i * MMSGHDR.size, name, name_size,
+                              self.iovs_at + 2 * WORD * i, 1,
+                              name + self.key_size - self.pktinfo
+                              if self.pktinfo else 0, self.pktinfo, 0, 0)
+        self.view = memoryview(self.raw).cast("B")
+        self.lone_headers = memoryview(bytes(self.view))
+        self.ptr = c.c_void_p(self.at)
+
+    def push(self, pairs, dest, where, shape=None):
+        if len(self.dests) == BURST:
+            self.flush()
+        if shape is not None:
+            self.shapes[len(self.dests)] = shape
+        self.pairs.extend(pairs)
+        self.dests.append(dest)
+        self.wheres.append(where)
+
+    def push_train(self, flat, pieces, size, count, dest, where):
+        """Queue count datagrams of `size` bytes (the last may be shorter,
+        or empty with pieces 1: it goes alone, no segment is empty), each
+        made of `pieces` iovecs of flat, in messages that TrainsOut
+        allows."""
+        most, step = self.trains.most(dest, size), 2 * pieces
+        whole = count - 1 if pieces == 1 and not flat[-1] else count
+        for j in range(0, whole, most):
+            n = min(most, whole - j)
+            self.push(flat[j * step:(j + n) * step], dest, where,
+                      (pieces * n, size if n > 1 else 0, n))
+        if whole < count:
+            self.push(flat[-2:], dest, where, (1, 0, 1))
+
+    def flush(self):
+        queued = len(self.dests)
+        if not queued:
+            return
+        if self.shapes:
+            self.send_shaped(queued)
+        else:
+            IOVECS[queued].pack_into(self.iovs, 0, *self.pairs)
+            self.names_view[:queued * self.key_size] = b"".join(self.dests)
+            sent = self.sendmmsg(self.fd, self.ptr, queued,
+                                 MmsgIO.MSG_DONTWAIT, None)
+            if sent != queued:
+                self.send_rest(sent)
+        del self.pairs[:], self.dests[:], self.wheres[:]
+
+    def send_shaped(self, queued):
+        """Pack each message's header: its iovecs in the flat array, its
+        name, its controls (the key's pktinfo, a train's UDP_SEGMENT)."""
+        self.iov_words[:len(self.pairs)] = array.array(WORD_CODE, self.pairs)
+        shapes, at = self.shapes, 0
+        for i in range(queued):
+            pieces, size, _ = shapes.get(i, (1, 0, 1))
+            dest = self.dests[i]
+            name = control = controllen = 0
+            if self.key_size:       # else a channel: connected, no name
+                name = self.names_at + i * self.key_size
+                self.names_view[i * self.key_size:
+                                (i + 1) * self.key_size] = dest
+                if self.pktinfo:
+                    control, controllen = name + self.key_size \
+                        - self.pktinfo, self.pktinfo
+            if size:            # the key's pktinfo, then UDP_SEGMENT
+                ctl = i * self.ctl_space
+                if controllen:
+                    self.controls[ctl:ctl + self.seg_at] = \
+                        dest[self.key_size - self.pktinfo:]
+                else:
+                    ctl += self.seg_at
+                SEGMENT_CMSG.pack_into(
+                    self.controls, i * self.ctl_space + self.seg_at,
+                    SEGMENT_CMSG_LEN, SOL_UDP, UDP_SEGMENT, size)
+                control = self.controls_at + ctl
+                controllen = (i + 1) * self.ctl_space - ctl
+            MMSGHDR.pack_into(self.raw, i * MMSGHDR.size, name,
+                              self.name_size if name else 0,
+                              self.iovs_at + WORD * at, pieces, control,
+                              controllen, 0, 0)
+            at += 2 * pieces
+        sent = self.sendmmsg(self.fd, self.ptr, queued, MmsgIO.MSG_DONTWAIT,
+                             None)
+        if sent != queued:
+            self.send_rest(sent)
+        self.view[:queued * MMSGHDR.size] = self.lone_headers[
+            :queued * MMSGHDR.size]
+        shapes.clear()
+
+    def send_rest(self, sent):
+        """After a sendmmsg that sent less than all: the message the
+        kernel refused is reported, or if a train sent datagram by
+        datagram; a full buffer loses all that is left, reported; else
+        what follows is sent again."""
+        c, queued, done, lone = self.c, len(self.dests), 0, (1, 0, 1)
+        while True:
+            if sent > 0:
+                done += sent
+            else:
+                err = c.get_errno()
+                error = OSError(err, os.strerror(err))
+                pieces, size, _ = self.shapes.get(done, lone)
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    lost = range(done, queued)
+                elif size and self.trains.refused(self.dests[done], size,
+                                                  error):
+                    self.one_by_one(done, pieces, size)
+                    lost = range(done, done + 1)
+                    done += 1
+                else:
+                    lost = range(done, done + 1)
+                for i in lost[done - lost.start:]:
+                    for _ in range(self.shapes.get(i, lone)[2]):
+                        self.report(self.wheres[i], error)
+                done = lost.stop
+            if done >= queued:
+                return
+            sent = self.sendmmsg(self.fd, c.c_void_p(
+                self.at + done * MMSGHDR.size), queued - done,
+                MmsgIO.MSG_DONTWAIT, None)
+
+    def one_by_one(self, i, pieces, size):
+        """The datagrams of queued message i, a refused train, singly."""
+        self.trains.counts["sent_one_by_one"] += 1
+        at = 2 * sum(self.shapes.get(j, (1, 0, 1))[0] for j in range(i))
+        pairs = self.pairs[at:at + 2 * pieces]
+        data = b"".join(map(self.c.string_at, pairs[0::2], pairs[1::2]))
+        dest, where = self.dests[i], self.wheres[i]
+        for start in range(0, len(data), size):
+            self.send_one(data[start:start + size], dest, where)
+
+    def send_one(self, data, dest, where):
+        """Set by MmsgIO: one datagram at once."""
+        raise NotImplementedError
+
+
+class GroTrials:
+    """The UDP_GRO policy of a client's channels.
+
+    Reading with UDP_GRO costs a channel half a microsecond a read
+    (recvmmsg against recv_into), so it is on where trains come: on trial
+    when the server sends a train for the channel (its connectee sends
+    trains), and at every TRIAL_EVERY-th datagram read on channels, for
+    the channel that read it (the busiest is the likeliest).  TRIAL_READS
+    reads without a train end a trial, and the channel then rests for
+    twice as many trials as after its last failed one.  (The main socket
+    reads with UDP_GRO from the start: a tenth of a microsecond a burst.)
+    """
+
+    def __init__(self, on):
+        self.on = on
+        self.trial = {}                 # channel -> reads left in its trial
+        self.until = TRIAL_EVERY if on else float("inf")
+        self.trials = 0                 # trials due so far
+        self.failures, self.rest = {}, {}
+
+    def due(self, chan, k):
+        """k datagrams read from chan, not on trial: whether one starts."""
+        self.until -= k
+        if self.until > 0:
+            return False
+        self.until = TRIAL_EVERY
+        self.trials += 1
+        return self.trials >= self.rest.get(chan, 0) and self.start(chan)
+
+    def start(self, chan):
+        """UDP_GRO on for chan, on trial: whether the kernel agreed."""
+        if self.on and enable_gro(chan):
+            self.trial[chan] = TRIAL_READS
+            return True
+        return False
+
+    def read(self, chan, trains):
+        """A read of chan on trial brought trains, or none."""
+        if trains:
+            self.trial[chan] = TRIAL_READS
+            self.failures.pop(chan, None)
+            return
+        self.trial[chan] -= 1
+        if self.trial[chan]:
+            return
+        failures = self.failures[chan] = self.failures.get(chan, 0) + 1
+        self.rest[chan] = self.trials + 2 ** min(failures, MAX_REST)
+        try:        # off, unless something waits: it may be a train,
+            chan.setsockopt(SOL_UDP, UDP_GRO, 0)    # readable only with it
+            chan.recv(1, socket.MSG_PEEK | MmsgIO.MSG_DONTWAIT)
+        except BlockingIOError:
+            del self.trial[chan]
+            return
+        except OSError:
+            pass
+        self.start(chan)
+
+    def forget(self, chan):
+        for table in (self.trial, self.failures, self.rest):
+            table.pop(chan, None)
+
+
+class MmsgIO(PortableIO):
+    """PortableIO on Linux: recvmmsg and sendmmsg through ctypes, and UDP
+    trains (GRO in, GSO out) where the kernel has them.
+
+    Sources and destinations are raw sockaddr bytes here (with local
+    replies, followed by a reply's pktinfo: LocalReplies): cheaper to make,
+    hash and send to.  Every call is made with MSG_DONTWAIT, except that
+    after wait_in_receive() receive() waits in recvmmsg for the first
+    datagram.  Sockets are non-blocking, as udp_socket() makes them, or
+    blocking without a timeout.
+    """
+
+    MSG_DONTWAIT = 0x40
+    MSG_WAITFORONE = 0x10000
+    SEND_FLAGS = MSG_DONTWAIT       # the socket may be blocking
+
+    def __init__(self, sock, report, ctypes, libc, notice=None,
+                 reply_from_local=False, trains_in=True, counts=None):
+        PortableIO.__init__(self, sock, report, notice, counts)
+        self.c, self.libc, self.fd = ctypes, libc, sock.fileno()
+        # On a wildcard bind, with reply_from_local: sources are keyed by
+        # the local address too, and replies leave from it (LocalReplies).
+        self.local = LocalReplies.of(sock) if reply_from_local else None
+        gro = trains_in and enable_gro(sock)
+        self.trains_out = TrainsOut(gro, self.notice, self.counts)
+        self.grow = GroTrials(gro)
+        self.addresses = {}             # dest key -> sockaddr tuple
+        # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
+        # sockaddr_in6 (IPv4-mapped included) for IPv6.
+        self.name_size = 28 if sock.family == socket.AF_INET6 else 16
+        self.base = ctypes.addressof(
+            (ctypes.c_char * len(self.buf)).from_buffer(self.buf))
+        # Every tag's two bytes, for gather iovecs: tag t at 2 * t.
+        self.tag_table = (ctypes.c_char * (2 * (MAX_TAG + 1))).from_buffer_copy(
+            struct.pack(">%dH" % (MAX_TAG + 1), *range(MAX_TAG + 1)))
+        self.tags_at = ctypes.addressof(self.tag_table)
+        self.outbox = Outbox(ctypes, libc, self.fd, self.name_size,
+                             self.local, report, self.trains_out)
+        self.outbox.send_one = self.send_now
+        self.chan_out = Outbox(ctypes, libc, None, 0, None, report,
+                               self.trains_out)
+        self.chan_out.send_one = lambda data, chan, where: self.send_now(
+            data, None, where, chan)
+        # Channels (connected: no names) read bursts into the free slots,
+        # from `filled` on while the outbox holds what they brought; a
+        # selector round counts (end_round()).
+        self.chan_in = Headers(ctypes, self.base, 0, GRO_ROOM)
+        self.filled, self.round, self.seen = 0, 0, {}
+        self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
+
+    def _receiver(self, read, flags):
+        """receive() over read(fd, msgs, BURST, flags, None)."""
+        c, fd, report, local = self.c, self.fd, self.report, self.local
+        room = (GRO_ROOM if self.trains_out.on else 0) \
+            + (0 if local is None else local.space)
+        heads = Headers(c, self.base, self.name_size, room)
+        first, names, controls = heads.pointers[0], heads.names, heads.controls
+        lengths_of, controllens_of = heads.lengths, heads.controllens
+        sources_of = repeated("%ds" % self.name_size)
+        plain = 0       # a message's control messages without a train's
+        if local is not None:
+            plain = local.space
+            locals_of = repeated("%ds%dx" % (local.space, room - local.space))
+            add, replies = bytes.__add__, local.__getitem__
+        outbox, restore, no_trains = self.outbox, heads.restore, self.NO_TRAINS
+
+        def receive():
+            if outbox.dests:        # the channels' of this round: slots
+                outbox.flush()
+            k = read(fd, first, BURST, flags, None)
+            if k < 0:
+                err = c.get_errno()
+                if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    report("err1", OSError(err, os.strerror(err)))
+                return (), (), (), no_trains
+            lengths = lengths_of(0, k)
+            sources = sources_of[k].unpack_from(names)
+            if not room:
+                return PLAIN_ATS, lengths, sources, no_trains
+            controllens = controllens_of(0, k)
+            restore(0, k)
+            if local is not None:
+                sources = list(map(add, sources, map(
+                    replies, locals_of[k].unpack_from(controls))))
+            if max(controllens) <= plain:
+                return PLAIN_ATS, lengths, sources, no_trains
+            return self.mark(lengths, sources, controls, controllens, plain,
+                             room)
+        return receive
+
+    def mark(self, lengths, sources, controls, controllens, plain, room):
+        """What a read with trains brought: (ats, lengths, sources,
+        trains).  Each message had `room` bytes of controls, a train's
+        UDP_GRO first (longer than `plain`, the rest; what was there
+        before stays, and counts only within each one's length), and with
+        local replies the pktinfo after it."""
+        trains, local = {}, self.local
+        for i in range(len(lengths)):
+            size = controllens[i] > plain and gro_segment(controls, i * room)
+            if not size:
+                continue
+            if local is not None:   # its pktinfo follows: the source anew
+                at = i * room + GRO_ROOM
+                sources[i] = sources[i][:self.name_size] + local[bytes(
+                    controls[at:at + local.space])]
+            if lengths[i] > size:
+                trains[PLAIN_ATS[i]] = size
+                self.counts["trains_in"] += 1
+        return PLAIN_ATS[:len(lengths)], lengths, sources, trains
+
+    def gather(self, start, n, size, tag):
+        """The iovecs of the train at buf[start:start + n] in `size`-byte
+        datagrams: with tag, each after that tag (two iovecs a datagram),
+        with tag None each without its first TAG_SIZE bytes (one): (flat
+        pointer and length list, iovecs a datagram, size out, count)."""
+        count = train_length(n, size)
+        last, first = n - (count - 1) * size, self.base + start
+        self.counts["trains_out"] += 1
+        if tag is not None:
+            flat = [self.tags_at + TAG_SIZE * tag, TAG_SIZE, 0, size] * count
+            flat[2::4] = range(first, first + count * size, size)
+            flat[-1] = last
+            return flat, 2, size + TAG_SIZE, count
+        flat = [0, size - TAG_SIZE] * count
+        flat[0::2] = range(first + TAG_SIZE, first + TAG_SIZE + count * size,
+                           size)
+        flat[-1] = last - TAG_SIZE
+        return flat, 1, size - TAG_SIZE, count
+
+    def send(self, start, length, dest, where):
+        self.outbox.push((self.base + start, length), dest, where)
+
+    def send_train(self, start, n, size, dest, where, tag=None):
+        if tag is None and n <= size:     # a run of one: a lone datagram
+            self.send(start + TAG_SIZE, n - TAG_SIZE, dest, where)
+        else:
+            self.outbox.push_train(*self.gather(start, n, size, tag),
+                                   dest=dest, where=where)
+
+    def send_on(self, chan, start, length, where):
+        try:
+            chan.send(self.view[start:start + length], self.MSG_DONTWAIT)
+        except OSError as e:
+            self.report(where, e)
+
+    def send_train_on(self, chan, start, n, size, where):
+        if n <= size:
+            self.send_on(chan, start + TAG_SIZE, n - TAG_SIZE, where)
+            return
+        if chan not in self.grow.trial:
+            self.grow.start(chan)       # its connectee sends trains
+        self.chan_out.fd = chan.fileno()
+        self.chan_out.push_train(*self.gather(start, n, size, None),
+                                 dest=chan, where=where)
+        self.chan_out.flush()
+
+    def flush(self):
+        self.outbox.flush()
+
+    def send_now(self, data, dest, where, chan=None):
+        try:
+            if chan is not None:
+                chan.send(data, self.MSG_DONTWAIT)
+            elif self.local is None:
+                self.sock.sendto(data, self.MSG_DONTWAIT,
+                                 self.addresses.get(dest) or self.sockaddr(
+                                     dest))
+            else:
+                self.sock.sendmsg([data], self.local.ancillary(dest),
+                                  self.MSG_DONTWAIT, self.sockaddr(dest))
+        except OSError as e:
+            self.report(where, e)
+
+    def forward(self, chan, tag, dest, where):
+        """Read what a channel has and send it on to dest (a key), each
+        datagram with tag before it: (datagrams, bytes) read.
+
+        A lone datagram goes at once.  A channel readable in two selector
+        rounds in a row is busy, and one on trial reads with UDP_GRO: then
+        one recvmmsg reads what waits, up to the slots free, and it leaves
+        as trains where it can, in the outbox, at the round's end."""
+        q = self.filled if self.outbox.dests else 0
+        if q == BURST:
+            self.outbox.flush()
+            q = 0
+        busy = self.seen.get(chan) == self.round - 1
+        self.seen[chan] = self.round
+        trial = chan in self.grow.trial or self.grow.due(chan, 1)
+        at = PLAIN_ATS[q]
+        if not busy and not trial:
+            n = chan.recv_into(self.slots[q], MAX_DATAGRAM)
+            TAG.pack_into(self.buf, at, tag)
+            self.send_now(self.view[at:at + TAG_SIZE + n], dest, where)
+            return 1, n
+        heads = self.chan_in
+        k = self.libc.recvmmsg(chan.fileno(), heads.pointers[q],
+                               BURST - q if busy else 1, self.MSG_DONTWAIT,
+                               None)
+        if k < 0:
+            err = self.c.get_errno()
+            raise OSError(err, os.strerror(err))
+        lengths = heads.lengths(q, k)
+        sizes = [0] * k
+        controllens = heads.controllens(q, k)
+        if trial and max(controllens):
+            sizes = [n and gro_segment(heads.controls, (q + i) * GRO_ROOM)
+                     for i, n in enumerate(controllens)]
+        heads.restore(q, k)
+        if trial:
+            self.grow.read(chan, any(sizes))
+        self.filled = q + k     # taken until the outbox leaves
+        if k == 1 and not sizes[0]:
+            self.seen[chan] = -2        # not busy after all: recv next time
+            n = lengths[0]
+            TAG.pack_into(self.buf, at, tag)
+            self.send_now(self.view[at:at + TAG_SIZE + n], dest, where)
+            return 1, n
+        return self.send_tagged(q, lengths, sizes, tag, dest, where), \
+            sum(lengths)
+
+    def send_tagged(self, q, lengths, sizes, tag, dest, where):
+        """Queue what a channel read into slots q... (trains with their
+        segment sizes) for dest, tag before each datagram: as one train
+        where all are lone and their sizes allow.  How many datagrams."""
+        k, size = len(lengths), lengths[0]
+        if any(sizes):
+            count = 0
+            for at, n, seg in zip(PLAIN_ATS[q:q + k], lengths, sizes):
+                if seg and n > seg:
+                    self.send_train(at + TAG_SIZE, n, seg, dest, where, tag)
+                    count += train_length(n, seg)
+                else:
+                    TAG.pack_into(self.buf, at, tag)
+                    self.send(at, TAG_SIZE + n, dest, where)
+                    count += 1
+            return count
+        at, end = PLAIN_ATS[q], PLAIN_ATS[q] + k * SLOT
+        buf = self.buf          # the tags in place, a byte at a time
+        buf[at:end:SLOT] = bytes((tag >> 8,)) * k
+        buf[at + 1:end:SLOT] = bytes((tag & 0xFF,)) * k
+        if lengths[:-1].count(size) == k - 1 and 0 < lengths[-1] <= size:
+            flat = [0, 0] * k
+            flat[0::2] = range(self.base + at, self.base + end, SLOT)
+            flat[1::2] = map(TAG_SIZE.__add__, lengths)
+            self.outbox.push_train(flat, 1, size + TAG_SIZE, k, dest, where)
+        else:
+            for at, n in zip(PLAIN_ATS[q:q + k], lengths):
+                self.send(at, TAG_SIZE + n, dest, where)
+        return k
+
+    def end_round(self):
+        """A selector round ends: what the channels brought leaves."""
+        self.round += 1
+        self.outbox.flush()
+
+    def forget(self, chan):
+        """The client closes chan."""
+        self.grow.forget(chan)
+        self.trains_out.too_big.pop(chan, None)
+        self.seen.pop(chan, None)
 
     def wait_in_receive(self, seconds):
         sock, c = self.sock, self.c
@@ -1571,202 +1792,19 @@ class MmsgIO(BurstIO):
         sock.setblocking(True)
         return True
 
-    def send_train(self, start, n, size, dest, where, tag=None):
-        """Queue the train of `size`-byte datagrams at buf[start:start + n]
-        (the last may be shorter) for dest, a key or a channel: each with
-        tag put before it, or with tag None each without its first
-        TAG_SIZE bytes, its tag (a run of one tagged datagram, cut from a
-        train, goes as a lone one)."""
-        count = train_length(n, size)
-        if count == 1 and tag is None:  # a run of one: a lone datagram
-            if isinstance(dest, socket.socket):
-                self.send_on(dest, start + TAG_SIZE, n - TAG_SIZE, where)
-            else:
-                self.send(start + TAG_SIZE, n - TAG_SIZE, dest, where)
-            return
-        last = n - (count - 1) * size           # the last datagram's size
-        first = self.base + start
-        if tag is not None:
-            flat = [self.tags_at + 2 * tag, TAG_SIZE, 0, size] * count
-            flat[2::4] = range(first, first + count * size, size)
-            flat[-1] = last
-            self.queue(flat, 2, size + TAG_SIZE, count, dest, where)
-            return
-        flat = [0, size - TAG_SIZE] * count
-        flat[0::2] = range(first + TAG_SIZE, first + TAG_SIZE + count * size,
-                           size)
-        flat[-1] = last - TAG_SIZE
-        if last == TAG_SIZE:    # an empty datagram is no segment: alone
-            self.queue(flat, 1, size - TAG_SIZE, count - 1, dest, where)
-            self.queue(flat[-2:], 1, 1, 1, dest, where)
-        else:
-            self.queue(flat, 1, size - TAG_SIZE, count, dest, where)
+    def local_address(self, key):
+        """The local address a source sent to: its IP text where the
+        socket knows it (a wildcard bind), else None."""
+        return None if self.local is None else self.local.address(key)
 
-    def send_tagged(self, q, lengths, tag, dest, where):
-        """Queue the datagrams read into slots q... for dest, each with tag
-        put before it: as trains where their sizes allow."""
-        k, size, at = len(lengths), lengths[0], PLAIN_ATS[q]
-        end = at + k * SLOT
-        buf = self.buf          # the tags in place, a byte at a time
-        buf[at:end:SLOT] = bytes((tag >> 8,)) * k
-        buf[at + 1:end:SLOT] = bytes((tag & 0xFF,)) * k
-        if k > 1 and lengths[:-1].count(size) == k - 1 \
-                and 0 < lengths[-1] <= size:
-            flat = [0, 0] * k
-            flat[0::2] = range(self.base + at, self.base + end, SLOT)
-            flat[1::2] = map(TAG_SIZE.__add__, lengths)
-            self.queue(flat, 1, size + TAG_SIZE, k, dest, where)
-            return
-        for at, n in zip(PLAIN_ATS[q:q + k], lengths):
-            self.send(at, n + TAG_SIZE, dest, where)
-
-    def forward(self, chan, tag, dest, where):
-        """Read what a channel has and send it on to dest (a key), each
-        datagram with tag before it: (datagrams, bytes) read.
-
-        A lone datagram goes at once.  A channel readable in two selector
-        rounds in a row is busy: one recvmmsg reads what waits, up to the
-        slots free, and it leaves as trains where it can, at the end of the
-        round (end_round()) with what other channels brought.  A channel on
-        trial reads with UDP_GRO, and a train leaves as a train."""
-        q = self.filled
-        if q == BURST:
-            self.flush()
-            q = 0
-        busy = self.seen.get(chan) == self.round - 1
-        self.seen[chan] = self.round
-        trial = chan in self.trial
-        if not trial:
-            self.until_trial -= 1
-            if self.until_trial <= 0:
-                trial = self.try_trains(chan)
-        at = PLAIN_ATS[q]
-        if not busy and not trial:
-            n = chan.recv_into(self.slots[q], MAX_DATAGRAM)
-        elif not busy:
-            n, ancillary, _, _ = chan.recvmsg_into([self.slots[q]], GRO_ROOM)
-            for level, kind, data in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
-                    size = GRO_SIZE.unpack_from(data)[0]
-                    if n > size:
-                        self.trained(chan)
-                        self.send_train(at + TAG_SIZE, n, size, dest, where,
-                                        tag)
-                        self.filled = q + 1     # after: a flush frees all
-                        return train_length(n, size), n
-            self.untrained(chan)
-        else:
-            k = self.read(chan.fileno(), self.chan_msgs[q], BURST - q,
-                          self.MSG_DONTWAIT, None)
-            if k < 0:
-                err = self.c.get_errno()
-                raise OSError(err, os.strerror(err))
-            lengths = self.lengths_of[k].unpack_from(self.chan_bytes,
-                                                     q * self.msg_size)
-            # The kernel set each msg_controllen to what it wrote: put back.
-            headers = slice(q * self.msg_size, (q + k) * self.msg_size)
-            self.chan_bytes[headers] = self.chan_pristine[headers]
-            controls = self.arrays_chan[3]
-            if trial and any(controls[q * GRO_ROOM:(q + k) * GRO_ROOM]):
-                self.trained(chan)
-                sizes, count = {}, 0
-                for at, n in zip(*self.mark(lengths, (), controls, GRO_ROOM,
-                                            first=q, sizes=sizes)[:2]):
-                    if at in sizes:
-                        self.send_train(at + TAG_SIZE, n, sizes[at], dest,
-                                        where, tag)
-                        count += train_length(n, sizes[at])
-                    else:
-                        self.send_tagged(at // SLOT, [n], tag, dest, where)
-                        count += 1
-                self.filled = q + k     # after the sends: a flush frees all
-                return count, sum(lengths)
-            if trial:
-                self.untrained(chan)
-            if k > 1:
-                self.send_tagged(q, lengths, tag, dest, where)
-                self.filled = q + k     # after: a flush on the way frees all
-                return k, sum(lengths)
-            self.seen[chan] = -2        # not busy after all: recv next time
-            n = lengths[0]
-        TAG.pack_into(self.buf, at, tag)    # one datagram: it goes at once
-        self.send_one(self.view[at:at + n + TAG_SIZE], dest, where)
-        return 1, n
-
-    def end_round(self):
-        """A selector round ends: what the channels brought leaves."""
-        self.round += 1
-        if self.dests:
-            self.flush()
-
-    def try_trains(self, sock):
-        """At every TRIAL_EVERY-th datagram read: UDP_GRO on trial for the
-        socket that read it (the busiest sockets are the likeliest), unless
-        it rests from trials that brought no train (end_trial).  Whether
-        it is on now.
-
-        Reading with UDP_GRO costs: a channel half a microsecond more per
-        read (recvmsg_into against recv_into), this socket a tenth of one
-        per burst (the headers put back, the control buffers compared).  So
-        it is on at start and then on trial, as here and for a channel when
-        trains come for it from the server; each train starts a trial anew.
-        """
-        self.until_trial = TRIAL_EVERY
-        self.trials += 1
-        return self.trials >= self.rest.get(sock, 0) and self.gro_on(sock)
-
-    def gro_on(self, sock):
-        """UDP_GRO on for sock, on trial: whether the kernel agreed."""
-        if sock is self.sock:           # the kernel zeroed what it read:
-            msgs_bytes, pristine = self.headers_in      # room for a train
-            msgs_bytes[:] = pristine
-        if enable_gro(sock):
-            self.trial[sock] = TRIAL_READS
-            return True
-        return False
-
-    def end_trial(self, sock):
-        """TRIAL_READS reads without a train: a channel rests for twice as
-        many trials as after the last such (up to 2 ** MAX_REST), and
-        UDP_GRO goes off, unless something is queued (it may be a train,
-        readable only with UDP_GRO on: then the trial goes on)."""
-        if sock is not self.sock:       # its trials cost little: no rest
-            failures = self.failures[sock] = self.failures.get(sock, 0) + 1
-            self.rest[sock] = self.trials + 2 ** min(failures, MAX_REST)
-        try:
-            sock.setsockopt(SOL_UDP, UDP_GRO, 0)
-            sock.recv(1, socket.MSG_PEEK | self.MSG_DONTWAIT)
-        except BlockingIOError:         # nothing queued: what comes is cut
-            del self.trial[sock]        # into datagrams by the kernel
-            return
-        except OSError:
-            pass
-        self.gro_on(sock)
-
-    def trained(self, sock):
-        """A read with UDP_GRO on brought a train: a trial starts anew,
-        with no rest."""
-        if sock is self.sock:
-            self.trains = True
-        self.trial[sock] = TRIAL_READS
-        self.failures.pop(sock, None)
-
-    def untrained(self, sock):
-        """A read with UDP_GRO on brought no train: one more towards the
-        trial's end."""
-        if sock is self.sock:
-            self.trains = False
-        self.trial[sock] -= 1
-        if not self.trial[sock]:
-            self.end_trial(sock)
-
-    def forget(self, chan):
-        """The client closes chan: what is queued for it leaves first."""
-        if chan in self.dests:
-            self.flush()
-        for table in (self.trial, self.failures, self.rest, self.too_big,
-                      self.seen):
-            table.pop(chan, None)
+    def sockaddr(self, dest):
+        """The sockaddr tuple of a destination key, remembered."""
+        addr = self.addresses.get(dest)
+        if addr is None:
+            if len(self.addresses) > 1024:
+                self.addresses.clear()
+            addr = self.addresses[dest] = self.address(dest)
+        return addr
 
     def key_of(self, addr):
         """sockaddr tuple -> the key receive() gives: the sockaddr bytes
@@ -1893,88 +1931,16 @@ class LocalReplies(dict):
                  key[self.data_at:self.data_at + self.size])]
 
 
-def mmsg_array(c, first, stride, name_size, room, inline=False):
-    """ctypes arrays of BURST struct mmsghdr for recvmmsg or sendmmsg:
-    message i has one iovec (MAX_DATAGRAM bytes at first + i * stride;
-    sendmmsg's callers set their own), name_size bytes of sockaddr room and
-    `room` bytes of control buffer: in controls, or with inline right after
-    its name (at 8-byte alignment) in names.  Returns (msgs, iovs, names,
-    controls, (sizeof mmsghdr, offset of controllen, of len))."""
-
-    class IOVec(c.Structure):
-        _fields_ = [("base", c.c_void_p), ("len", c.c_size_t)]
-
-    class MsgHdr(c.Structure):
-        _fields_ = [("name", c.c_void_p), ("namelen", c.c_uint32),
-                    ("iov", c.c_void_p), ("iovlen", c.c_size_t),
-                    ("control", c.c_void_p), ("controllen", c.c_size_t),
-                    ("flags", c.c_int)]
-
-    class MMsgHdr(c.Structure):
-        _fields_ = [("hdr", MsgHdr), ("len", c.c_uint)]
-
-    def address_of(data):
-        return c.addressof((c.c_char * len(data)).from_buffer(data))
-
-    name_slot = (name_size + 7) // 8 * 8 if inline and room else name_size
-    names = bytearray(BURST * (name_slot + room if inline else name_size))
-    controls = bytearray(0 if inline else BURST * room)
-    iovs, msgs = (IOVec * BURST)(), (MMsgHdr * BURST)()
-    for i in range(BURST):
-        iovs[i].base, iovs[i].len = first + i * stride, MAX_DATAGRAM
-        hdr = msgs[i].hdr
-        if inline:
-            hdr.name = address_of(names) + i * (name_slot + room)
-            hdr.control = hdr.name + name_slot
-        else:
-            hdr.name = address_of(names) + i * name_size
-            hdr.control = address_of(controls) + i * room
-        hdr.namelen = name_size
-        hdr.iov, hdr.iovlen = c.addressof(iovs[i]), 1
-        if room:
-            hdr.controllen = room
-        else:
-            hdr.control = None
-    return msgs, iovs, names, controls, (
-        c.sizeof(MMsgHdr), MsgHdr.controllen.offset, MMsgHdr.len.offset)
-
-
-def enable_gro(sock):
-    """Ask for trains on sock (UDP_GRO): whether the kernel agreed."""
-    if not GRO_ROOM or not hasattr(sock, "recvmsg_into"):
-        return False
-    try:
-        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-    except OSError:
-        return False
-    return True
-
-
-def send_gso(sock, parts, size, addr=None, ancillary=()):
-    """Send parts as one train of `size`-byte datagrams (to addr, with the
-    control messages ancillary): None, or the OSError (BlockingIOError: a
-    full socket buffer lost the train)."""
-    segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
-    segment.extend(ancillary)
-    try:
-        if addr is None:
-            sock.sendmsg(parts, segment, MmsgIO.MSG_DONTWAIT)
-        else:
-            sock.sendmsg(parts, segment, MmsgIO.MSG_DONTWAIT, addr)
-    except OSError as e:
-        return e
-    return None
-
-
 def burst_io(sock, report, portable=False, notice=None,
-             reply_from_local=False, trains_in=True):
-    """MmsgIO where the platform has it (unless portable), else BurstIO.
+             reply_from_local=False, trains_in=True, counts=None):
+    """MmsgIO where the platform has it (unless portable), else PortableIO.
     reply_from_local, trains_in: see MmsgIO and LocalReplies."""
     mmsg = None if portable else _load_mmsg()
     if mmsg is None:
-        return BurstIO(sock, report, notice)
+        return PortableIO(sock, report, notice, counts)
     return MmsgIO(sock, report, *mmsg, notice=notice,
-                  reply_from_local=reply_from_local, trains_in=trains_in)
+                  reply_from_local=reply_from_local, trains_in=trains_in,
+                  counts=counts)
 
 
 # ---------------------------------------------------------------- the server
@@ -2007,7 +1973,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         log_socket_error(log, SERVER_ERRORS[counter], exc)
 
     io = burst_io(sock, report, portable, lambda text: log(text, WARN),
-                  reply_from_local=True, trains_in=not proxy_protocol)
+                  reply_from_local=True, trains_in=not proxy_protocol,
+                  counts=stats)
     # With proxy_protocol: tag -> the tag and header its datagrams carry.
     prefixes = {} if proxy_protocol else None
     here = sock.getsockname()
@@ -2131,7 +2098,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
     def relay(ats, lengths, sources, trains):
         """Relay what a burst brought (trains: at -> segment size, see
-        BurstIO): (datagrams in, bytes in, datagrams out, bytes out)."""
+        PortableIO): (datagrams in, bytes in, datagrams out, bytes out)."""
         nonlocal client
         msgs_in = bytes_in = msgs_out = bytes_out = 0
         for at, n, src in zip(ats, lengths, sources):
@@ -2246,9 +2213,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
     def relay_burst():
         """Receive and relay one burst: how many datagrams came in."""
-        ats, lengths, sources = io.receive()
-        msgs_in, bytes_in, msgs_out, bytes_out = relay(ats, lengths, sources,
-                                                       io.train_sizes)
+        burst = io.receive()
+        msgs_in, bytes_in, msgs_out, bytes_out = relay(*burst)
         flush()
 
         if msgs_in or msgs_out:
@@ -2263,7 +2229,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 stats["from_connectee_msgs"] += msgs_in
                 stats["from_connectee_bytes"] += bytes_in
                 stats["last_connectee_s"] = now
-        return len(lengths)
+        return len(burst[1])
 
     def status():
         return "client %s, %d connectees, %d datagrams relayed" % (
@@ -2350,7 +2316,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
         log_socket_error(log, "receive" if where == "err1" else where, exc)
 
     sel = selectors.DefaultSelector()
-    io = burst_io(sock, report, portable, lambda text: log(text, WARN))
+    io = burst_io(sock, report, portable, lambda text: log(text, WARN),
+                  counts=stats)
     # server: None while server_name has not resolved since the start.
     server_key = None if server is None else io.key_of(server)
     buf, view = io.buf, io.view
@@ -2485,7 +2452,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         log.limited("evict", lambda: "Closed channel %d, the least recently "
                     "used %s one" % (tag, kind), DEBUG)
 
-    send_on, flush, forward = io.send_on, io.flush, io.forward
+    send_on, forward = io.send_on, io.forward
     TO_SERVER = "tag and send to the server"
     TO_REAL_SERVER = "send to the real server"
     # Per datagram, the C methods of the table's dicts, bound once: no
@@ -2514,9 +2481,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     "server" % format_addr(addr), DEBUG)
 
     def on_server_readable():
-        ats, lengths, sources = io.receive()
-        msgs, size = relay(ats, lengths, sources, io.train_sizes)
-        flush()
+        msgs, size = relay(*io.receive())
         stats["from_server_msgs"] += msgs
         stats["from_server_bytes"] += size
         if proxy_protocol:
@@ -2524,7 +2489,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def relay(ats, lengths, sources, trains):
         """Relay what a burst from the server brought (trains: at ->
-        segment size, see BurstIO): (datagrams, bytes)."""
+        segment size, see PortableIO): (datagrams, bytes)."""
         msgs = size = 0
         for at, n, src in zip(ats, lengths, sources):
             if trains and at in trains:
@@ -2583,7 +2548,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     continue
             msgs += train_length(length, size)
             relayed += length
-            io.send_train(first, length, size, worker, TO_REAL_SERVER)
+            io.send_train_on(worker, first, length, size, TO_REAL_SERVER)
         return msgs, relayed
 
     def malformed():
