@@ -887,7 +887,7 @@ class TestTrains(RelayCase):
             for q in range(2):
                 io.buf[ux.PLAIN_ATS[q] + 2:ux.PLAIN_ATS[q] + 2 + size] = \
                     bytes([q]) * size
-            io.send_tagged(0, [size, size], [0, 0], 5, dest, "x")
+            io.channels.send_tagged(0, [size, size], [0, 0], 5, dest, "x")
             io.flush()
         self.assertEqual([self.recv(peer)[0] for _ in range(2)],
                          [b"\x00\x05" + bytes([q]) * 40000 for q in range(2)])
@@ -955,7 +955,7 @@ class TestTrains(RelayCase):
         datagrams, trains = receive_trains(real, 32)
         self.assertEqual(datagrams, [b"\x00\x01"] + parts)
         self.assertIn(1000, trains)
-        self.assertIn(chan, io.grow.trial)
+        self.assertIn(chan, io.channels.trials.trial)
         back = [b"r%02d" % i + bytes(1197) for i in range(20)]
         send_train(real, back, chan.getsockname())
         select.select([chan], [], [], TIMEOUT)
@@ -969,7 +969,7 @@ class TestTrains(RelayCase):
         self.assertEqual(io.forward(chan, 2, to_server, "x"), (1, 11))
         self.assertEqual(self.recv(server)[0], b"\x00\x02alone again")
         io.forget(chan)             # the client closes it
-        self.assertNotIn(chan, io.grow.trial)
+        self.assertNotIn(chan, io.channels.trials.trial)
 
     def test_a_busy_channel_is_read_in_bursts(self):
         """A channel readable in two selector rounds in a row is read with
@@ -995,7 +995,7 @@ class TestTrains(RelayCase):
             time.sleep(0.05)
             self.assertEqual(io.forward(chan, 9, to_server, "x"),
                              (len(sizes), sum(sizes)))
-            self.assertEqual(io.filled, len(sizes))     # queued
+            self.assertEqual(io.channels.filled, len(sizes))     # queued
             io.end_round()
             got, trains = receive_trains(server, len(sizes))
             self.assertEqual(got, [b"\x00\x09" + d for d in sent])
@@ -1017,16 +1017,16 @@ class TestTrains(RelayCase):
             io.key_of(server.getsockname())
         for q in range(ux.BURST - 1):       # other channels' datagrams
             io.send(ux.PLAIN_ATS[q], 3, to_sink, "x")
-        io.filled = ux.BURST - 1
+        io.channels.filled = ux.BURST - 1
         chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
                              real.getsockname())
         self.addCleanup(chan.close)
-        self.assertTrue(io.grow.start(chan))
+        self.assertTrue(io.channels.trials.start(chan))
         train = [bytes([i]) * 1023 for i in range(64)]  # two, tagged
         send_train(real, train, chan.getsockname())
         select.select([chan], [], [], TIMEOUT)
         self.assertEqual(io.forward(chan, 5, to_server, "x"), (64, 64 * 1023))
-        self.assertEqual(io.filled, ux.BURST)   # its slot is still taken
+        self.assertEqual(io.channels.filled, ux.BURST)   # its slot is still taken
         io.end_round()
         self.assertEqual([self.recv(server)[0] for _ in train],
                          [b"\x00\x05" + d for d in train])
@@ -1103,7 +1103,7 @@ class TestTrains(RelayCase):
                 real.sendto(b"lone %d" % i, here)
             self.assertEqual(read(5), [([b"lone %d" % i], False)
                                        for i in range(5)])
-            self.assertIn(chan, io.grow.trial)
+            self.assertIn(chan, io.channels.trials.trial)
             send_train(real, train, here)
             self.assertEqual(read(1), [(train, True)])
             # 3 reads without a train end the trial, but a train queued
@@ -1119,16 +1119,16 @@ class TestTrains(RelayCase):
             for i in range(3):
                 real.sendto(b"last %d" % i, here)
                 read(1)
-            self.assertNotIn(chan, io.grow.trial)
+            self.assertNotIn(chan, io.channels.trials.trial)
             send_train(real, train, here)
             self.assertEqual(read(7), [([d], False) for d in train])
             # The 5th of those was due a trial, but a trial without a train
             # makes a channel rest for one; the next one starts.
-            self.assertNotIn(chan, io.grow.trial)
+            self.assertNotIn(chan, io.channels.trials.trial)
             for i in range(3):
                 real.sendto(b"rest %d" % i, here)
             read(3)
-            self.assertIn(chan, io.grow.trial)
+            self.assertIn(chan, io.channels.trials.trial)
 
     def test_trains_through_server_and_client(self):
         real, conn, saddr, chan = self.relayed()[:4]

@@ -1207,35 +1207,31 @@ def _load_mmsg():
 
 
 class Headers:
-    """BURST struct mmsghdr in a ctypes buffer (MMSGHDR's layout), with
-    room for names (name_size bytes each) and control messages (room
-    bytes each).  For reads each has one iovec into its slot of buf at
-    `base`; what recvmmsg changes (msg_controllen, msg_len) restore(k)
-    puts back.  at(i): the address to hand the kernel for message i."""
+    """BURST struct mmsghdr in one ctypes buffer (MMSGHDR's layout), and
+    beside them the buffers their pointers lead to: names (name_room bytes
+    a message), controls (room bytes a message) and `iovecs` iovecs.
+    These fields keep those C buffers alive while the kernel has their
+    addresses.  set() writes message i's header; keep() remembers them
+    all, and restore(first, k) puts back what recvmmsg changed
+    (msg_controllen, msg_len) or a send packed anew."""
 
-    def __init__(self, c, base, name_size=0, room=0):
+    def __init__(self, c, name_room=0, room=0, iovecs=BURST):
         self.raw = (c.c_char * (BURST * MMSGHDR.size))()
         self.bytes = memoryview(self.raw).cast("B")
-        first = c.addressof(self.raw)
+        self.names = (c.c_char * (BURST * name_room or 1))()
+        self.controls = (c.c_char * (BURST * room or 1))()
+        self.iovs = (c.c_char * (2 * WORD * iovecs))()
+        self.names_at, self.controls_at, self.iovs_at, first = map(
+            c.addressof, (self.names, self.controls, self.iovs, self.raw))
         self.pointers = [c.c_void_p(first + i * MMSGHDR.size)
                          for i in range(BURST)]
-        self.names = bytearray(BURST * name_size or 1)
-        self.controls = bytearray(BURST * room or 1)
-        # The iovecs, then names and controls: kept alive by these fields
-        # while the kernel has their addresses.
-        self.iovs = (c.c_char * (BURST * 2 * WORD))()
-        IOVECS[BURST].pack_into(self.iovs, 0, *[
-            x for q in range(BURST) for x in (
-                base + q * SLOT + HEADROOM, MAX_DATAGRAM)])
-        names, controls, iovs = (c.addressof((c.c_char * len(b)).from_buffer(
-            b)) for b in (self.names, self.controls, self.iovs))
-        for i in range(BURST):
-            MMSGHDR.pack_into(
-                self.raw, i * MMSGHDR.size, names + i * name_size if name_size
-                else 0, name_size, iovs + i * 2 * WORD, 1,
-                controls + i * room if room else 0, room, 0, 0)
+
+    def set(self, i, name, namelen, iov, iovlen, control, controllen):
+        MMSGHDR.pack_into(self.raw, i * MMSGHDR.size, name, namelen, iov,
+                          iovlen, control, controllen, 0, 0)
+
+    def keep(self):
         self.pristine = memoryview(bytes(self.bytes))
-        self.spans = [slice(0, k * MMSGHDR.size) for k in range(BURST + 1)]
 
     def restore(self, first, k):
         span = slice(first * MMSGHDR.size, (first + k) * MMSGHDR.size)
@@ -1246,6 +1242,21 @@ class Headers:
 
     def controllens(self, first, k):
         return CONTROLLENS[k].unpack_from(self.bytes, first * MMSGHDR.size)
+
+
+def reads(c, base, name_size=0, room=0):
+    """Headers for recvmmsg into buf's slots (buf at base): message q reads
+    into slot q, its source's name and its control messages beside."""
+    heads = Headers(c, name_size, room)
+    IOVECS[BURST].pack_into(heads.iovs, 0, *[
+        x for q in range(BURST) for x in (base + q * SLOT + HEADROOM,
+                                          MAX_DATAGRAM)])
+    for i in range(BURST):
+        heads.set(i, heads.names_at + i * name_size if name_size else 0,
+                  name_size, heads.iovs_at + i * 2 * WORD, 1,
+                  heads.controls_at + i * room if room else 0, room)
+    heads.keep()
+    return heads
 
 
 class TrainsOut:
@@ -1299,34 +1310,22 @@ class Outbox:
         self.c, self.fd, self.report, self.trains = c, fd, report, trains
         self.sendmmsg = libc.sendmmsg
         self.pairs, self.dests, self.wheres, self.shapes = [], [], [], {}
-        self.name_size = name_size
-        # A key: name, then with local replies its control message.
-        tail = 0 if local is None else len(local.tail)
-        self.key_size = name_size + tail
-        self.pktinfo = 0 if local is None else local.space
-        self.seg_at = self.pktinfo          # UDP_SEGMENT after the pktinfo
-        self.ctl_space = self.seg_at + SEGMENT_CMSG.size
-        self.raw = (c.c_char * (BURST * MMSGHDR.size))()
-        self.at = c.addressof(self.raw)
-        self.names = (c.c_char * (BURST * self.key_size or 1))()
-        self.names_at = c.addressof(self.names)
-        self.names_view = memoryview(self.names).cast("B")
-        self.controls = (c.c_char * (BURST * self.ctl_space))()
-        self.controls_at = c.addressof(self.controls)
-        self.iovs = (c.c_char * (2 * WORD * BURST * 2 * TRAIN_OUT))()
-        self.iovs_at = c.addressof(self.iovs)
-        self.iov_words = memoryview(self.iovs).cast("B").cast(WORD_CODE)
-        # The lone datagrams' headers: message i, iovec i, key slot i (its
-        # pktinfo right after the name), put back after a queue of trains.
+        # A key: name, then with local replies its control message; the
+        # lone datagrams' headers take it from one slot, a train's copies
+        # that control message before its UDP_SEGMENT.
+        self.name_size, self.pktinfo = name_size, (
+            0 if local is None else local.space)
+        self.key_size = name_size + (0 if local is None else len(local.tail))
+        self.heads = heads = Headers(c, self.key_size, self.pktinfo
+                                     + SEGMENT_CMSG.size, BURST * 2 * TRAIN_OUT)
+        self.iov_words = memoryview(heads.iovs).cast("B").cast(WORD_CODE)
+        self.names = memoryview(heads.names).cast("B")
         for i in range(BURST):
-            name = self.names_at + i * self.key_size
-            MMSGHDR.pack_into(self.raw, i * MMSGHDR.size, name, name_size,
-                              self.iovs_at + 2 * WORD * i, 1,
-                              name + self.key_size - self.pktinfo
-                              if self.pktinfo else 0, self.pktinfo, 0, 0)
-        self.view = memoryview(self.raw).cast("B")
-        self.lone_headers = memoryview(bytes(self.view))
-        self.ptr = c.c_void_p(self.at)
+            name = heads.names_at + i * self.key_size
+            heads.set(i, name, name_size, heads.iovs_at + 2 * WORD * i, 1,
+                      name + self.key_size - self.pktinfo if self.pktinfo
+                      else 0, self.pktinfo)
+        heads.keep()
 
     def push(self, pairs, dest, where, shape=None):
         if len(self.dests) == BURST:
@@ -1358,9 +1357,9 @@ class Outbox:
         if self.shapes:
             self.send_shaped(queued)
         else:
-            IOVECS[queued].pack_into(self.iovs, 0, *self.pairs)
-            self.names_view[:queued * self.key_size] = b"".join(self.dests)
-            sent = self.sendmmsg(self.fd, self.ptr, queued,
+            IOVECS[queued].pack_into(self.heads.iovs, 0, *self.pairs)
+            self.names[:queued * self.key_size] = b"".join(self.dests)
+            sent = self.sendmmsg(self.fd, self.heads.pointers[0], queued,
                                  MmsgIO.MSG_DONTWAIT, None)
             if sent != queued:
                 self.send_rest(sent)
@@ -1369,43 +1368,37 @@ class Outbox:
     def send_shaped(self, queued):
         """Pack each message's header: its iovecs in the flat array, its
         name, its controls (the key's pktinfo, a train's UDP_SEGMENT)."""
+        heads, key_size, pktinfo = self.heads, self.key_size, self.pktinfo
+        space = pktinfo + SEGMENT_CMSG.size     # a train's controls
         self.iov_words[:len(self.pairs)] = array.array(WORD_CODE, self.pairs)
-        shapes, at = self.shapes, 0
+        at = 0
         for i in range(queued):
-            pieces, size, _ = shapes.get(i, (1, 0, 1))
+            pieces, size, _ = self.shapes.get(i, (1, 0, 1))
             dest = self.dests[i]
             name = control = controllen = 0
-            if self.key_size:       # else a channel: connected, no name
-                name = self.names_at + i * self.key_size
-                self.names_view[i * self.key_size:
-                                (i + 1) * self.key_size] = dest
-                if self.pktinfo:
-                    control, controllen = name + self.key_size \
-                        - self.pktinfo, self.pktinfo
-            if size:            # the key's pktinfo, then UDP_SEGMENT
-                ctl = i * self.ctl_space
-                if controllen:
-                    self.controls[ctl:ctl + self.seg_at] = \
-                        dest[self.key_size - self.pktinfo:]
-                else:
-                    ctl += self.seg_at
-                SEGMENT_CMSG.pack_into(
-                    self.controls, i * self.ctl_space + self.seg_at,
-                    SEGMENT_CMSG_LEN, SOL_UDP, UDP_SEGMENT, size)
-                control = self.controls_at + ctl
-                controllen = (i + 1) * self.ctl_space - ctl
-            MMSGHDR.pack_into(self.raw, i * MMSGHDR.size, name,
-                              self.name_size if name else 0,
-                              self.iovs_at + WORD * at, pieces, control,
-                              controllen, 0, 0)
+            if key_size:            # else a channel: connected, no name
+                name = heads.names_at + i * key_size
+                self.names[i * key_size:(i + 1) * key_size] = dest
+                if pktinfo:
+                    control, controllen = name + key_size - pktinfo, pktinfo
+            if size:                # the key's pktinfo, then UDP_SEGMENT
+                ctl = i * space + (0 if controllen else pktinfo)
+                heads.controls[ctl:i * space + pktinfo] = \
+                    dest[key_size - pktinfo:] if controllen else b""
+                SEGMENT_CMSG.pack_into(heads.controls, i * space + pktinfo,
+                                       SEGMENT_CMSG_LEN, SOL_UDP, UDP_SEGMENT,
+                                       size)
+                control, controllen = heads.controls_at + ctl, \
+                    (i + 1) * space - ctl
+            heads.set(i, name, self.name_size if name else 0,
+                      heads.iovs_at + WORD * at, pieces, control, controllen)
             at += 2 * pieces
-        sent = self.sendmmsg(self.fd, self.ptr, queued, MmsgIO.MSG_DONTWAIT,
-                             None)
+        sent = self.sendmmsg(self.fd, heads.pointers[0], queued,
+                             MmsgIO.MSG_DONTWAIT, None)
         if sent != queued:
             self.send_rest(sent)
-        self.view[:queued * MMSGHDR.size] = self.lone_headers[
-            :queued * MMSGHDR.size]
-        shapes.clear()
+        heads.restore(0, queued)
+        self.shapes.clear()
 
     def send_rest(self, sent):
         """After a sendmmsg that sent less than all: the message the
@@ -1435,9 +1428,8 @@ class Outbox:
                 done = lost.stop
             if done >= queued:
                 return
-            sent = self.sendmmsg(self.fd, c.c_void_p(
-                self.at + done * MMSGHDR.size), queued - done,
-                MmsgIO.MSG_DONTWAIT, None)
+            sent = self.sendmmsg(self.fd, self.heads.pointers[done],
+                                 queued - done, MmsgIO.MSG_DONTWAIT, None)
 
     def one_by_one(self, i, pieces, size):
         """The datagrams of queued message i, a refused train, singly."""
@@ -1541,7 +1533,6 @@ class MmsgIO(PortableIO):
         self.local = LocalReplies.of(sock) if reply_from_local else None
         gro = trains_in and enable_gro(sock)
         self.trains_out = TrainsOut(gro, self.notice, self.counts)
-        self.grow = GroTrials(gro)
         self.addresses = {}             # dest key -> sockaddr tuple
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
@@ -1555,15 +1546,7 @@ class MmsgIO(PortableIO):
         self.outbox = Outbox(ctypes, libc, self.fd, self.name_size,
                              self.local, report, self.trains_out)
         self.outbox.send_one = self.send_now
-        self.chan_out = Outbox(ctypes, libc, None, 0, None, report,
-                               self.trains_out)
-        self.chan_out.send_one = lambda data, chan, where: self.send_now(
-            data, None, where, chan)
-        # Channels (connected: no names) read bursts into the free slots,
-        # from `filled` on while the outbox holds what they brought; a
-        # selector round counts (end_round()).
-        self.chan_in = Headers(ctypes, self.base, 0, GRO_ROOM)
-        self.filled, self.round, self.seen = 0, 0, {}
+        self.channels = Channels(self, GroTrials(gro))
         self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
 
     def _receiver(self, read, flags):
@@ -1571,7 +1554,7 @@ class MmsgIO(PortableIO):
         c, fd, report, local = self.c, self.fd, self.report, self.local
         room = (GRO_ROOM if self.trains_out.on else 0) \
             + (0 if local is None else local.space)
-        heads = Headers(c, self.base, self.name_size, room)
+        heads = reads(c, self.base, self.name_size, room)
         first, names, controls = heads.pointers[0], heads.names, heads.controls
         lengths_of, controllens_of = heads.lengths, heads.controllens
         sources_of = repeated("%ds" % self.name_size)
@@ -1661,17 +1644,6 @@ class MmsgIO(PortableIO):
         except OSError as e:
             self.report(where, e)
 
-    def send_train_on(self, chan, start, n, size, where):
-        if n <= size:
-            self.send_on(chan, start + TAG_SIZE, n - TAG_SIZE, where)
-            return
-        if chan not in self.grow.trial:
-            self.grow.start(chan)       # its connectee sends trains
-        self.chan_out.fd = chan.fileno()
-        self.chan_out.push_train(*self.gather(start, n, size, None),
-                                 dest=chan, where=where)
-        self.chan_out.flush()
-
     def flush(self):
         self.outbox.flush()
 
@@ -1689,93 +1661,20 @@ class MmsgIO(PortableIO):
         except OSError as e:
             self.report(where, e)
 
+    def send_train_on(self, chan, start, n, size, where):
+        self.channels.send_train(chan, start, n, size, where)
+
     def forward(self, chan, tag, dest, where):
-        """Read what a channel has and send it on to dest (a key), each
-        datagram with tag before it: (datagrams, bytes) read.
-
-        A lone datagram goes at once.  A channel readable in two selector
-        rounds in a row is busy, and one on trial reads with UDP_GRO: then
-        one recvmmsg reads what waits, up to the slots free, and it leaves
-        as trains where it can, in the outbox, at the round's end."""
-        q = self.filled if self.outbox.dests else 0
-        if q == BURST:
-            self.outbox.flush()
-            q = 0
-        busy = self.seen.get(chan) == self.round - 1
-        self.seen[chan] = self.round
-        trial = chan in self.grow.trial or self.grow.due(chan, 1)
-        at = PLAIN_ATS[q]
-        if not busy and not trial:
-            n = chan.recv_into(self.slots[q], MAX_DATAGRAM)
-            TAG.pack_into(self.buf, at, tag)
-            self.send_now(self.view[at:at + TAG_SIZE + n], dest, where)
-            return 1, n
-        heads = self.chan_in
-        k = self.libc.recvmmsg(chan.fileno(), heads.pointers[q],
-                               BURST - q if busy else 1, self.MSG_DONTWAIT,
-                               None)
-        if k < 0:
-            err = self.c.get_errno()
-            raise OSError(err, os.strerror(err))
-        lengths = heads.lengths(q, k)
-        sizes = [0] * k
-        controllens = heads.controllens(q, k)
-        if trial and max(controllens):
-            sizes = [n and gro_segment(heads.controls, (q + i) * GRO_ROOM)
-                     for i, n in enumerate(controllens)]
-        heads.restore(q, k)
-        if trial:
-            self.grow.read(chan, any(sizes))
-        self.filled = q + k     # taken until the outbox leaves
-        if k == 1 and not sizes[0]:
-            self.seen[chan] = -2        # not busy after all: recv next time
-            n = lengths[0]
-            TAG.pack_into(self.buf, at, tag)
-            self.send_now(self.view[at:at + TAG_SIZE + n], dest, where)
-            return 1, n
-        return self.send_tagged(q, lengths, sizes, tag, dest, where), \
-            sum(lengths)
-
-    def send_tagged(self, q, lengths, sizes, tag, dest, where):
-        """Queue what a channel read into slots q... (trains with their
-        segment sizes) for dest, tag before each datagram: as one train
-        where all are lone and their sizes allow.  How many datagrams."""
-        k, size = len(lengths), lengths[0]
-        if any(sizes):
-            count = 0
-            for at, n, seg in zip(PLAIN_ATS[q:q + k], lengths, sizes):
-                if seg and n > seg:
-                    self.send_train(at + TAG_SIZE, n, seg, dest, where, tag)
-                    count += train_length(n, seg)
-                else:
-                    TAG.pack_into(self.buf, at, tag)
-                    self.send(at, TAG_SIZE + n, dest, where)
-                    count += 1
-            return count
-        at, end = PLAIN_ATS[q], PLAIN_ATS[q] + k * SLOT
-        buf = self.buf          # the tags in place, a byte at a time
-        buf[at:end:SLOT] = bytes((tag >> 8,)) * k
-        buf[at + 1:end:SLOT] = bytes((tag & 0xFF,)) * k
-        if lengths[:-1].count(size) == k - 1 and 0 < lengths[-1] <= size:
-            flat = [0, 0] * k
-            flat[0::2] = range(self.base + at, self.base + end, SLOT)
-            flat[1::2] = map(TAG_SIZE.__add__, lengths)
-            self.outbox.push_train(flat, 1, size + TAG_SIZE, k, dest, where)
-        else:
-            for at, n in zip(PLAIN_ATS[q:q + k], lengths):
-                self.send(at, TAG_SIZE + n, dest, where)
-        return k
+        return self.channels.forward(chan, tag, dest, where)
 
     def end_round(self):
         """A selector round ends: what the channels brought leaves."""
-        self.round += 1
+        self.channels.round += 1
         self.outbox.flush()
 
     def forget(self, chan):
         """The client closes chan."""
-        self.grow.forget(chan)
-        self.trains_out.too_big.pop(chan, None)
-        self.seen.pop(chan, None)
+        self.channels.forget(chan)
 
     def wait_in_receive(self, seconds):
         sock, c = self.sock, self.c
@@ -1831,6 +1730,122 @@ class MmsgIO(PortableIO):
         flowinfo = struct.unpack_from(">I", raw, 4)[0]
         scope = struct.unpack_from("=I", raw, 24)[0]
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
+
+
+class Channels:
+    """A client's channels in MmsgIO: connected sockets, no names.
+
+    forward() reads what one has into the free slots of io.buf, from
+    `filled` on while the main Outbox holds what they brought, and sends
+    it on to the server.  A channel readable in two selector rounds in a
+    row (`round`, `seen`) is busy and read with one recvmmsg.  A train for
+    a channel leaves at once by its own small Outbox, so a channel's
+    datagrams keep their order.  UDP_GRO on channels: GroTrials."""
+
+    def __init__(self, io, trials):
+        self.io, self.trials = io, trials
+        self.reads = reads(io.c, io.base, 0, GRO_ROOM)
+        self.out = Outbox(io.c, io.libc, None, 0, None, io.report,
+                          io.trains_out)
+        self.out.send_one = lambda data, chan, where: io.send_now(
+            data, None, where, chan)
+        self.filled, self.round, self.seen = 0, 0, {}
+
+    def send_train(self, chan, start, n, size, where):
+        """A train to chan, tags left out, sent at once."""
+        if n <= size:
+            self.io.send_on(chan, start + TAG_SIZE, n - TAG_SIZE, where)
+            return
+        if chan not in self.trials.trial:
+            self.trials.start(chan)       # its connectee sends trains
+        self.out.fd = chan.fileno()
+        self.out.push_train(*self.io.gather(start, n, size, None),
+                            dest=chan, where=where)
+        self.out.flush()
+
+    def forward(self, chan, tag, dest, where):
+        """Read what a channel has and send it on to dest (a key), each
+        datagram with tag before it: (datagrams, bytes) read.
+
+        A lone datagram goes at once.  A channel readable in two selector
+        rounds in a row is busy, and one on trial reads with UDP_GRO: then
+        one recvmmsg reads what waits, up to the slots free, and it leaves
+        as trains where it can, in the outbox, at the round's end."""
+        io = self.io
+        q = self.filled if io.outbox.dests else 0
+        if q == BURST:
+            io.outbox.flush()
+            q = 0
+        busy = self.seen.get(chan) == self.round - 1
+        self.seen[chan] = self.round
+        trial = chan in self.trials.trial or self.trials.due(chan, 1)
+        if not busy and not trial:
+            return self.send_lone(chan.recv_into(io.slots[q], MAX_DATAGRAM),
+                                  q, tag, dest, where)
+        heads = self.reads
+        k = io.libc.recvmmsg(chan.fileno(), heads.pointers[q],
+                             BURST - q if busy else 1, MmsgIO.MSG_DONTWAIT,
+                             None)
+        if k < 0:
+            err = io.c.get_errno()
+            raise OSError(err, os.strerror(err))
+        lengths = heads.lengths(q, k)
+        sizes = [0] * k
+        controllens = heads.controllens(q, k)
+        if trial and max(controllens):
+            sizes = [n and gro_segment(heads.controls, (q + i) * GRO_ROOM)
+                     for i, n in enumerate(controllens)]
+        heads.restore(q, k)
+        if trial:
+            self.trials.read(chan, any(sizes))
+        if k == 1 and not sizes[0]:
+            self.seen[chan] = -2        # not busy after all: recv next time
+            return self.send_lone(lengths[0], q, tag, dest, where)
+        self.filled = q + k     # taken until the outbox leaves
+        return self.send_tagged(q, lengths, sizes, tag, dest, where), \
+            sum(lengths)
+
+    def send_lone(self, n, q, tag, dest, where):
+        """The datagram of n bytes read into slot q goes at once, tagged."""
+        at, io = PLAIN_ATS[q], self.io
+        TAG.pack_into(io.buf, at, tag)
+        io.send_now(io.view[at:at + TAG_SIZE + n], dest, where)
+        return 1, n
+
+    def send_tagged(self, q, lengths, sizes, tag, dest, where):
+        """Queue what a channel read into slots q... (trains with their
+        segment sizes) for dest, tag before each datagram: as one train
+        where all are lone and their sizes allow.  How many datagrams."""
+        io, k, size = self.io, len(lengths), lengths[0]
+        if any(sizes):
+            count = 0
+            for at, n, seg in zip(PLAIN_ATS[q:q + k], lengths, sizes):
+                if seg and n > seg:
+                    io.send_train(at + TAG_SIZE, n, seg, dest, where, tag)
+                    count += train_length(n, seg)
+                else:
+                    TAG.pack_into(io.buf, at, tag)
+                    io.send(at, TAG_SIZE + n, dest, where)
+                    count += 1
+            return count
+        at, end = PLAIN_ATS[q], PLAIN_ATS[q] + k * SLOT
+        buf = io.buf          # the tags in place, a byte at a time
+        buf[at:end:SLOT] = bytes((tag >> 8,)) * k
+        buf[at + 1:end:SLOT] = bytes((tag & 0xFF,)) * k
+        if lengths[:-1].count(size) == k - 1 and 0 < lengths[-1] <= size:
+            flat = [0, 0] * k
+            flat[0::2] = range(io.base + at, io.base + end, SLOT)
+            flat[1::2] = map(TAG_SIZE.__add__, lengths)
+            io.outbox.push_train(flat, 1, size + TAG_SIZE, k, dest, where)
+        else:
+            for at, n in zip(PLAIN_ATS[q:q + k], lengths):
+                io.send(at, TAG_SIZE + n, dest, where)
+        return k
+
+    def forget(self, chan):
+        self.trials.forget(chan)
+        self.io.trains_out.too_big.pop(chan, None)
+        self.seen.pop(chan, None)
 
 
 class LocalReplies(dict):
