@@ -881,13 +881,14 @@ class TestTrains(RelayCase):
         errors = []
         io = ux.MmsgIO(self.udp(), lambda where, exc: errors.append(
             (where, exc.errno)), *ux._load_mmsg())
-        peer = self.udp()
+        peer, chan = self.udp(), self.udp()
         dest = io.key_of(peer.getsockname())
         for size in (40000, 65507):
             for q in range(2):
                 io.buf[ux.PLAIN_ATS[q] + 2:ux.PLAIN_ATS[q] + 2 + size] = \
                     bytes([q]) * size
-            io.channels.send_tagged(0, [size, size], [0, 0], 5, dest, "x")
+            io.channels.send_tagged(chan, 0, [size, size], [0, 0], 5, dest,
+                                    "x")
             io.flush()
         self.assertEqual([self.recv(peer)[0] for _ in range(2)],
                          [b"\x00\x05" + bytes([q]) * 40000 for q in range(2)])
@@ -955,7 +956,7 @@ class TestTrains(RelayCase):
         datagrams, trains = receive_trains(real, 32)
         self.assertEqual(datagrams, [b"\x00\x01"] + parts)
         self.assertIn(1000, trains)
-        self.assertIn(chan, io.channels.trials.trial)
+        self.assertIn(chan, io.channels.gro.left)
         back = [b"r%02d" % i + bytes(1197) for i in range(20)]
         send_train(real, back, chan.getsockname())
         select.select([chan], [], [], TIMEOUT)
@@ -969,7 +970,7 @@ class TestTrains(RelayCase):
         self.assertEqual(io.forward(chan, 2, to_server, "x"), (1, 11))
         self.assertEqual(self.recv(server)[0], b"\x00\x02alone again")
         io.forget(chan)             # the client closes it
-        self.assertNotIn(chan, io.channels.trials.trial)
+        self.assertNotIn(chan, io.channels.gro.left)
 
     def test_a_busy_channel_is_read_in_bursts(self):
         """A channel readable in two selector rounds in a row is read with
@@ -1021,7 +1022,8 @@ class TestTrains(RelayCase):
         chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
                              real.getsockname())
         self.addCleanup(chan.close)
-        self.assertTrue(io.channels.trials.start(chan))
+        io.channels.gro.start(chan)
+        self.assertIn(chan, io.channels.gro.left)
         train = [bytes([i]) * 1023 for i in range(64)]  # two, tagged
         send_train(real, train, chan.getsockname())
         select.select([chan], [], [], TIMEOUT)
@@ -1069,10 +1071,12 @@ class TestTrains(RelayCase):
         self.assertEqual(got(), (train, True))
         self.assertEqual(io.counts["trains_in"], 4)
 
-    def test_a_channel_tries_trains_from_the_real_server(self):
+    def test_a_channel_reads_trains_after_a_run_of_one_size(self):
+        """A channel reads with UDP_GRO once a busy read finds datagrams of
+        one size, and stops after TRIAL_READS reads without a train, unless
+        something waits then."""
         sock = gro_socket(self)
-        with mock.patch.object(ux, "TRIAL_EVERY", 5), \
-                mock.patch.object(ux, "TRIAL_READS", 3):
+        with mock.patch.object(ux, "TRIAL_READS", 3):
             io = self.io(sock)
             real, server = self.udp(), gro_socket(self)
             chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
@@ -1080,15 +1084,19 @@ class TestTrains(RelayCase):
             self.addCleanup(chan.close)
             here = chan.getsockname()
             to_server = io.key_of(server.getsockname())
+            gro = io.channels.gro.left
 
-            def read(count):
-                """count reads from chan: the datagrams each sent on, as a
-                list of them, and whether each left as a train."""
+            def read(count, busy=False):
+                """count reads from chan, each in a selector round, busy
+                ones in rounds one after the other: the datagrams each
+                sent on, and whether as a train."""
                 got = []
                 for _ in range(count):
                     select.select([chan], [], [], TIMEOUT)
                     k, _ = io.forward(chan, 1, to_server, "x")
-                    io.flush()
+                    io.end_round()
+                    if not busy:
+                        io.end_round()      # a round without it
                     datagrams, trains = receive_trains(server, k)
                     self.assertEqual({d[:2] for d in datagrams},
                                      {b"\x00\x01"})
@@ -1097,38 +1105,30 @@ class TestTrains(RelayCase):
                 return got
 
             train = [b"%02d" % i * 300 for i in range(7)]
-            # The 5th read of a channel tries UDP_GRO: the train after it
-            # is read as one and spread.
-            for i in range(5):
-                real.sendto(b"lone %d" % i, here)
-            self.assertEqual(read(5), [([b"lone %d" % i], False)
-                                       for i in range(5)])
-            self.assertIn(chan, io.channels.trials.trial)
+            real.sendto(b"lone", here)
+            self.assertEqual(read(1), [([b"lone"], False)])
+            self.assertNotIn(chan, gro)
+            send_train(real, train, here)       # cut by the kernel
+            time.sleep(0.05)
+            self.assertEqual(read(2, busy=True), [([train[0]], False),
+                                       (train[1:], True)])     # busy
+            self.assertIn(chan, gro)            # a run of one size
             send_train(real, train, here)
             self.assertEqual(read(1), [(train, True)])
-            # 3 reads without a train end the trial, but a train queued
-            # then is still read as one: UDP_GRO stays on for it.
+            # 3 reads without a train end it, but a train queued then is
+            # still read as one: UDP_GRO stays on for it.
             for i in range(3):
                 real.sendto(b"more %d" % i, here)
             send_train(real, train, here)
             time.sleep(0.05)            # all of it queued
             self.assertEqual(read(4), [([b"more %d" % i], False)
                                        for i in range(3)] + [(train, True)])
-            # 3 more with nothing queued after them end it: a train comes
-            # cut into datagrams by the kernel then.
-            for i in range(3):
+            self.assertIn(chan, gro)
+            for i in range(3):          # nothing waits after these: off
                 real.sendto(b"last %d" % i, here)
                 read(1)
-            self.assertNotIn(chan, io.channels.trials.trial)
-            send_train(real, train, here)
-            self.assertEqual(read(7), [([d], False) for d in train])
-            # The 5th of those was due a trial, but a trial without a train
-            # makes a channel rest for one; the next one starts.
-            self.assertNotIn(chan, io.channels.trials.trial)
-            for i in range(3):
-                real.sendto(b"rest %d" % i, here)
-            read(3)
-            self.assertIn(chan, io.channels.trials.trial)
+            self.assertNotIn(chan, gro)
+            io.forget(chan)
 
     def test_trains_through_server_and_client(self):
         real, conn, saddr, chan = self.relayed()[:4]
@@ -1191,11 +1191,11 @@ class TestTrains(RelayCase):
 
     def test_trains_from_the_real_server_alone(self):
         """A download: the real server sends trains, the connectee none.
-        A channel tries UDP_GRO every TRIAL_EVERY-th read; from then on
-        the trains stay trains all the way."""
+        A channel reads with UDP_GRO once it reads a run of one size; from
+        then on the trains stay trains all the way."""
         real, conn, saddr, chan = self.relayed()[:4]
         trains, deadline = [], time.monotonic() + 30
-        for i in range(2 * ux.TRIAL_EVERY // 8):
+        for i in range(200):
             back = [struct.pack(">HH", i, j) * 300 for j in range(8)]
             send_train(real, back, chan)
             got, sizes = receive_trains(conn, 8)

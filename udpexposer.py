@@ -920,7 +920,7 @@ def run_loop(sel, timers=None, stop=None, signalled=None, after=None):
 # with one API: see PortableIO.  Inside MmsgIO each mechanism is a room
 # that owns its state: Headers (struct mmsghdr arrays), Outbox (a queue
 # for sendmmsg and its fallbacks), TrainsOut (the UDP_SEGMENT policy),
-# GroTrials (the UDP_GRO policy of channels), LocalReplies (pktinfo).
+# ChannelGro (the UDP_GRO policy of channels), LocalReplies (pktinfo).
 #
 # buf holds BURST slots.  A read into slot q lands at q * SLOT + HEADROOM;
 # an item is named by `at`, where its tag goes, TAG_SIZE bytes before its
@@ -967,9 +967,7 @@ HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
 PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
-TRIAL_EVERY = 4096        # channel reads between trials of UDP_GRO
-TRIAL_READS = 64          # reads without a train that end a trial
-MAX_REST = 6              # a channel skips 2 ** MAX_REST trials at most
+TRIAL_READS = 64          # a channel's reads without a train: GRO off
 # A control message: cmsg_len, cmsg_level, cmsg_type, and for UDP_GRO the
 # segment size; UDP_SEGMENT's, with its size padded to CMSG_SPACE(2).
 GRO_CMSG = struct.Struct("@Niii")
@@ -1446,66 +1444,41 @@ class Outbox:
         raise NotImplementedError
 
 
-class GroTrials:
+class ChannelGro:
     """The UDP_GRO policy of a client's channels.
 
     Reading with UDP_GRO costs a channel half a microsecond a read
-    (recvmmsg against recv_into), so it is on where trains come: on trial
-    when the server sends a train for the channel (its connectee sends
-    trains), and at every TRIAL_EVERY-th datagram read on channels, for
-    the channel that read it (the busiest is the likeliest).  TRIAL_READS
-    reads without a train end a trial, and the channel then rests for
-    twice as many trials as after its last failed one.  (The main socket
-    reads with UDP_GRO from the start: a tenth of a microsecond a burst.)
-    """
+    (recvmmsg against recv_into), so it is on only where trains are
+    likely: when the server sends a train for the channel (its connectee
+    sends them), or a busy read finds datagrams of one size (the real
+    server sends runs, which the kernel hands over as one train with it).
+    TRIAL_READS reads without a train turn it off again, unless something
+    waits then (it may be a train, readable only with UDP_GRO on)."""
 
     def __init__(self, on):
         self.on = on
-        self.trial = {}                 # channel -> reads left in its trial
-        self.until = TRIAL_EVERY if on else float("inf")
-        self.trials = 0                 # trials due so far
-        self.failures, self.rest = {}, {}
-
-    def due(self, chan, k):
-        """k datagrams read from chan, not on trial: whether one starts."""
-        self.until -= k
-        if self.until > 0:
-            return False
-        self.until = TRIAL_EVERY
-        self.trials += 1
-        return self.trials >= self.rest.get(chan, 0) and self.start(chan)
+        self.left = {}      # channel with UDP_GRO on -> reads left without
 
     def start(self, chan):
-        """UDP_GRO on for chan, on trial: whether the kernel agreed."""
-        if self.on and enable_gro(chan):
-            self.trial[chan] = TRIAL_READS
-            return True
-        return False
+        if self.on and chan not in self.left and enable_gro(chan):
+            self.left[chan] = TRIAL_READS
 
     def read(self, chan, trains):
-        """A read of chan on trial brought trains, or none."""
-        if trains:
-            self.trial[chan] = TRIAL_READS
-            self.failures.pop(chan, None)
+        """A read of chan with UDP_GRO on brought trains, or none."""
+        left = self.left[chan] = TRIAL_READS if trains else \
+            self.left[chan] - 1
+        if left:
             return
-        self.trial[chan] -= 1
-        if self.trial[chan]:
-            return
-        failures = self.failures[chan] = self.failures.get(chan, 0) + 1
-        self.rest[chan] = self.trials + 2 ** min(failures, MAX_REST)
-        try:        # off, unless something waits: it may be a train,
-            chan.setsockopt(SOL_UDP, UDP_GRO, 0)    # readable only with it
+        try:
+            chan.setsockopt(SOL_UDP, UDP_GRO, 0)
             chan.recv(1, socket.MSG_PEEK | MmsgIO.MSG_DONTWAIT)
-        except BlockingIOError:
-            del self.trial[chan]
+        except BlockingIOError:         # nothing waits: off
+            del self.left[chan]
             return
         except OSError:
             pass
-        self.start(chan)
-
-    def forget(self, chan):
-        for table in (self.trial, self.failures, self.rest):
-            table.pop(chan, None)
+        enable_gro(chan)
+        self.left[chan] = TRIAL_READS
 
 
 class MmsgIO(PortableIO):
@@ -1546,7 +1519,7 @@ class MmsgIO(PortableIO):
         self.outbox = Outbox(ctypes, libc, self.fd, self.name_size,
                              self.local, report, self.trains_out)
         self.outbox.send_one = self.send_now
-        self.channels = Channels(self, GroTrials(gro))
+        self.channels = Channels(self, ChannelGro(gro))
         self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
 
     def _receiver(self, read, flags):
@@ -1740,10 +1713,10 @@ class Channels:
     it on to the server.  A channel readable in two selector rounds in a
     row (`round`, `seen`) is busy and read with one recvmmsg.  A train for
     a channel leaves at once by its own small Outbox, so a channel's
-    datagrams keep their order.  UDP_GRO on channels: GroTrials."""
+    datagrams keep their order.  UDP_GRO on channels: ChannelGro."""
 
-    def __init__(self, io, trials):
-        self.io, self.trials = io, trials
+    def __init__(self, io, gro):
+        self.io, self.gro = io, gro
         self.reads = reads(io.c, io.base, 0, GRO_ROOM)
         self.out = Outbox(io.c, io.libc, None, 0, None, io.report,
                           io.trains_out)
@@ -1756,8 +1729,7 @@ class Channels:
         if n <= size:
             self.io.send_on(chan, start + TAG_SIZE, n - TAG_SIZE, where)
             return
-        if chan not in self.trials.trial:
-            self.trials.start(chan)       # its connectee sends trains
+        self.gro.start(chan)            # its connectee sends trains
         self.out.fd = chan.fileno()
         self.out.push_train(*self.io.gather(start, n, size, None),
                             dest=chan, where=where)
@@ -1778,7 +1750,7 @@ class Channels:
             q = 0
         busy = self.seen.get(chan) == self.round - 1
         self.seen[chan] = self.round
-        trial = chan in self.trials.trial or self.trials.due(chan, 1)
+        trial = chan in self.gro.left
         if not busy and not trial:
             return self.send_lone(chan.recv_into(io.slots[q], MAX_DATAGRAM),
                                   q, tag, dest, where)
@@ -1797,12 +1769,13 @@ class Channels:
                      for i, n in enumerate(controllens)]
         heads.restore(q, k)
         if trial:
-            self.trials.read(chan, any(sizes))
+            self.gro.read(chan, any(sizes))
         if k == 1 and not sizes[0]:
-            self.seen[chan] = -2        # not busy after all: recv next time
+            if busy:                    # not after all: recv next time
+                self.seen[chan] = -2
             return self.send_lone(lengths[0], q, tag, dest, where)
         self.filled = q + k     # taken until the outbox leaves
-        return self.send_tagged(q, lengths, sizes, tag, dest, where), \
+        return self.send_tagged(chan, q, lengths, sizes, tag, dest, where), \
             sum(lengths)
 
     def send_lone(self, n, q, tag, dest, where):
@@ -1812,7 +1785,7 @@ class Channels:
         io.send_now(io.view[at:at + TAG_SIZE + n], dest, where)
         return 1, n
 
-    def send_tagged(self, q, lengths, sizes, tag, dest, where):
+    def send_tagged(self, chan, q, lengths, sizes, tag, dest, where):
         """Queue what a channel read into slots q... (trains with their
         segment sizes) for dest, tag before each datagram: as one train
         where all are lone and their sizes allow.  How many datagrams."""
@@ -1837,13 +1810,14 @@ class Channels:
             flat[0::2] = range(io.base + at, io.base + end, SLOT)
             flat[1::2] = map(TAG_SIZE.__add__, lengths)
             io.outbox.push_train(flat, 1, size + TAG_SIZE, k, dest, where)
+            self.gro.start(chan)        # a run of one size: trains likely
         else:
             for at, n in zip(PLAIN_ATS[q:q + k], lengths):
                 io.send(at, TAG_SIZE + n, dest, where)
         return k
 
     def forget(self, chan):
-        self.trials.forget(chan)
+        self.gro.left.pop(chan, None)
         self.io.trains_out.too_big.pop(chan, None)
         self.seen.pop(chan, None)
 
