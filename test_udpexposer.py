@@ -391,6 +391,40 @@ class TestLRU(unittest.TestCase):
         self.assertEqual(lru.put("j", "J"), ("i", "I", False))
         self.assertEqual(len(lru), 3)
 
+    def test_bounded_forgets_the_oldest_only(self):
+        cache = ux.Bounded(3)
+        for key in "abc":
+            cache[key] = key.upper()
+        self.assertEqual(cache["a"], "A")           # a hit changes no order
+        cache["b"] = "B2"                           # nor a key stored anew
+        cache["d"] = "D"
+        self.assertEqual(list(cache.items()),
+                         [("b", "B2"), ("c", "C"), ("d", "D")])
+        for i in range(100):                        # keeps its bound
+            cache[i] = i
+            self.assertEqual(len(cache), 3)
+        self.assertEqual(list(cache), [97, 98, 99])
+        del cache[98]                               # room: nothing forgotten
+        cache["e"] = "E"
+        self.assertEqual(list(cache), [97, 99, "e"])
+
+    def test_local_replies_forget_the_oldest_address_only(self):
+        local = ux.LocalReplies(socket.AF_INET)
+        local.capacity = 2
+
+        def pktinfo(ip):
+            return struct.pack("@Nii", local.HEADER + 12, socket.IPPROTO_IP,
+                               ux.IP_PKTINFO) + bytes(4) \
+                + socket.inet_aton(ip) * 2
+
+        key = lambda ip: bytes(16) + local[pktinfo(ip)]   # a source's tail
+        tails = [key("127.3.0.%d" % i) for i in (1, 2, 3)]
+        self.assertEqual([local.address(t) for t in tails],
+                         ["127.3.0.1", "127.3.0.2", "127.3.0.3"])
+        self.assertEqual(len(local), 2)
+        self.assertEqual(list(local), [pktinfo("127.3.0.2"),
+                                       pktinfo("127.3.0.3")])
+
     def test_connectees_evict_both_directions_together(self):
         t = ux.Connectees(2)
         a, b, c = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
@@ -1465,6 +1499,18 @@ class TestCrypto(unittest.TestCase):
         self.assertIsNone(ux.retry_nonce({"Retry": -5}))
         self.assertIsNone(ux.retry_nonce("Registered"))
 
+    def test_the_proxy_question_and_answer(self):
+        self.assertEqual(ux.request_claims(None, 5),
+                         b'{"nonce":null,"proxy":5}')
+        self.assertEqual(ux.request_nonce({"nonce": 7, "proxy": 5}), (True, 7))
+        self.assertEqual(ux.request_nonce({"proxy": 5}), (False, None))
+        self.assertEqual(ux.retry_nonce(json.loads(ux.proxy_claims(ux.M64)),
+                                        "ProxyV2"), ux.M64)
+        longest = ux.sign(V_KEY, ux.request_claims(ux.M64, ux.M64))
+        self.assertEqual(len(longest), ux.MAX_TOKEN)
+        self.assertEqual(ux.verify(V_KEY, longest),
+                         {"nonce": ux.M64, "proxy": ux.M64})
+
     def test_stats_blob(self):
         self.assertEqual(ux.stats_json(V_STATS_BLOB), V_STATS_JSON)
         stats = dict(zip(ux.STAT_NAMES, range(1, 24)))
@@ -1910,7 +1956,10 @@ class TestThroughNat(RelayCase):
     def test_proxy_protocol_to_unbound(self):
         """A DNS resolver behind the NAT that reads PROXY v2 headers and
         lets only 198.51.100.0/29 in: through the relay with
-        --proxy-protocol it sees who asks; without, it answers nobody."""
+        --proxy-protocol it sees who asks; without, it answers nobody.
+        198.51.100.9 forging a header that names 198.51.100.2 is refused:
+        the server's header comes first, or (password mode, a server that
+        does not say it adds them) the client relays nothing."""
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)
         conf, logfile, port = os.path.join(tmp, "unbound.conf"), \
@@ -1935,6 +1984,7 @@ class TestThroughNat(RelayCase):
   access-control: 198.51.100.0/29 allow
   local-zone: "test." static
   local-data: "who.test. A 192.0.2.1"
+  local-data: "forged.test. A 192.0.2.2"
 remote-control:
   control-enable: no
 """ % dict(hidden=self.HIDDEN, port=port, log=logfile, tmp=tmp))
@@ -1962,20 +2012,56 @@ remote-control:
                 stdout=subprocess.PIPE, universal_newlines=True,
                 timeout=30).stdout
 
-        real = ("%s:%d" % (self.HIDDEN, port),)
-        for extra, answered in ((("--proxy-protocol",), True), ((), False)):
-            with self.subTest(extra=extra):
-                server = self.start_server(*extra)
+        def forge():
+            """From 198.51.100.9, a query for forged.test behind a header
+            that names 198.51.100.2: the reply's (rcode, answers) or None."""
+            conn = self.connectee(9)
+            conn.settimeout(2)
+            query = struct.pack(">6H", 0x5858, 0x0100, 1, 0, 0, 0) \
+                + b"\x06forged\x04test\x00" + struct.pack(">HH", 1, 1)
+            conn.sendto(ux.proxy_header(("198.51.100.2", 5300), self.HELPER)
+                        + query, self.HELPER)
+            try:
+                reply = conn.recv(4096)
+            except socket.timeout:
+                return None
+            return reply[3] & 15, struct.unpack(">H", reply[6:8])[0]
+
+        real = "%s:%d" % (self.HIDDEN, port)
+        flag, pw = ("--proxy-protocol",), {ux.PASSWORD_ENV: "p"}
+        rust = os.access(RUST, os.X_OK)
+        # server (ours' flags, or "rust"), client flags, env, answered
+        cases = [(flag, flag, {}, True), ((), (), {}, False),
+                 (flag, flag, pw, True), ((), flag, pw, False)] \
+            + [("rust", flag, pw, False)] * rust
+        for server_flags, extra, env, answered in cases:
+            with self.subTest(server=server_flags, client=extra, env=env):
+                if server_flags == "rust":
+                    server = subprocess.Popen(
+                        ["ip", "netns", "exec", self.wan, RUST, "-s", "-P",
+                         "p", "%s:%d" % self.HELPER],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    self.addCleanup(server.wait, TIMEOUT)
+                    self.addCleanup(server.kill)
+                else:
+                    server = self.start("-s", "%s:%d" % self.HELPER, "-n", 16,
+                                        *server_flags, env=env,
+                                        netns=self.wan)[0]
                 client = self.start("0.0.0.0:0", "-a", "%s:%d" % self.HELPER,
-                                    "-c", real[0], "-n", 16, "-i",
-                                    self.INTERVAL_MS, "-v", *extra,
+                                    "-c", real, "-n", 16, "-i",
+                                    self.INTERVAL_MS, "-v", *extra, env=env,
                                     netns=self.lan)[0]
-                server.wait_line(r"New client address: 203\.0\.113\.10:")
+                if env and answered:
+                    client.wait_line("adds PROXY protocol headers$")
+                elif env:
+                    client.wait_line("does not say that it adds PROXY")
+                else:
+                    server.wait_line(r"New client address: 203\.0\.113\.10:")
                 out = dig(2)
                 if answered:
                     self.assertRegex(out, r"who\.test\.\s+\d+\s+IN\s+A\s+"
                                           r"192\.0\.2\.1")
-                    client.wait_line(r"New incoming channel 1 for "
+                    client.wait_line(r"New incoming channel \d+ for "
                                      r"198\.51\.100\.2:\d+$")
                     self.assertRegex(log(), r"info: 198\.51\.100\.2 "
                                             r"who\.test\. A IN")
@@ -1983,7 +2069,17 @@ remote-control:
                     self.assertIn("status: REFUSED", dig(9))
                 else:
                     self.assertIn("timed out", out)
-                server.stop()
+                if extra:       # REFUSED by .9, or never relayed
+                    self.assertEqual(forge(), (5, 0) if answered else None)
+                    self.assertNotIn("forged.test", log())
+                if env and not answered:
+                    self.assertEqual(usr1_stats(client, "client")[
+                        "proxy_unconfirmed"], 2)
+                if server_flags == "rust":
+                    server.kill()
+                    server.wait(TIMEOUT)
+                else:
+                    server.stop()
                 client.stop()
 
     def test_nat_reboot_with_a_new_address(self):
@@ -2153,6 +2249,135 @@ class TestMultiHomed(RelayCase):
                 port += 1
                 with self.subTest(bind=bind, hosts=hosts, extra=extra):
                     self.check("%s:%d" % (bind, port), hosts, *extra)
+
+
+@unittest.skipIf(NETNS_MISSING and not NETNS_REQUIRED, NETNS_MISSING)
+class TestLocalByRoute(RelayCase):
+    """A helper whose IPv6 addresses are local by a route alone, as anycast
+    and some hosting set-ups make them (`ip -6 route add local PREFIX dev
+    lo`), on no interface: a reply leaves from the address it answers.
+    One namespace; connectees, the client and the real server on ::1."""
+
+    PREFIX = "2001:db8:1::"
+    HOSTS = ("2001:db8:1::1", "2001:db8:1::5", "2001:db8:1::abcd", "::1")
+
+    def setUp(self):
+        if NETNS_MISSING:
+            self.fail(NETNS_MISSING)
+        self.ns = "uxv6%x%04x" % (os.getpid() % 0xFFFF, id(self) % 0xFFFF)
+        sh("ip", "netns", "add", self.ns)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", self.ns],
+                        stderr=subprocess.DEVNULL)
+        sh("ip", "-n", self.ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.ns, "-6", "route", "add", "local",
+           self.PREFIX + "/64", "dev", "lo")
+
+    def exchange(self, conn, dest):
+        """Send to dest until a reply comes (a -P client registers first):
+        the reply and where it came from."""
+        msg = b"to " + dest[0].encode()
+        deadline = time.monotonic() + TIMEOUT
+        conn.settimeout(0.2)
+        try:
+            while True:
+                conn.sendto(msg, dest)
+                try:
+                    data, src = conn.recvfrom(100)
+                    break
+                except socket.timeout:
+                    self.assertLess(time.monotonic(), deadline,
+                                    "no reply via %s" % dest[0])
+        finally:
+            conn.settimeout(TIMEOUT)
+        self.assertEqual(data, msg)
+        return src
+
+    def check(self, *extra):
+        server, saddr = self.start("-s", "[::]:0", *extra, netns=self.ns)
+        port = saddr[1]
+        real = self.udp("::1", netns=self.ns)
+        self.echo(real)
+        self.start("[::1]:0", "-a", "[::1]:%d" % port, "-c", ux.format_addr(
+            real.getsockname()), "-i", 200, *extra, netns=self.ns)
+        conn = self.udp("::1", netns=self.ns)
+        froms = [self.exchange(conn, (host, port))[0] for host in self.HOSTS]
+        batched = "--portable-io" not in extra
+        if batched:                     # from the address each one used
+            self.assertEqual(froms, list(self.HOSTS))
+        else:                           # from the kernel's choice
+            self.assertEqual(set(froms), {"::1"})
+        for host in self.HOSTS[1:3]:    # trains, and their bursts of replies
+            train = [bytes([i]) * 500 for i in range(20)]
+            send_train(conn, train, (host, port))
+            got = [conn.recvfrom(1000) for _ in train]
+            self.assertEqual(sorted(data for data, _ in got), train)
+            self.assertEqual({src[0] for _, src in got},
+                             {host if batched else "::1"})
+        stats = usr1_stats(server, "server")
+        self.assertEqual(stats["sources_refused"], 0)
+        self.assertEqual(stats["err3"], 0)
+        self.assertNotIn("Socket error", "\n".join(server.drain()))
+
+    def test_replies_leave_from_the_address_a_connectee_used(self):
+        for extra in ((), ("-P", V_PASSWORD), ("--portable-io",),
+                      ("--portable-io", "-P", V_PASSWORD)):
+            with self.subTest(extra=extra):
+                self.check(*extra)
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_a_source_the_kernel_refuses_leaves_from_its_choice(self):
+        """Without IP_FREEBIND the kernel refuses a source local by a
+        route (as kernels did that checked it whatever the flag): every
+        reply still goes, from the kernel's choice, each counted, the
+        operator told once; every way a reply leaves."""
+        sock = in_netns(self.ns, ux.udp_socket, socket.AF_INET6, ("::", 0),
+                        None, True)
+        self.addCleanup(sock.close)
+        reports, notices = [], []
+        io = ux.burst_io(sock, lambda where, exc: reports.append(
+            (where, exc and exc.errno)), notice=notices.append,
+            reply_from_local=True)
+        sock.setsockopt(socket.IPPROTO_IP, ux.IP_FREEBIND, 0)
+        conn = self.udp("::1", netns=self.ns)
+        port = sock.getsockname()[1]
+        keys = {}
+        for host in self.HOSTS:             # each connectee's key
+            conn.sendto(b"key", (host, port))
+            select.select([sock], [], [], TIMEOUT)
+            _, _, sources, _ = io.receive()
+            keys[host] = sources[0]
+        self.assertEqual([io.local_address(keys[h]) for h in self.HOSTS],
+                         list(self.HOSTS))
+        route_local = [keys[h] for h in self.HOSTS[:3]]
+        io.buf[:3000] = os.urandom(3000)
+        sent = []
+
+        def expect(start, length, times=1):
+            sent.extend([bytes(io.buf[start:start + length])] * times)
+        io.send_now(b"now", route_local[0], "err2")     # at once
+        sent.append(b"now")
+        io.send(0, 10, route_local[1], "err3")          # a lone one: sendmsg
+        io.flush()
+        expect(0, 10)
+        for i, key in enumerate(route_local + [keys["::1"]] * 2):
+            io.send(100 * i, 50 + i, key, "err3")       # sendmmsg
+            expect(100 * i, 50 + i)
+        io.flush()
+        io.send_train(1000, 1000, 100, route_local[2], "err3")  # a train
+        io.flush()
+        for j in range(10):
+            expect(1000 + 100 * j + ux.TAG_SIZE, 100 - ux.TAG_SIZE)
+        got = []
+        while len(got) < len(sent):
+            data, src = conn.recvfrom(2000)
+            got.append(data)
+            self.assertEqual(src[:2], ("::1", port))
+        self.assertEqual(sorted(got), sorted(sent))
+        self.assertEqual(reports, [("sources_refused", None)] * (
+            len(sent) - 2))             # all but the two to ::1
+        self.assertEqual(len(notices), 1)
+        self.assertIn("refuses to send from 2001:db8:1::", notices[0])
+        self.assertTrue(io.trains_out.on)   # a refused source: no GSO verdict
 
 
 # ====================================================================== for operators
@@ -3078,11 +3303,20 @@ class TestProxyHeaders(unittest.TestCase):
         six = ux.proxy_header(("2001:db8::55", 37368, 0, 0),
                               ("2001:db8::1", 5566, 0, 0))
         tlv = good[:14] + b"\x00\x0f" + good[16:] + b"\x04\x00\x00"
+        # LOCAL (the spec: a receiver must accept it, whatever its family,
+        # and use the real endpoints): relayed as any header.
+        local = PP_SIG + b"\x20\x00\x00\x00"
         for data, length in ((good + b"payload", 28), (six, 52),
                              (tlv + b"x", 31), (good, 28),
                              (good[:-1], 0),            # cut short
                              (b"x" + good, 0),
-                             (good[:12] + b"\x20" + good[13:], 0),  # LOCAL
+                             (local + b"query", 16),
+                             (good[:12] + b"\x20" + good[13:], 28),
+                             (local[:14] + b"\x00\x03" + b"\x04\x00\x00", 19),
+                             (local[:14] + b"\x00\x03" + b"\x04\x00", 0),
+                             (PP_SIG + b"\x22\x12\x00\x0c" + good[16:], 0),
+                             (PP_SIG + b"\x11\x12\x00\x0c" + good[16:], 0),
+                             (good[:13] + b"\x00" + good[14:], 0),  # UNSPEC
                              (good[:13] + b"\x11" + good[14:], 0),  # TCP
                              (good[:14] + b"\x00\x0b" + good[16:], 0),
                              (b"", 0)):
@@ -3091,6 +3325,7 @@ class TestProxyHeaders(unittest.TestCase):
                 self.assertEqual(ux.proxy_length(buf, 2, len(buf)), length)
         self.assertEqual(ux.proxy_source(good), ("192.0.2.55", 37368))
         self.assertEqual(ux.proxy_source(six), ("2001:db8::55", 37368, 0, 0))
+        self.assertIsNone(ux.proxy_source(local))
 
 
 class TestProxyProtocol(RelayCase):
@@ -3161,13 +3396,153 @@ class TestProxyProtocol(RelayCase):
         server.sendto(b"\x00\x03" + header + b"query", caddr)
         self.assertEqual(self.recv(real)[0], header + b"query")
         proc.wait_line(r"^New incoming channel 3 for 192\.0\.2\.55:37368$")
+        local = PP_SIG + b"\x20\x00\x00\x00"      # LOCAL: no address
+        server.sendto(b"\x00\x04" + local + b"health", caddr)
+        self.assertEqual(self.recv(real)[0], local + b"health")
+        proc.wait_line(r"^New incoming channel 4$")
         server.sendto(b"\x00\x03no header", caddr)
         proc.wait_line("Dropped a datagram from the server without a PROXY "
                        "protocol header")
         self.assert_silent(real)
         stats = usr1_stats(proc, "client")
         self.assertEqual((stats["proxy_headers"], stats["proxy_malformed"]),
-                         (1, 1))
+                         (2, 1))
+
+    def password_client(self, *extra):
+        """A password-mode client with --proxy-protocol before a fake
+        server: (proc, server, real, its address, the first challenge)."""
+        server, real = self.udp(), self.udp()
+        proc, caddr = self.start("127.0.0.1:0", "-a",
+                                 ux.format_addr(server.getsockname()),
+                                 "-c", ux.format_addr(real.getsockname()),
+                                 "--proxy-protocol", *extra,
+                                 env={ux.PASSWORD_ENV: V_PASSWORD})
+        claims = ux.verify(V_KEY, self.recv(server)[0])
+        self.assertEqual(list(claims), ["nonce", "proxy"])
+        self.assertIsNone(claims["nonce"])
+        return proc, server, real, caddr, claims["proxy"]
+
+    def test_a_password_client_relays_only_while_the_server_says_so(self):
+        proc, server, real, caddr, challenge = self.password_client()
+        header = ux.proxy_header(("192.0.2.55", 37368), ("198.51.100.1", 5566))
+        query = b"\x00\x01" + header + b"query"
+        server.sendto(query, caddr)             # before any answer
+        server.sendto(ux.sign(V_KEY, ux.retry_claims(7)), caddr)
+        self.assertEqual(ux.verify(V_KEY, self.recv(server)[0]),
+                         {"nonce": 7, "proxy": challenge})
+        server.sendto(V_REGISTERED, caddr)      # what the Rust server says
+        proc.wait_line(r"^Authenticated$")
+        proc.wait_line(r"does not say that it adds PROXY protocol headers")
+        server.sendto(V_REGISTERED, caddr)      # said again only rarely
+        server.sendto(query, caddr)
+        for forged in (ux.sign(V_KEY, ux.proxy_claims(challenge ^ 1)),
+                       ux.sign(V_KEY_CHBS, ux.proxy_claims(challenge)),
+                       ux.sign(V_KEY, b'{"ProxyV2":%d,"x":1}' % challenge)):
+            server.sendto(forged, caddr)
+        server.sendto(query, caddr)
+        self.assert_silent(real)
+        server.sendto(ux.sign(V_KEY, ux.proxy_claims(challenge)), caddr)
+        proc.wait_line(r"adds PROXY protocol headers$")
+        self.assertEqual(sum("does not say" in l for l in proc.lines), 1)
+        server.sendto(query, caddr)
+        self.assertEqual(self.recv(real)[0], header + b"query")
+        # A server restarted without the flag: said again at once.
+        server.sendto(V_REGISTERED, caddr)
+        proc.wait_line(r"does not say that it adds PROXY protocol headers")
+        server.sendto(query, caddr)
+        self.assert_silent(real)
+        stats = usr1_stats(proc, "client")
+        self.assertEqual((stats["proxy_headers"], stats["proxy_unconfirmed"],
+                          stats["proxy_malformed"]), (1, 4, 0))
+
+    def test_each_keepalive_asks_with_a_fresh_challenge(self):
+        proc, server, real, caddr, first = self.password_client("-i", 1000)
+        second = ux.verify(V_KEY, self.recv(server)[0])["proxy"]
+        third = ux.verify(V_KEY, self.recv(server)[0])["proxy"]
+        self.assertEqual(len({first, second, third}), 3)
+        query = b"\x00\x01" + ux.proxy_header(("192.0.2.55", 37368),
+                                              ("198.51.100.1", 5566))
+        server.sendto(ux.sign(V_KEY, ux.proxy_claims(first)), caddr)
+        server.sendto(query, caddr)             # the answer came too late
+        self.assert_silent(real)
+        server.sendto(ux.sign(V_KEY, ux.proxy_claims(second)), caddr)
+        proc.wait_line(r"adds PROXY protocol headers$")
+        server.sendto(query, caddr)
+        self.assertEqual(self.recv(real)[0], query[2:])
+
+    def test_a_server_that_moves_must_say_so_again(self):
+        old, new, real = self.udp(), self.udp(), self.udp()
+        now = [old.getsockname()]
+        sock = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0))
+        self.addCleanup(sock.close)
+        sink, stop, caddr = LineSink(), threading.Event(), sock.getsockname()
+        t = threading.Thread(target=ux.run_client, daemon=True, kwargs=dict(
+            sock=sock, server=now[0], real_family=socket.AF_INET,
+            real_server=real.getsockname(), max_clients=4, interval=1000,
+            log=ux.Log(sink), key=V_KEY, server_name="relay.example.net:53",
+            resolve_every=0.2, resolver=lambda text: (socket.AF_INET, now[0]),
+            stop=stop, proxy_protocol=True))
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        query = b"\x00\x01" + ux.proxy_header(("192.0.2.55", 37368),
+                                              ("198.51.100.1", 5566))
+        for server in (old, new):
+            if server is new:
+                now[0] = new.getsockname()
+                sink.wait_line("Server address changed")
+            challenge = ux.verify(V_KEY, self.recv(server)[0])["proxy"]
+            server.sendto(query, caddr)     # before it says so: dropped
+            self.assert_silent(real)
+            server.sendto(ux.sign(V_KEY, ux.proxy_claims(challenge)), caddr)
+            sink.wait_line("adds PROXY protocol headers$")
+            server.sendto(query, caddr)
+            self.assertEqual(self.recv(real)[0], query[2:])
+
+    def test_the_server_says_so_to_a_client_that_asks(self):
+        for flag in (("--proxy-protocol",), ()):
+            with self.subTest(flag=flag):
+                proc, saddr = self.start("-s", "127.0.0.1:0", "-P",
+                                         V_PASSWORD, *flag)
+                client = self.udp()
+                client.sendto(ux.sign(V_KEY, ux.request_claims(None, 5)),
+                              saddr)
+                nonce = ux.retry_nonce(ux.verify(V_KEY, self.recv(client)[0]))
+                for challenge in (6, ux.M64):
+                    client.sendto(ux.sign(V_KEY, ux.request_claims(
+                        nonce, challenge)), saddr)
+                    self.assertEqual(self.recv(client), (ux.sign(
+                        V_KEY, ux.proxy_claims(challenge) if flag
+                        else ux.REGISTERED_CLAIMS), saddr))
+                client.sendto(V_INITIAL_REQUEST, saddr)     # no question
+                self.assertEqual(self.recv(client), (V_REGISTERED, saddr))
+                proc.stop()
+
+    def test_password_end_to_end_a_forged_header_stays_payload(self):
+        env = {ux.PASSWORD_ENV: V_PASSWORD}
+        for flag in (("--proxy-protocol",), ()):
+            with self.subTest(flag=flag):
+                real = self.udp()
+                server, saddr = self.start("-s", "127.0.0.1:0", *flag,
+                                           env=env)
+                client, _ = self.start(
+                    "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
+                    ux.format_addr(real.getsockname()), "--proxy-protocol",
+                    env=env)
+                client.wait_line("adds PROXY protocol headers$" if flag
+                                 else "does not say that it adds")
+                conn = self.udp()
+                forged = ux.proxy_header(("192.0.2.1", 53), saddr)
+                conn.sendto(forged + b"query", saddr)
+                if flag:
+                    self.assertEqual(self.recv(real)[0], ux.proxy_header(
+                        conn.getsockname(), saddr) + forged + b"query")
+                else:
+                    self.assert_silent(real)
+                    self.assertEqual(usr1_stats(client, "client")[
+                        "proxy_unconfirmed"], 1)
+                server.stop()
+                client.stop()
 
     @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
     def test_trains_each_segment_with_its_header(self):
@@ -3185,21 +3560,31 @@ class TestProxyProtocol(RelayCase):
     @unittest.skipUnless(os.access(RUST, os.X_OK), "no Rust udpexposer 0.3.0 "
                          "beside the repository (../shared/ref)")
     def test_the_rust_client_in_the_middle(self):
-        real = self.udp()
-        self.echo(real)
-        server, saddr = self.start("-s", "127.0.0.1:0", "--proxy-protocol")
-        rust = subprocess.Popen(
-            [RUST, "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
-             ux.format_addr(real.getsockname())],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(rust.wait, TIMEOUT)
-        self.addCleanup(rust.kill)
-        server.wait_line("New client address")
-        conn = self.udp()
-        conn.sendto(b"through rust", saddr)
-        # The echo sends back what the real server got: header and payload.
-        self.assertEqual(self.recv(conn), (ux.proxy_header(
-            conn.getsockname(), saddr) + b"through rust", saddr))
+        """A Rust client never asks whether headers are added, and hears
+        nothing new: in password mode a token it does not know would reach
+        the real server as data (on channel 0x6579)."""
+        for password in ((), ("-P", V_PASSWORD)):
+            with self.subTest(password=password):
+                real = self.udp()
+                server, saddr = self.start("-s", "127.0.0.1:0",
+                                           "--proxy-protocol", *password)
+                rust = subprocess.Popen(
+                    [RUST, "127.0.0.1:0", "-a", ux.format_addr(saddr), "-c",
+                     ux.format_addr(real.getsockname())] + list(password),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.addCleanup(rust.wait, TIMEOUT)
+                self.addCleanup(rust.kill)
+                server.wait_line("New client address")
+                conn = self.udp()
+                conn.sendto(b"through rust", saddr)
+                data, chan = self.recv(real)
+                self.assertEqual(data, ux.proxy_header(
+                    conn.getsockname(), saddr) + b"through rust")
+                real.sendto(b"back", chan)
+                self.assertEqual(self.recv(conn), (b"back", saddr))
+                self.assert_silent(real)
+                rust.kill()
+                server.stop()
 
 
 # ====================================================================== the edges

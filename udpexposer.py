@@ -56,6 +56,7 @@ BURST = 64                # datagrams read from a socket at a time
 BURSTS_PER_WAKEUP = 8     # the server reads on while there is more
 WAIT_AT_MOST = 1.0        # seconds a wait inside recvmmsg lasts (see MmsgIO)
 SOCKET_BUFFER = 1 << 20   # asked of the kernel for SO_RCVBUF / SO_SNDBUF
+CACHE_SIZE = 4096         # entries a lookup cache keeps (Bounded): ~1 MB full
 ASCII_DIGITS = re.compile("[0-9]+")     # str.isdigit() takes "²" too
 
 DEFAULT_MAX_CLIENTS = 4
@@ -70,14 +71,16 @@ MAX_PASSWORD = 4096     # bytes of --password-file's first line, at most
 TOKEN_PREFIX = b"eyJhbGciOiJIUzI1NiJ9."   # base64url of {"alg":"HS256"}, "."
 TOKEN_LOOKALIKE_TAG = 0x6579              # b"ey": never handed out as a tag
 MAC_TEXT = 43                             # base64url of a 32-byte MAC
-# The longest token there is: claims of at most 30 bytes ({"nonce":N}, N a
-# u64), which are 40 characters of base64url.  Longer ones are data.
-MAX_TOKEN = len(TOKEN_PREFIX) + 40 + 1 + MAC_TEXT
+# The longest token there is: claims of at most 59 bytes
+# ({"nonce":N,"proxy":C}, N and C u64s), which are 79 characters of
+# base64url.  Longer ones are data.
+MAX_TOKEN = len(TOKEN_PREFIX) + 79 + 1 + MAC_TEXT
 STATS_NONCE = (1 << 64) - 1
 ARGON2_SALT = b"udpexposer"
 ARGON2_MEMORY_KIB, ARGON2_PASSES, ARGON2_LANES = 256, 2, 2
 AUTH_WINDOW = (-10, 1)                    # seconds around now a nonce may be
 UNANSWERED_PINGS = 3                      # then the client says so
+PROXY_WARN_EVERY = 600.0    # s: a client's "does not add headers", again
 STATS_TRIES, STATS_WAIT = 3, 1.5
 STATS_REPLIES_PER_SECOND = 5              # a replayed -S request reflects
 # A replayed keepalive from many forged sources gets Retry replies, each
@@ -107,14 +110,15 @@ STAT_NAMES = (
 IO_STATS = ("trains_in", "trains_out", "trains_refused", "sent_one_by_one")
 SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed",
                       "evicted_unanswered", "evicted_answered",
-                      "stats_refused", "retries_refused", "proxy_headers") \
-    + IO_STATS
+                      "stats_refused", "retries_refused", "proxy_headers",
+                      "sources_refused") + IO_STATS
 CLIENT_STATS = (
     "keepalives", "from_server_msgs", "from_server_bytes",
     "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
     "channels_opened", "channels_closed", "evicted_unanswered",
     "evicted_answered", "loops_broken", "real_server_refusals", "errors",
     "server_address_changes", "proxy_headers", "proxy_malformed",
+    "proxy_unconfirmed",
 ) + IO_STATS
 
 
@@ -443,6 +447,7 @@ def in_networks(networks, addr):
 # tag), so the real server learns who sent it.
 PROXY_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 PROXY_V2 = 0x21                         # version 2, command PROXY
+PROXY_LOCAL = 0x20      # version 2, command LOCAL: no addresses, any family
 PROXY_UDP4, PROXY_UDP6 = 0x12, 0x22     # address family and DGRAM
 PROXY_ADDRESSES = {PROXY_UDP4: 12, PROXY_UDP6: 36}
 
@@ -461,19 +466,25 @@ def proxy_header(source, dest):
 
 def proxy_length(buf, start, end):
     """The length of the PROXY v2 DGRAM header at buf[start:end] (TLVs
-    after the addresses included), or 0 where none is well-formed."""
+    after the addresses included), or 0 where none is well-formed.  A
+    LOCAL header is well-formed whatever its family: the spec says a
+    receiver must accept it and use the real endpoints."""
     if end - start < 16 or not buf.startswith(PROXY_SIGNATURE, start):
         return 0
-    family = buf[start + 13]
+    command, family = buf[start + 12], buf[start + 13]
     length = buf[start + 14] << 8 | buf[start + 15]
-    if buf[start + 12] != PROXY_V2 or family not in PROXY_ADDRESSES \
-            or length < PROXY_ADDRESSES[family] or end - start < 16 + length:
+    if end - start < 16 + length or command != PROXY_LOCAL and (
+            command != PROXY_V2 or family not in PROXY_ADDRESSES
+            or length < PROXY_ADDRESSES[family]):
         return 0
     return 16 + length
 
 
 def proxy_source(header):
-    """The source sockaddr a well-formed PROXY v2 header names."""
+    """The source sockaddr a well-formed PROXY v2 header names (None for
+    LOCAL)."""
+    if header[12] == PROXY_LOCAL:
+        return None
     if header[13] == PROXY_UDP4:
         return socket.inet_ntop(socket.AF_INET, bytes(header[16:20])), \
             header[24] << 8 | header[25]
@@ -558,6 +569,24 @@ class LRU:
         if self.unanswered:
             return self.unanswered.popitem(last=False) + (False,)
         return self.answered.popitem(last=False) + (True,)
+
+
+class Bounded(collections.OrderedDict):
+    """A cache of `capacity` entries at most: a new key past that forgets
+    the oldest one stored, not all (a peer cycling over more keys than it
+    holds costs a miss each, never a rebuild).  A hit is a plain dict
+    lookup, at C speed; only a store runs Python (OrderedDict's
+    popitem(last=False) is O(1); a dict's first item is found by a scan
+    past the deleted ones)."""
+
+    def __init__(self, capacity=CACHE_SIZE):
+        collections.OrderedDict.__init__(self)
+        self.capacity = capacity
+
+    def __setitem__(self, key, value):
+        if len(self) >= self.capacity and key not in self:
+            self.popitem(last=False)
+        collections.OrderedDict.__setitem__(self, key, value)
 
 
 class Connectees:
@@ -790,12 +819,21 @@ def verify(key, token):
 REGISTERED_CLAIMS = b'"Registered"'
 
 
-def request_claims(nonce=None):
-    return b'{"nonce":null}' if nonce is None else b'{"nonce":%d}' % nonce
+def request_claims(nonce=None, proxy=None):
+    """A request's claims; proxy: the challenge of a client that asks
+    whether the server adds PROXY headers (PROTOCOL.md)."""
+    claims = b'{"nonce":null' if nonce is None else b'{"nonce":%d' % nonce
+    return claims + (b"}" if proxy is None else b',"proxy":%d}' % proxy)
 
 
 def retry_claims(nonce):
     return b'{"Retry":%d}' % nonce
+
+
+def proxy_claims(challenge):
+    """Registered, and PROXY v2 headers added: the answer to a request
+    whose "proxy" challenge was challenge."""
+    return b'{"ProxyV2":%d}' % challenge
 
 
 def _u64(value):
@@ -803,19 +841,21 @@ def _u64(value):
 
 
 def request_nonce(claims):
-    """(True, nonce or None) for request claims, (False, None) otherwise."""
-    if isinstance(claims, dict) and list(claims) == ["nonce"]:
+    """(True, nonce or None) for request claims, (False, None) otherwise.
+    (A request may carry a "proxy" challenge too.)"""
+    if isinstance(claims, dict) and "nonce" in claims \
+            and claims.keys() <= {"nonce", "proxy"}:
         nonce = claims["nonce"]
         if nonce is None or _u64(nonce):
             return True, nonce
     return False, None
 
 
-def retry_nonce(claims):
-    """The N of a {"Retry": N} reply, or None."""
-    if isinstance(claims, dict) and list(claims) == ["Retry"] \
-            and _u64(claims["Retry"]):
-        return claims["Retry"]
+def retry_nonce(claims, name="Retry"):
+    """The N of a {"Retry": N} reply (of {name: N}), or None."""
+    if isinstance(claims, dict) and list(claims) == [name] \
+            and _u64(claims[name]):
+        return claims[name]
     return None
 
 
@@ -962,6 +1002,7 @@ GRO_ROOM = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IPV4_MAPPED_ANY = bytes(10) + b"\xff\xff" + bytes(4)     # ::ffff:0.0.0.0
 HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
@@ -1266,7 +1307,7 @@ class TrainsOut:
 
     def __init__(self, on, notice, counts):
         self.on, self.notice, self.counts = on, notice, counts
-        self.too_big = {}               # destination -> a refused size
+        self.too_big = Bounded()        # destination -> a refused size
 
     def most(self, dest, size):
         if not self.on or size >= self.too_big.get(dest, MAX_DATAGRAM):
@@ -1277,8 +1318,6 @@ class TrainsOut:
         """A train refused: whether its datagrams should go singly."""
         self.counts["trains_refused"] += 1
         if error.errno == errno.EMSGSIZE:
-            if len(self.too_big) >= 1024:
-                self.too_big.clear()
             self.too_big[dest] = size
             return True
         if error.errno in (errno.EIO, errno.EINVAL):
@@ -1306,6 +1345,7 @@ class Outbox:
 
     def __init__(self, c, libc, fd, name_size, local, report, trains):
         self.c, self.fd, self.report, self.trains = c, fd, report, trains
+        self.local = local
         self.sendmmsg = libc.sendmmsg
         self.pairs, self.dests, self.wheres, self.shapes = [], [], [], {}
         # A key: name, then with local replies its control message; the
@@ -1399,45 +1439,45 @@ class Outbox:
         self.shapes.clear()
 
     def send_rest(self, sent):
-        """After a sendmmsg that sent less than all: the message the
-        kernel refused is reported, or if a train sent datagram by
-        datagram; a full buffer loses all that is left, reported; else
-        what follows is sent again."""
-        c, queued, done, lone = self.c, len(self.dests), 0, (1, 0, 1)
+        """After a sendmmsg that sent less than all, message by message:
+        a full buffer loses all that is left; a source address the kernel
+        refuses, or a train it refuses (TrainsOut), is sent again datagram
+        by datagram by send_one(); anything else is lost.  Losses are
+        reported a datagram each."""
+        queued, done, lone = len(self.dests), 0, (1, 0, 1)
         while True:
             if sent > 0:
                 done += sent
             else:
-                err = c.get_errno()
+                err = self.c.get_errno()
                 error = OSError(err, os.strerror(err))
                 pieces, size, _ = self.shapes.get(done, lone)
+                dest, end = self.dests[done], done + 1
                 if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    lost = range(done, queued)
-                elif size and self.trains.refused(self.dests[done], size,
-                                                  error):
+                    end = queued
+                elif self.local is not None and self.local.refuses(dest, err) \
+                        or size and self.trains.refused(dest, size, error):
                     self.one_by_one(done, pieces, size)
-                    lost = range(done, done + 1)
-                    done += 1
-                else:
-                    lost = range(done, done + 1)
-                for i in lost[done - lost.start:]:
+                    done = end
+                for i in range(done, end):
                     for _ in range(self.shapes.get(i, lone)[2]):
                         self.report(self.wheres[i], error)
-                done = lost.stop
+                done = end
             if done >= queued:
                 return
             sent = self.sendmmsg(self.fd, self.heads.pointers[done],
                                  queued - done, MmsgIO.MSG_DONTWAIT, None)
 
     def one_by_one(self, i, pieces, size):
-        """The datagrams of queued message i, a refused train, singly."""
+        """The datagrams of queued message i, a train refused (size 0: a
+        lone datagram), singly."""
         self.trains.counts["sent_one_by_one"] += 1
         at = 2 * sum(self.shapes.get(j, (1, 0, 1))[0] for j in range(i))
         pairs = self.pairs[at:at + 2 * pieces]
         data = b"".join(map(self.c.string_at, pairs[0::2], pairs[1::2]))
-        dest, where = self.dests[i], self.wheres[i]
-        for start in range(0, len(data), size):
-            self.send_one(data[start:start + size], dest, where)
+        for start in range(0, len(data), size) if size else (0,):
+            self.send_one(data[start:start + size] if size else data,
+                          self.dests[i], self.wheres[i])
 
     def send_one(self, data, dest, where):
         """Set by MmsgIO: one datagram at once."""
@@ -1506,7 +1546,7 @@ class MmsgIO(PortableIO):
         self.local = LocalReplies.of(sock) if reply_from_local else None
         gro = trains_in and enable_gro(sock)
         self.trains_out = TrainsOut(gro, self.notice, self.counts)
-        self.addresses = {}             # dest key -> sockaddr tuple
+        self.addresses = Bounded()      # dest key -> sockaddr tuple
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
         # sockaddr_in6 (IPv4-mapped included) for IPv6.
         self.name_size = 28 if sock.family == socket.AF_INET6 else 16
@@ -1632,7 +1672,24 @@ class MmsgIO(PortableIO):
                 self.sock.sendmsg([data], self.local.ancillary(dest),
                                   self.MSG_DONTWAIT, self.sockaddr(dest))
         except OSError as e:
-            self.report(where, e)
+            if chan is None and self.local is not None \
+                    and self.local.refuses(dest, e.errno):
+                self.from_any(data, dest, where)
+            else:
+                self.report(where, e)
+
+    def from_any(self, data, dest, where):
+        """The kernel refuses dest's local address as a source: data
+        leaves from its choice, counted (sources_refused), said once."""
+        if not self.local.refused:
+            self.local.refused = True
+            self.notice("The kernel refuses to send from %s (no longer "
+                        "local, or local by a route alone on an old "
+                        "kernel): replies leave from its choice of address "
+                        "instead, counted in sources_refused"
+                        % self.local.address(dest))
+        self.report("sources_refused", None)
+        self.send_now(data, self.key_of(self.sockaddr(dest)), where)
 
     def send_train_on(self, chan, start, n, size, where):
         self.channels.send_train(chan, start, n, size, where)
@@ -1673,8 +1730,6 @@ class MmsgIO(PortableIO):
         """The sockaddr tuple of a destination key, remembered."""
         addr = self.addresses.get(dest)
         if addr is None:
-            if len(self.addresses) > 1024:
-                self.addresses.clear()
             addr = self.addresses[dest] = self.address(dest)
         return addr
 
@@ -1822,7 +1877,7 @@ class Channels:
         self.seen.pop(chan, None)
 
 
-class LocalReplies(dict):
+class LocalReplies(Bounded):
     """Replies from the address each datagram came to, on a socket bound to
     a wildcard address: on a host with several addresses a peer hears from
     the one it sent to, not from whichever the route prefers.
@@ -1832,15 +1887,22 @@ class LocalReplies(dict):
     control message a reply carries (that address alone, no interface: the
     route still picks the way out), so that the relay's tables key peers by
     both, and sendmmsg takes name and control message from one slot.  This
-    dict maps a control message received to that key tail: one lookup per
+    cache maps a control message received to that key tail: one lookup per
     datagram, at C speed (map over __getitem__); tail is its shape.
+
+    An IPv6 address made local by a route alone (`ip -6 route add local
+    2001:db8:1::/64 dev lo`) is a source the kernel takes in IPV6_PKTINFO
+    only from a socket that may use non-local addresses: IP_FREEBIND, which
+    Linux applies to IPv6 sockets too (IPV6_FREEBIND, Linux 4.15, sets the
+    same flag).  IPv4 needs none.  A source the kernel refuses even so (old
+    kernels checked it whatever the flag) leaves from the kernel's choice.
     """
 
     HEADER = socket.CMSG_LEN(0) if hasattr(socket, "CMSG_LEN") else 16
     WILDCARDS = ("0.0.0.0", "::")       # the hosts a wildcard bind gives
 
     def __init__(self, family):
-        dict.__init__(self)
+        Bounded.__init__(self)
         self.v6 = family == socket.AF_INET6
         if self.v6:
             self.level, self.kind, self.size = \
@@ -1853,6 +1915,7 @@ class LocalReplies(dict):
         self.space = socket.CMSG_SPACE(self.size)
         self.data_at = (28 if self.v6 else 16) + len(self.pad) + self.HEADER
         self.tail = self.reply(bytes(self.size))
+        self.refused = False        # a source refused yet (MmsgIO, said once)
 
     @staticmethod
     def enable(sock):
@@ -1864,6 +1927,10 @@ class LocalReplies(dict):
         try:
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                try:        # replies from addresses local by a route
+                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+                except OSError:
+                    pass    # the kernel's choice then (MmsgIO's from_any)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         except OSError:
@@ -1886,8 +1953,6 @@ class LocalReplies(dict):
             + data + bytes(self.space - self.HEADER - self.size)
 
     def __missing__(self, raw):
-        if len(self) >= 1024:
-            self.clear()
         data = raw[self.HEADER:self.HEADER + self.size]
         if self.v6:                             # the address, no interface
             data = data[:16] + bytes(4)
@@ -1913,6 +1978,11 @@ class LocalReplies(dict):
             return None
         return socket.inet_ntop(socket.AF_INET6 if self.v6
                                 else socket.AF_INET, ip)
+
+    def refuses(self, key, err):
+        """Whether a send to key failed for the local address it leaves
+        from: EINVAL with one named (see the class's docstring)."""
+        return err == errno.EINVAL and self.address(key) is not None
 
     def ancillary(self, key):
         """sendmsg's control messages for a datagram to key."""
@@ -1950,7 +2020,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     notify: systemd's Notify, if any.
     proxy_protocol: a PROXY v2 header between tag and payload of each
         connectee's datagram.  Each is read alone (no UDP_GRO), with room
-        before it for tag and header.
+        before it for tag and header.  A client that asks is told so.
     """
     if stats is None:
         stats = server_stats()
@@ -1959,7 +2029,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
     def report(counter, exc):
         stats[counter] += 1
-        log_socket_error(log, SERVER_ERRORS[counter], exc)
+        if exc is not None:         # else a count alone: sources_refused
+            log_socket_error(log, SERVER_ERRORS[counter], exc)
 
     io = burst_io(sock, report, portable, lambda text: log(text, WARN),
                   reply_from_local=True, trains_in=not proxy_protocol,
@@ -2041,7 +2112,11 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             client = src
             log("New client address: %s" % format_addr(address(src)))
         stats["last_ka_s"] = now
-        io.send_now(registered, src, "err2")
+        # A client with --proxy-protocol asks whether the headers are
+        # added, with a challenge: only it ever hears this answer.
+        challenge = proxy_protocol and claims.get("proxy")
+        io.send_now(sign(key, proxy_claims(challenge)) if _u64(challenge)
+                    else registered, src, "err2")
         return True
 
     def new_connectee(src):
@@ -2287,6 +2362,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     proxy_protocol: each datagram from the server must start (after its
         tag) with a PROXY v2 header, relayed with it; others are dropped.
+        With a key, nothing is relayed until the server says that it adds
+        the headers: a connectee could put its own first.
 
     Each channel socket is connected to the real server: the kernel drops
     datagrams from anyone else, and a port unreachable comes back as
@@ -2323,6 +2400,13 @@ def run_client(sock, server, real_family, real_server, max_clients,
     backoff = 1.0                   # seconds to the next try, unresolved
     looking_up = heard = authenticated = silent = refused = False
     hinted = False                  # see stranger()
+    # Password mode with proxy_protocol: each keepalive asks, with a fresh
+    # challenge, whether the server adds the headers; what carries one is
+    # relayed only while its signed answer to the last challenge (or the
+    # one before) says so.  (Plain mode cannot know: adds stays True.)
+    asking = key is not None and proxy_protocol
+    challenges, adds = (None, None), not asking
+    unconfirmed = Budget(1, PROXY_WARN_EVERY)       # its warning, rarely
 
     def send_to_server(data, where):
         io.send_now(data, server_key, where)
@@ -2340,15 +2424,34 @@ def run_client(sock, server, real_family, real_server, max_clients,
             log("Received a reply from server")
         nonce = retry_nonce(claims)
         if nonce is not None:
-            send_to_server(sign(key, request_claims(nonce)), "answer a Retry")
-        elif claims == "Registered":
-            last_registered = time.monotonic()
-            if not authenticated:
-                authenticated = True
-                log("Authenticated")
-            if silent:
-                silent = False
-                log("Server %s answers again" % format_addr(server))
+            send_to_server(sign(key, request_claims(nonce, challenges[0])),
+                           "answer a Retry")
+            return
+        says = retry_nonce(claims, "ProxyV2")
+        if claims != "Registered" and (says is None
+                                       or says not in challenges):
+            return
+        last_registered = time.monotonic()
+        if not authenticated:
+            authenticated = True
+            log("Authenticated")
+        if silent:
+            silent = False
+            log("Server %s answers again" % format_addr(server))
+        if asking:
+            proxied(says is not None)
+
+    def proxied(says):
+        """Whether the server's answer says that it adds PROXY headers."""
+        nonlocal adds
+        if says and not adds:
+            log("Server %s adds PROXY protocol headers" % format_addr(server))
+        elif not says and (adds or unconfirmed.take()):
+            log("Server %s does not say that it adds PROXY protocol headers "
+                "(a Rust server, or no --proxy-protocol there): relaying "
+                "nothing, since a connectee could put its own header first"
+                % format_addr(server), WARN)
+        adds = says
 
     def looped(first):
         """Whether first, the datagram a new channel is opened for, goes
@@ -2424,7 +2527,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
                      lambda: on_worker_readable(worker, tag))
         stats["channels_opened"] += 1
         workers.put(tag, worker)
-        if header and log.verbosity >= DEBUG:
+        if header and header[12] == PROXY_V2 and log.verbosity >= DEBUG:
             log.limited("channel", "New incoming channel %d for %s"
                         % (tag, format_addr(proxy_source(header))))
         else:
@@ -2497,7 +2600,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 on_token(view[at:at + n])
                 continue
             tag = buf[at] << 8 | buf[at + 1]
-            if proxy_protocol and not proxy_length(buf, at + 2, at + n):
+            if proxy_protocol and not (
+                    adds and proxy_length(buf, at + 2, at + n)):
                 malformed()
                 continue
             worker = worker_of(tag)
@@ -2541,7 +2645,11 @@ def run_client(sock, server, real_family, real_server, max_clients,
         return msgs, relayed
 
     def malformed():
-        """--proxy-protocol: a datagram from the server without a header."""
+        """--proxy-protocol: a datagram from the server without a header, or
+        from one that has not said that it adds them (password mode)."""
+        if not adds:
+            stats["proxy_unconfirmed"] += 1
+            return
         stats["proxy_malformed"] += 1
         log.limited("proxy", "Dropped a datagram from the server without a "
                     "PROXY protocol header: is the server run with "
@@ -2601,7 +2709,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def on_lookup(result):
         nonlocal server, server_key, looking_up, next_ping, next_lookup, \
-            backoff
+            backoff, adds
         looking_up = False
         if server is None:              # not resolved since the start
             if isinstance(result, Exception):
@@ -2624,9 +2732,10 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 % (format_addr(server), format_addr(result)))
             server, server_key = result, io.key_of(result)
             next_ping = time.monotonic()    # tell the new address at once
+            adds = not asking               # until the new one says so
 
     def timers():
-        nonlocal next_ping, next_lookup, silent
+        nonlocal next_ping, next_lookup, silent, challenges, keepalive
         if looking_up:
             try:
                 on_lookup(lookups.get_nowait())
@@ -2634,6 +2743,10 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 pass
         now = time.monotonic()
         if now >= next_ping and server is not None:
+            if asking:
+                challenges = (int.from_bytes(os.urandom(8), "big"),
+                              challenges[0])
+                keepalive = sign(key, request_claims(None, challenges[0]))
             send_to_server(keepalive, "send a keepalive")
             stats["keepalives"] += 1
             next_ping = now + period

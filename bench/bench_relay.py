@@ -24,6 +24,8 @@ Measured, for each implementation:
     datagram, datagrams per second, lost of sent;
   round trip p50/p99 through server + client + echo, and the direct one;
   server mode with 4, 1000 and 10000 connectees (this script only);
+  server mode on 0.0.0.0, one connectee sending to 1 and to 2000 local
+    addresses (--mode local alone);
   key derivation time for -P and start-up time to the first keepalive.
 
 Why the cost is measured under a paced load: under a closed loop (a window
@@ -247,6 +249,64 @@ def bench_server(command, size, count, connectees=4, extra=(), rate=None,
         relay.stop()
         for s in far + [client]:
             s.close()
+
+
+def bench_local(command, addresses, count, rate, size=100):
+    """Server mode bound to 0.0.0.0, one connectee sending to `addresses`
+    of its local addresses in turn (127.3.x.y: all of 127/8 is local on
+    lo), each reply leaving from the address it answers: the cost of
+    learning and keeping local addresses (LocalReplies).  Each (source,
+    local address) pair is a connectee of its own."""
+    port = free_port()
+    dests = [("127.3.%d.%d" % (i // 250, 1 + i % 250), port)
+             for i in range(addresses)]
+    relay = Relay(command, ["0.0.0.0:%d" % port, "-s", "-n",
+                            max(addresses, 4)], cpu=RELAY_CPU)
+    client, conn = udp(), udp()
+    try:
+        payload = os.urandom(size)
+        wait_ready(lambda: (client.sendto(b"", (LOCAL, port)),
+                            conn.sendto(payload, dests[0])), client)
+        for dest in dests:                  # everyone has a tag: steady state
+            conn.sendto(payload, dest)
+            time.sleep(0.00002)
+        time.sleep(0.3)
+        drain(client)
+        drain(conn)
+
+        def forward(sock, i):
+            sock.sendto(payload, dests[i % addresses])
+
+        def back(data, src):
+            client.sendto(data, (LOCAL, port))  # the tag goes back as it came
+        return pump(relay, [conn], client, forward, back, count, payload, rate)
+    finally:
+        relay.stop()
+        client.close()
+        conn.close()
+
+
+def local_addresses(impls, args, sizes=(1, 2000)):
+    """Server-mode CPU us per datagram with one connectee sending to 1 and
+    to 2000 local addresses, interleaved A B A B, at --rate round trips per
+    second: {name: {addresses: median, "ratio": median of each round's
+    2000 to 1}} (a round's pair ran side by side: steadier on a busy
+    machine than the ratio of the medians)."""
+    runs = {}
+    for round_ in range(args.rounds):
+        for name, command in impls:
+            for n in sizes:
+                r = bench_local(command, n, max(args.count, args.rate),
+                                args.rate)
+                runs.setdefault(name, {}).setdefault(n, []).append(
+                    r[2] / 1000.0 / r[0])
+        print("round %d of %d done" % (round_ + 1, args.rounds),
+              file=sys.stderr)
+    return {name: dict([(n, round(statistics.median(v), 3))
+                        for n, v in by_n.items()]
+                       + [("ratio", round(statistics.median(
+                           b / a for a, b in zip(by_n[1], by_n[2000])), 2))])
+            for name, by_n in runs.items()}
 
 
 def bench_client(command, size, count, extra=(), rate=None, listen=LOCAL):
@@ -565,9 +625,11 @@ def main():
                         help="only the cost by number of connectees")
     parser.add_argument("--json", metavar="PATH", help="also write JSON here")
     parser.add_argument("--mode", choices=("both", "server", "client",
-                                           "bulk"),
+                                           "bulk", "local"),
                         default="both", help="which modes to measure "
-                        "(default both; bulk: only the one-way case)")
+                        "(default both; bulk: only the one-way case; local: "
+                        "only a server on 0.0.0.0 answering one connectee "
+                        "at 1 and at 2000 local addresses)")
     parser.add_argument("--bulk-rate", type=int, default=BULK_RATE,
                         help="datagrams per second of the paced one-way "
                              "case (default %d)" % BULK_RATE)
@@ -605,6 +667,14 @@ def main():
                 print("  %-16s %-6s  1: %6.0f   8: %6.0f" % (
                     name, mode, instructions(command, mode, 1),
                     instructions(command, mode, 8)), flush=True)
+        return
+    if args.mode == "local":
+        for name, by_n in local_addresses(impls, args).items():
+            print("%-16s server on 0.0.0.0, CPU us per datagram, one "
+                  "connectee to 1 local address: %.2f, to 2000: %.2f "
+                  "(%.2fx; by round %.2fx)" % (
+                      name, by_n[1], by_n[2000], by_n[2000] / by_n[1],
+                      by_n["ratio"]))
         return
     if args.wildcard:
         impls.append(("wildcard", impls[0][1]))
