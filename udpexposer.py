@@ -415,6 +415,28 @@ def peer_addr(family, sockaddr):
     return sockaddr
 
 
+def sockaddr_bytes(addr):
+    """sockaddr tuple -> struct sockaddr_in or sockaddr_in6 (Linux layout),
+    as recvmmsg gives a source's name."""
+    host, port = addr[0].split("%")[0], struct.pack(">H", addr[1])
+    if len(addr) == 2:
+        return struct.pack("=H", socket.AF_INET) + port \
+            + socket.inet_pton(socket.AF_INET, host) + bytes(8)
+    return struct.pack("=H", socket.AF_INET6) + port \
+        + struct.pack(">I", addr[2]) + socket.inet_pton(socket.AF_INET6, host) \
+        + struct.pack("=I", addr[3])
+
+
+def sockaddr_tuple(raw):
+    """sockaddr_bytes() backwards: the tuple recvfrom() would give."""
+    port = raw[2] << 8 | raw[3]
+    if struct.unpack_from("=H", raw)[0] == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port,
+            struct.unpack_from(">I", raw, 4)[0],
+            struct.unpack_from("=I", raw, 24)[0])
+
+
 def parse_networks(texts, flag):
     """CIDR texts -> ip_network objects; UsageError naming flag on bad input."""
     networks = []
@@ -1262,6 +1284,8 @@ class Headers:
         self.iovs = (c.c_char * (2 * WORD * iovecs))()
         self.names_at, self.controls_at, self.iovs_at, first = map(
             c.addressof, (self.names, self.controls, self.iovs, self.raw))
+        self.name_bytes = memoryview(self.names).cast("B")
+        self.iov_words = memoryview(self.iovs).cast("B").cast(WORD_CODE)
         self.pointers = [c.c_void_p(first + i * MMSGHDR.size)
                          for i in range(BURST)]
 
@@ -1343,10 +1367,10 @@ class Outbox:
     key's pktinfo from one slot); one with trains packs each message's
     header.  What the kernel refuses: send_rest()."""
 
-    def __init__(self, c, libc, fd, name_size, local, report, trains):
-        self.c, self.fd, self.report, self.trains = c, fd, report, trains
-        self.local = local
-        self.sendmmsg = libc.sendmmsg
+    def __init__(self, io, fd, name_size, local, send_one):
+        self.c, self.sendmmsg, self.report = io.c, io.libc.sendmmsg, io.report
+        self.fd, self.local, self.trains = fd, local, io.trains_out
+        self.send_one = send_one    # (data, dest, where): one datagram now
         self.pairs, self.dests, self.wheres, self.shapes = [], [], [], {}
         # A key: name, then with local replies its control message; the
         # lone datagrams' headers take it from one slot, a train's copies
@@ -1354,10 +1378,8 @@ class Outbox:
         self.name_size, self.pktinfo = name_size, (
             0 if local is None else local.space)
         self.key_size = name_size + (0 if local is None else len(local.tail))
-        self.heads = heads = Headers(c, self.key_size, self.pktinfo
+        self.heads = heads = Headers(io.c, self.key_size, self.pktinfo
                                      + SEGMENT_CMSG.size, BURST * 2 * TRAIN_OUT)
-        self.iov_words = memoryview(heads.iovs).cast("B").cast(WORD_CODE)
-        self.names = memoryview(heads.names).cast("B")
         for i in range(BURST):
             name = heads.names_at + i * self.key_size
             heads.set(i, name, name_size, heads.iovs_at + 2 * WORD * i, 1,
@@ -1396,7 +1418,8 @@ class Outbox:
             self.send_shaped(queued)
         else:
             IOVECS[queued].pack_into(self.heads.iovs, 0, *self.pairs)
-            self.names[:queued * self.key_size] = b"".join(self.dests)
+            self.heads.name_bytes[:queued * self.key_size] = \
+                b"".join(self.dests)
             sent = self.sendmmsg(self.fd, self.heads.pointers[0], queued,
                                  MmsgIO.MSG_DONTWAIT, None)
             if sent != queued:
@@ -1408,7 +1431,7 @@ class Outbox:
         name, its controls (the key's pktinfo, a train's UDP_SEGMENT)."""
         heads, key_size, pktinfo = self.heads, self.key_size, self.pktinfo
         space = pktinfo + SEGMENT_CMSG.size     # a train's controls
-        self.iov_words[:len(self.pairs)] = array.array(WORD_CODE, self.pairs)
+        heads.iov_words[:len(self.pairs)] = array.array(WORD_CODE, self.pairs)
         at = 0
         for i in range(queued):
             pieces, size, _ = self.shapes.get(i, (1, 0, 1))
@@ -1416,7 +1439,7 @@ class Outbox:
             name = control = controllen = 0
             if key_size:            # else a channel: connected, no name
                 name = heads.names_at + i * key_size
-                self.names[i * key_size:(i + 1) * key_size] = dest
+                heads.name_bytes[i * key_size:(i + 1) * key_size] = dest
                 if pktinfo:
                     control, controllen = name + key_size - pktinfo, pktinfo
             if size:                # the key's pktinfo, then UDP_SEGMENT
@@ -1478,10 +1501,6 @@ class Outbox:
         for start in range(0, len(data), size) if size else (0,):
             self.send_one(data[start:start + size] if size else data,
                           self.dests[i], self.wheres[i])
-
-    def send_one(self, data, dest, where):
-        """Set by MmsgIO: one datagram at once."""
-        raise NotImplementedError
 
 
 class ChannelGro:
@@ -1556,9 +1575,8 @@ class MmsgIO(PortableIO):
         self.tag_table = (ctypes.c_char * (2 * (MAX_TAG + 1))).from_buffer_copy(
             struct.pack(">%dH" % (MAX_TAG + 1), *range(MAX_TAG + 1)))
         self.tags_at = ctypes.addressof(self.tag_table)
-        self.outbox = Outbox(ctypes, libc, self.fd, self.name_size,
-                             self.local, report, self.trains_out)
-        self.outbox.send_one = self.send_now
+        self.outbox = Outbox(self, self.fd, self.name_size, self.local,
+                             self.send_now)
         self.channels = Channels(self, ChannelGro(gro))
         self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
 
@@ -1734,30 +1752,14 @@ class MmsgIO(PortableIO):
         return addr
 
     def key_of(self, addr):
-        """sockaddr tuple -> the key receive() gives: the sockaddr bytes
-        (Linux layout), and with local the control message of a reply
-        from whichever address the kernel chooses."""
-        host, port = addr[0].split("%")[0], struct.pack(">H", addr[1])
-        if len(addr) == 2:
-            key = struct.pack("=H", socket.AF_INET) + port \
-                + socket.inet_pton(socket.AF_INET, host) + bytes(8)
-        else:
-            key = struct.pack("=H", socket.AF_INET6) + port \
-                + struct.pack(">I", addr[2]) \
-                + socket.inet_pton(socket.AF_INET6, host) \
-                + struct.pack("=I", addr[3])
-        return key if self.local is None else key + self.local.any_for(host)
+        """sockaddr tuple -> the key receive() gives: the sockaddr bytes,
+        and with local replies the pktinfo of a reply from whichever
+        address the kernel chooses."""
+        key = sockaddr_bytes(addr)
+        return key if self.local is None else key + self.local.any_for(
+            addr[0].split("%")[0])
 
-    @staticmethod
-    def address(raw):
-        """sockaddr bytes (Linux layout) -> the tuple recvfrom() would give."""
-        family = struct.unpack_from("=H", raw)[0]
-        port = raw[2] << 8 | raw[3]
-        if family == socket.AF_INET:
-            return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
-        flowinfo = struct.unpack_from(">I", raw, 4)[0]
-        scope = struct.unpack_from("=I", raw, 24)[0]
-        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
+    address = staticmethod(sockaddr_tuple)
 
 
 class Channels:
@@ -1773,10 +1775,8 @@ class Channels:
     def __init__(self, io, gro):
         self.io, self.gro = io, gro
         self.reads = reads(io.c, io.base, 0, GRO_ROOM)
-        self.out = Outbox(io.c, io.libc, None, 0, None, io.report,
-                          io.trains_out)
-        self.out.send_one = lambda data, chan, where: io.send_now(
-            data, None, where, chan)
+        self.out = Outbox(io, None, 0, None, lambda data, chan, where:
+                          io.send_now(data, None, where, chan))
         self.filled, self.round, self.seen = 0, 0, {}
 
     def send_train(self, chan, start, n, size, where):
@@ -1822,6 +1822,7 @@ class Channels:
         if trial and max(controllens):
             sizes = [n and gro_segment(heads.controls, (q + i) * GRO_ROOM)
                      for i, n in enumerate(controllens)]
+            io.counts["trains_in"] += k - sizes.count(0)
         heads.restore(q, k)
         if trial:
             self.gro.read(chan, any(sizes))
