@@ -1490,6 +1490,25 @@ class TestCrypto(unittest.TestCase):
                 self.assertIsNone(ux.verify(V_KEY, bad))
         self.assertIsNone(ux.verify(V_KEY_CHBS, good))  # another password
 
+    def test_ours_whatever_the_key(self):
+        """What a server drops when it does not verify: the Rust tool's
+        messages, under any key, MAC unchecked; not lookalikes."""
+        for token in (V_INITIAL_REQUEST, V_INITIAL_REQUEST_CHBS, V_REGISTERED,
+                      V_STATS_REQUEST, V_RETRY_REPLY, V_ANSWER_TO_RETRY,
+                      V_REGISTERED[:-3] + b"AAA"):
+            with self.subTest(token=token):
+                self.assertTrue(ux.ours(token))
+        for data in (ux.sign(V_KEY, b'{"sub":"x"}'),        # another JWT
+                     ux.sign(V_KEY, b'{"nonce":-1}'),
+                     ux.sign(V_KEY, b'{"nonce":null} '),
+                     V_REGISTERED + b"x", V_REGISTERED[:-1],
+                     V_REGISTERED.replace(b".", b"!", 2),
+                     ux.TOKEN_PREFIX + b"A" * 81,
+                     ux.TOKEN_PREFIX + b"x.y",
+                     ux.TOKEN_PREFIX + os.urandom(1200), b""):
+            with self.subTest(data=data):
+                self.assertFalse(ux.ours(data))
+
     def test_claims_that_are_not_requests(self):
         for claims in ("Registered", {"nonce": -1}, {"nonce": 1 << 64},
                        {"nonce": "1"}, {"nonce": True}, {"nonce": 1, "x": 2},
@@ -1541,6 +1560,17 @@ class TestPasswordSources(unittest.TestCase):
             ux.read_password(self.args("-P", "x", "--password-file", f.name), {})
         with self.assertRaises(ux.UsageError):
             ux.read_password(self.args("--password-file", f.name + ".none"), {})
+
+    def test_an_empty_password_is_refused_from_every_source(self):
+        for args, env in ((self.args("-P", ""), {}),
+                          (self.args("--password-file", "/dev/null"), {}),
+                          (self.args(), {ux.PASSWORD_ENV: ""})):
+            with self.subTest(args=args, env=env):
+                with self.assertRaisesRegex(ux.UsageError, "empty"):
+                    ux.read_password(args, env)
+        # -P is the one source given: an empty variable beside it is unused.
+        self.assertEqual(ux.read_password(self.args("-P", "x"),
+                                          {ux.PASSWORD_ENV: ""}), b"x")
 
     def test_bytes_that_are_not_utf8_give_one_key_from_every_source(self):
         raw = b"pw\xff\xfe"
@@ -1637,15 +1667,27 @@ class TestPasswordServer(RelayCase):
                        % re.escape(ux.format_addr(stranger.getsockname())))
 
         self.register(proc, saddr, client)
-        stranger.sendto(b"", saddr)
+        # A client with another password: dropped, and no connectee.
         stranger.sendto(V_INITIAL_REQUEST_CHBS, saddr)
-        # Both arrive at the client as a connectee's data, not as a takeover.
-        self.assertEqual(self.recv(client)[0], b"\x00\x01")
-        self.assertEqual(self.recv(client)[0],
-                         b"\x00\x01" + V_INITIAL_REQUEST_CHBS)
+        stranger.sendto(ux.sign(V_KEY_CHBS, ux.request_claims(7)), saddr)
+        lookalikes = [ux.TOKEN_PREFIX + b"data",    # not a token: data
+                      ux.sign(V_KEY_CHBS, b'{"sub":"x"}')]   # not ours
+        for data in [b""] + lookalikes:
+            stranger.sendto(data, saddr)
+        # These arrive at the client as a connectee's data, in order, not
+        # as a takeover.
+        for data in [b""] + lookalikes:
+            self.assertEqual(self.recv(client)[0], b"\x00\x01" + data)
+        self.assert_silent(client)
         self.assert_silent(stranger)
         client.sendto(b"\x00\x01back", saddr)       # client still in charge
         self.assertEqual(self.recv(stranger), (b"back", saddr))
+        lines = proc.drain()
+        self.assertEqual(sum("Connectee seqn" in line for line in lines), 1,
+                         lines)
+        stats = usr1_stats(proc, "server")
+        self.assertEqual(stats["from_connectee_msgs"], 3)
+        self.assertEqual(stats["invalid_auths"], 6)
 
 
 class TestPasswordServerPortable(TestPasswordServer):
@@ -1759,9 +1801,12 @@ class TestPasswordEndToEnd(RelayCase):
             msg = b"pw %d " % i + os.urandom(1000)
             c.sendto(msg, saddr)
             self.assertEqual(self.recv(c), (msg, saddr))
-        # a token-shaped connectee payload is data, and passes whole
+        # A message of ours under another password is dropped; a payload
+        # shaped as another token is data, and passes whole.
+        foreign = ux.sign(V_KEY, b'{"sub":"x"}')
         conns[0].sendto(V_REGISTERED, saddr)
-        self.assertEqual(self.recv(conns[0]), (V_REGISTERED, saddr))
+        conns[0].sendto(foreign, saddr)
+        self.assertEqual(self.recv(conns[0]), (foreign, saddr))
 
     def test_wrong_password_never_registers(self):
         real = self.udp()
@@ -2699,7 +2744,7 @@ class TestHostileTraffic(RelayCase):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True, timeout=30)
         self.assertEqual(p.returncode, 2)
-        self.assertRegex(p.stderr, r"^udpexposer: -c localhost:\d+ is the "
+        self.assertRegex(p.stderr, r"^udpexposer: -c localhost:\d+: the "
                                    r"server at -a: the relay would loop\n$")
 
     def test_a_loop_the_addresses_hide_is_broken(self):
@@ -2743,7 +2788,7 @@ class TestHostileTraffic(RelayCase):
         thief.sendto(V_STATS_REQUEST, saddr)
         self.assertEqual(len(self.recv(thief)[0]), 184)
 
-    def test_forged_tokens_are_data_and_peers_keep_talking(self):
+    def test_forgeries_are_dropped_and_peers_keep_talking(self):
         proc, saddr = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD)
         client, peer, forger = self.udp(), self.udp(), self.udp()
         TestPasswordServer.register(self, proc, saddr, client)
@@ -2755,8 +2800,9 @@ class TestHostileTraffic(RelayCase):
             for data in forged * 10:
                 forger.sendto(data, saddr)
             peer.sendto(b"peer %d" % rnd, saddr)
-            # The forgeries reach the client as the forger's data, in order.
-            for data in forged * 10:
+            # The lookalikes reach the client as the forger's data, in
+            # order; the messages of ours that do not verify do not.
+            for data in forged[2:] * 10:
                 got = self.recv(client)[0]
                 self.assertEqual(got[2:], data)
             tagged = self.recv(client)[0]
@@ -2998,7 +3044,7 @@ class TestService(RelayCase):
             times.append(time.monotonic())
             status = msg
         self.assertRegex(status, rb"STATUS=client 127\.0\.0\.1:\d+, 1 "
-                                 rb"connectees, 1 datagrams relayed$")
+                                 rb"connectee, 1 datagram relayed$")
         gaps = [b - a for a, b in zip(times, times[1:])]
         self.assertLess(max(gaps), 0.2)             # half of WATCHDOG_USEC
         proc.p.terminate()
@@ -3225,9 +3271,56 @@ class TestCommandLine(RelayCase):
                      ["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "127.0.0.1:9",
                       "--resolve-interval", "0"],
                      ["-s", "127.0.0.1:0", "-q", "-v"],
+                     ["-s", "127.0.0.1:0", "-P", ""],
+                     ["-s", "127.0.0.1:0", "-i", "10"],
+                     ["-s", "127.0.0.1:0", "--resolve-interval", "5"],
+                     ["127.0.0.1:0", "-S", "-a", "127.0.0.1:9", "-P", "x",
+                      "-i", "10"],
+                     ["-s", "999.1.1.1:5566"],
+                     ["127.0.0.1:0", "-a", "999.1.1.1:9", "-c", "127.0.0.1:9"],
                      []):
             with self.subTest(args=args):
                 self.assert_usage_error(*args)
+
+    def test_errors_say_what_they_are_about(self):
+        for args, text in (
+                (["-s", "999.1.1.1:5566"], "udpexposer: listen_addr "
+                 "999.1.1.1:5566: '999.1.1.1' is not an IP address"),
+                (["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "bad name:9"],
+                 "udpexposer: -c bad name:9: bad host name 'bad name'"),
+                (["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "127.0.0.1:9"],
+                 "udpexposer: -c 127.0.0.1:9: the server at -a: the relay "
+                 "would loop"),
+                (["-a", "127.0.0.1:5566", "-c", "127.0.0.1:1234"],
+                 "udpexposer: the listen address is missing, e.g. 0.0.0.0:0 "
+                 "(any port) for a client"),
+                (["-s", "127.0.0.1:0", "-P", ""],
+                 "udpexposer: -P gives an empty password: give one, or "
+                 "none for plain mode"),
+                (["-s", "127.0.0.1:0", "-i", "10"], "udpexposer: -i and "
+                 "--resolve-interval are for client mode (-a and -c)")):
+            with self.subTest(args=args):
+                self.assertEqual(self.assert_usage_error(*args), text)
+
+    def test_a_name_that_does_not_resolve_names_its_flag(self):
+        getaddrinfo = socket.getaddrinfo
+
+        def nobody(host, *args):
+            if host == "real.example":      # no lookup leaves the host
+                raise socket.gaierror(socket.EAI_NONAME,
+                                      "Name or service not known")
+            return getaddrinfo(host, *args)
+        args = ux.build_parser().parse_args(
+            ["127.0.0.1:0", "-a", "127.0.0.1:9", "-c", "real.example:9"])
+        with mock.patch.object(socket, "getaddrinfo", nobody):
+            with self.assertRaises(ux.UsageError) as caught:
+                ux.setup(args, {})
+        self.assertEqual(str(caught.exception), "-c real.example:9: cannot "
+                         "resolve 'real.example': Name or service not known")
+
+    def test_counts_of_one(self):
+        proc = self.start("-s", "127.0.0.1:0", "-n", "1")[0]
+        self.assertRegex(proc.lines[-1], r"plain mode, up to 1 connectee$")
 
     def test_port_in_use(self):
         taken = self.udp()

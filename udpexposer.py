@@ -139,6 +139,11 @@ class UsageError(Exception):
 WARN, INFO, DEBUG = 0, 1, 2     # -q shows WARN lines only, -v adds DEBUG
 
 
+def plural(n, noun):
+    """'1 channel', '2 channels'."""
+    return "%d %s%s" % (n, noun, "" if n == 1 else "s")
+
+
 class Budget:
     """At most `count` events per `window` seconds, and with per_key at
     most that many of them for one key.
@@ -348,16 +353,16 @@ def split_host_port(text):
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep or not host:
-            raise ValueError("expected [IPv6]:port in %r" % text)
+            raise ValueError("expected [IPv6]:port")
     else:
         host, sep, port = text.rpartition(":")
         if not sep or not host:
-            raise ValueError("expected host:port in %r" % text)
+            raise ValueError("expected host:port")
         if ":" in host:
             raise ValueError("put an IPv6 address in brackets: [%s]:%s"
                              % (host, port))
     if not ASCII_DIGITS.fullmatch(port) or not 0 <= int(port) <= 65535:
-        raise ValueError("bad port %r in %r" % (port, text))
+        raise ValueError("bad port %r" % port)
     return host, int(port)
 
 
@@ -382,11 +387,14 @@ def resolve(text, passive=False):
         if len(labels) > 253 or not all(
                 HOST_LABEL.fullmatch(label) for label in labels.split(".")):
             raise ValueError("bad host name %r" % host)
+        if ASCII_DIGITS.fullmatch(labels.rpartition(".")[2]):
+            # No top-level domain is all digits (RFC 3696): no name to look up.
+            raise ValueError("%r is not an IP address" % host)
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM,
                                    socket.IPPROTO_UDP, flags)
     except socket.gaierror as e:
-        raise LookupFailed("cannot resolve %r: %s" % (host, e))
+        raise LookupFailed("cannot resolve %r: %s" % (host, e.strerror))
     infos.sort(key=lambda info: info[0] != socket.AF_INET)   # IPv4 first
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr
@@ -839,6 +847,25 @@ def verify(key, token):
 
 
 REGISTERED_CLAIMS = b'"Registered"'
+# A message of ours whatever the key: the claims a peer signs (PROTOCOL.md),
+# base64url, and a MAC.  One that does not verify is not a connectee's data.
+OUR_TOKEN = re.compile(re.escape(TOKEN_PREFIX)
+                       + rb"([A-Za-z0-9_-]{1,40})\.[A-Za-z0-9_-]{%d}" % MAC_TEXT)
+OUR_CLAIMS = re.compile(
+    rb'\{"nonce":(null|[0-9]{1,20})\}|"Registered"|\{"Retry":[0-9]{1,20}\}')
+
+
+def ours(token):
+    """Whether token is shaped as a message of ours, its MAC unchecked."""
+    match = OUR_TOKEN.fullmatch(token)
+    if match is None:
+        return False
+    body = match.group(1)
+    try:
+        claims = base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4))
+    except ValueError:
+        return False
+    return OUR_CLAIMS.fullmatch(claims) is not None
 
 
 def request_claims(nonce=None, proxy=None):
@@ -2054,21 +2081,26 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         return int.from_bytes(digest, "big")
 
     def on_signed(token, src):
-        """A datagram that looks signed: True if it verified and was handled.
+        """A datagram that looks signed: True if it was handled (not data).
 
-        One that does not verify gets no reply; it is ordinary data.
+        One that does not verify gets no reply.  A message of ours under
+        another key (a client with the wrong password) is dropped; anything
+        else is ordinary data.
         """
         nonlocal client
         stats["signed_looking"] += 1
         claims = verify(key, token)
         if claims is None:
             stats["invalid_auths"] += 1
-            who = "A stats request (-S)" if bytes(token).startswith(
+            token = bytes(token)
+            if not ours(token):
+                return False
+            who = "A stats request (-S)" if token.startswith(
                 STATS_REQUEST_SIGNED) else "A client"
             log.limited("auth failed", lambda: "%s from %s failed to "
                         "authenticate (another password?)"
                         % (who, format_addr(address(src))), WARN)
-            return False
+            return True
         is_request, nonce = request_nonce(claims)
         if not is_request:
             return True                 # one of ours, but not for a server
@@ -2297,10 +2329,11 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         return len(burst[1])
 
     def status():
-        return "client %s, %d connectees, %d datagrams relayed" % (
+        return "client %s, %s, %s relayed" % (
             "unknown" if client is None else format_addr(address(client)),
-            len(connectees),
-            stats["from_connectee_msgs"] + stats["from_client_msgs"])
+            plural(len(connectees), "connectee"), plural(
+                stats["from_connectee_msgs"] + stats["from_client_msgs"],
+                "datagram"))
 
     def counters():
         log_counters(log, "server", stats)
@@ -2519,10 +2552,10 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     return None
                 if not fd_bound:
                     fd_bound = True
-                    log("Out of file descriptors with %d channels open: the "
+                    log("Out of file descriptors with %s open: the "
                         "open-file limit (ulimit -n), not -n %d, bounds the "
-                        "channels from now on" % (len(workers), max_clients),
-                        WARN)
+                        "channels from now on"
+                        % (plural(len(workers), "channel"), max_clients), WARN)
                 close_worker(*workers.evict())
         sel.register(worker, selectors.EVENT_READ,
                      lambda: on_worker_readable(worker, tag))
@@ -2771,9 +2804,11 @@ def run_client(sock, server, real_family, real_server, max_clients,
         return due - now
 
     def status():
-        return "server %s, %d channels, %d datagrams relayed" % (
-            server_text(server, server_name), len(workers),
-            stats["from_server_msgs"] + stats["from_real_server_msgs"])
+        return "server %s, %s, %s relayed" % (
+            server_text(server, server_name),
+            plural(len(workers), "channel"),
+            plural(stats["from_server_msgs"] + stats["from_real_server_msgs"],
+                   "datagram"))
 
     if resolver is None:
         resolver = resolve
@@ -3021,8 +3056,8 @@ def build_parser():
         description="Expose UDP port externally using helper hosts.",
         epilog="Modes: -s (server); -a and -c (client); -S with -a and a "
                "password (print the server's counters); --selftest.  "
-               "Addresses are IPv4:port, [IPv6]:port or, for -a and -c, "
-               "name:port.  The password can come from -P, from "
+               "Addresses are IPv4:port, [IPv6]:port or name:port (a name "
+               "is looked up at start, and -a's again later).  The password can come from -P, from "
                "--password-file or from the environment variable %s.  "
                "SIGUSR1 logs the counters as one JSON line." % PASSWORD_ENV)
     parser.add_argument("listen_addr", nargs="?",
@@ -3040,9 +3075,8 @@ def build_parser():
                              "1..65535; the same on both sides "
                              "(default: %(default)s)")
     parser.add_argument("-i", "--ping-interval-ms", metavar="MS", type=int,
-                        default=DEFAULT_PING_INTERVAL_MS,
                         help="for client mode, keepalive interval "
-                             "(default: %(default)s)")
+                             "(default: %d)" % DEFAULT_PING_INTERVAL_MS)
     parser.add_argument("-P", "--password", metavar="PW",
                         help="pre-shared key / password to protect server "
                              "against unsolicited clients; visible to other "
@@ -3062,9 +3096,9 @@ def build_parser():
                              "only from this network; repeatable (default: "
                              "anywhere)")
     parser.add_argument("--resolve-interval", metavar="SECONDS", type=float,
-                        default=DEFAULT_RESOLVE_INTERVAL,
                         help="client mode: look up the host name of -a again "
-                             "this often (default: %(default)s)")
+                             "this often (default: %d)"
+                             % DEFAULT_RESOLVE_INTERVAL)
     parser.add_argument("--selftest", action="store_true",
                         help="run a server, a client and an echo service on "
                              "loopback, report, and exit 0 if all is well")
@@ -3107,17 +3141,35 @@ def read_password(args, environ):
             raise UsageError("--password-file %s holds an empty first line"
                              % args.password_file)
         return password
-    if args.password is not None:
-        return os.fsencode(args.password)
-    return os.fsencode(environ.get(PASSWORD_ENV, "")) or None
+    if args.password is not None:                 # -P "$PW", PW unset?
+        source, password = "-P", args.password
+    elif PASSWORD_ENV in environ:
+        source, password = PASSWORD_ENV, environ[PASSWORD_ENV]
+    else:
+        return None
+    if not password:
+        raise UsageError("%s gives an empty password: give one, or none for "
+                         "plain mode" % source)
+    return os.fsencode(password)
 
 
 def choose_mode(args, password):
     """'server', 'client', 'stats' or 'selftest'; UsageError for nonsense."""
     if args.selftest:
         return "selftest"
+    client = args.server_addr is not None or args.local_connect_addr is not None
     if args.listen_addr is None:
-        raise UsageError("the listen address is missing, e.g. 0.0.0.0:5566")
+        raise UsageError("the listen address is missing, e.g. %s"
+                         % ("0.0.0.0:5566" if args.server_mode else
+                            "0.0.0.0:0 (any port) for a client"))
+    if (args.server_mode or args.dump_stats) and (
+            args.ping_interval_ms, args.resolve_interval) != (None, None):
+        raise UsageError("-i and --resolve-interval are for client mode "
+                         "(-a and -c)")
+    if args.ping_interval_ms is None:           # None: not given
+        args.ping_interval_ms = DEFAULT_PING_INTERVAL_MS
+    if args.resolve_interval is None:
+        args.resolve_interval = DEFAULT_RESOLVE_INTERVAL
     if not 1 <= args.max_clients <= MAX_TAG:
         raise UsageError("-n/--max-clients must be 1..65535, not %d"
                          % args.max_clients)
@@ -3139,7 +3191,6 @@ def choose_mode(args, password):
             raise UsageError("-S needs -a SERVER and a password (-P, "
                              "--password-file or %s)" % PASSWORD_ENV)
         return "stats"
-    client = args.server_addr is not None or args.local_connect_addr is not None
     if args.server_mode and client:
         raise UsageError("-s cannot be combined with -a or -c")
     if args.server_mode:
@@ -3166,25 +3217,27 @@ def setup(args, environ):
         return dict(mode=mode)
     allow = parse_networks(args.allow, "--allow")
     client_from = parse_networks(args.client_from, "--client-from")
+    flag, text = "listen_addr", args.listen_addr    # what an error is about
     try:
-        family, listen = resolve(args.listen_addr, passive=True)
+        family, listen = resolve(text, passive=True)
         server = real = real_family = server_name = None
         if mode != "server":
-            if not is_ip_literal(split_host_port(args.server_addr)[0]):
-                server_name = args.server_addr
+            flag, text = "-a", args.server_addr
+            if not is_ip_literal(split_host_port(text)[0]):
+                server_name = text
             try:
-                server = peer_addr(family, resolve(args.server_addr)[1])
+                server = peer_addr(family, resolve(text)[1])
             except LookupFailed:
                 if mode != "client":    # the client tries again, later
                     raise
         if mode == "client":
-            real_family, real = resolve(args.local_connect_addr)
+            flag, text = "-c", args.local_connect_addr
+            real_family, real = resolve(text)
             if server is not None and \
                     (ip_of(real), real[1]) == (ip_of(server), server[1]):
-                raise ValueError("-c %s is the server at -a: the relay would "
-                                 "loop" % args.local_connect_addr)
+                raise ValueError("the server at -a: the relay would loop")
     except ValueError as e:
-        raise UsageError(str(e))
+        raise UsageError("%s %s: %s" % (flag, text, e))
     key = derive_key(password) if password is not None else None
     try:
         sock = udp_socket(family, listen, local=mode == "server")
@@ -3288,14 +3341,16 @@ def main(argv=None, environ=None):
             flavour += ", PROXY protocol"
         # The start-up line shows even with -q: it says what is bound where.
         if mode == "server":
-            log("udpexposer.py %s: server mode on %s, %s, up to %d connectees"
-                % (VERSION_TEXT, bound, flavour, args.max_clients), WARN)
+            log("udpexposer.py %s: server mode on %s, %s, up to %s"
+                % (VERSION_TEXT, bound, flavour,
+                   plural(args.max_clients, "connectee")), WARN)
         else:
             log("udpexposer.py %s: client mode on %s, %s, server %s, "
-                "exposing %s, up to %d channels"
+                "exposing %s, up to %s"
                 % (VERSION_TEXT, bound, flavour,
                    server_text(run["server"], run["server_name"]),
-                   format_addr(run["real"]), args.max_clients), WARN)
+                   format_addr(run["real"]),
+                   plural(args.max_clients, "channel")), WARN)
         if notify.problem:
             log(notify.problem, WARN)
         if mode == "server":

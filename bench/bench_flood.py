@@ -17,7 +17,8 @@ Floods (one per run, --rounds runs of each, interleaved):
               nobody answers, on the server and on the client
   pw-data     password mode, ordinary datagrams from one connectee
   tokens      password mode, forged tokens of the right shape from one
-              source: each costs an HMAC, and is relayed as data
+              source: each costs an HMAC, and is dropped (relayed as
+              data before issue 27)
   lookalikes  password mode, 1400-byte datagrams that start like a token
 
 Printed per flood: the server's and the client's CPU microseconds per
