@@ -91,7 +91,7 @@ RETRIES_PER_SECOND, RETRIES_PER_ADDRESS = 50, 3
 # connectee, a new channel and the same datagram again, for ever, and no
 # channel is ever answered.  The same first datagram on LOOP_LAPS new
 # channels, each within LOOP_WINDOW seconds of the last and none answered
-# since, is suspect; a probe then tells (see run_client's looped()).
+# since, is suspect; a probe then tells (see LoopGuard).
 LOOP_LAPS, LOOP_WINDOW = 16, 1.0
 
 # The 23 counters of the stats blob, in wire order (PROTOCOL.md, "Stats").
@@ -2207,8 +2207,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 bytes_out += counts[3]
                 continue
             if key is not None:
-                if buf.startswith(TOKEN_PREFIX, at + 2, at + 2 + n) \
-                        and on_signed(view[at + 2:at + 2 + n], src):
+                data = at + TAG_SIZE        # where the datagram starts
+                if buf.startswith(TOKEN_PREFIX, data, data + n) \
+                        and on_signed(view[data:data + n], src):
                     continue
             elif n == 0:                                # a plain keepalive
                 if client_from and src != client \
@@ -2233,7 +2234,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                     log.limited("dwarf", "Too short datagram from client",
                                 WARN)
                     continue
-                tag = buf[at + 2] << 8 | buf[at + 3]
+                tag = buf[at + TAG_SIZE] << 8 | buf[at + TAG_SIZE + 1]
                 dest = address_of(tag)
                 if dest is not None:
                     touch(tag)
@@ -2243,7 +2244,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                         continue
                 msgs_out += 1
                 bytes_out += n
-                send(at + 4, n - 2, dest, "err3")
+                send(at + 2 * TAG_SIZE, n - TAG_SIZE, dest, "err3")
                 continue
 
             if client is None:                          # connectee, no client
@@ -2269,7 +2270,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             bytes_in += n
             if prefixes is None:
                 put_tag(buf, at, tag)
-                send(at, n + 2, client, "err4")
+                send(at, TAG_SIZE + n, client, "err4")
             else:               # a lone datagram: room enough before it
                 prefix = prefixes[tag]
                 start = at + TAG_SIZE - len(prefix)
@@ -2379,6 +2380,114 @@ def server_text(server, name):
         else format_addr(server)
 
 
+class LoopGuard:
+    """Whether the datagram a new channel is opened for goes round a loop
+    (-c leading back to the server): then the client drops it.
+
+    The same first datagram on LOOP_LAPS new channels, each within
+    LOOP_WINDOW seconds of the last, and none answered since (the client
+    clears `firsts` when a real server answers), is suspect: a random
+    probe goes to -c from a fresh socket.  Back from the server as a new
+    connectee, the loop is certain, and for LOOP_WINDOW whatever comes
+    round again is dropped, which ends it.  A flood of one payload is
+    only suspect."""
+
+    def __init__(self, family, real_server, stats, log):
+        self.family, self.real_server = family, real_server
+        self.stats, self.log = stats, log
+        self.firsts = collections.OrderedDict()     # hash -> (laps, when)
+        self.probe, self.probe_sent, self.seen = None, 0.0, -LOOP_WINDOW
+
+    def looped(self, first):
+        now, first = time.monotonic(), bytes(first)
+        if first == self.probe:
+            self.probe, self.seen = None, now
+            self.stats["loops_broken"] += 1
+            self.log.limited("loop", "Datagrams sent to %s come back from "
+                             "the server as new connectees: -c leads back "
+                             "to the server (a loop); dropping what comes "
+                             "round" % format_addr(self.real_server), WARN)
+            return True
+        digest = hash(first)
+        laps, when = self.firsts.pop(digest, (0, now))
+        laps = laps + 1 if now - when < LOOP_WINDOW else 1
+        if len(self.firsts) >= 64:
+            self.firsts.popitem(last=False)
+        self.firsts[digest] = (laps, now)
+        if laps > 1 and now - self.seen < LOOP_WINDOW:
+            return True
+        if laps % LOOP_LAPS == 0 and now - self.probe_sent >= LOOP_WINDOW:
+            self.probe, self.probe_sent = os.urandom(16), now
+            try:
+                with socket.socket(self.family, socket.SOCK_DGRAM) as fresh:
+                    fresh.sendto(self.probe, self.real_server)
+            except OSError:
+                pass
+        return False
+
+
+class ServerLookup:
+    """Where the client's server is, when -a names it by a host name: that
+    name looked up again every `every` seconds (sooner when due is set),
+    in a helper thread, so that the loop never waits.  Until a first
+    answer, tries come after 1, 2, 4 ... seconds.  start(now) begins a
+    lookup when one is due; took() whether one found the server, or found
+    it moved: then `server` is its address tuple (None before)."""
+
+    def __init__(self, server, name, family, resolver, every, log, stats):
+        self.server, self.name, self.family = server, name, family
+        self.resolver, self.every, self.log, self.stats = \
+            resolver, every, log, stats
+        self.results = queue.Queue()
+        self.running, self.backoff = False, 1.0
+        self.due = time.monotonic() + (every if server else self.backoff)
+
+    def start(self, now):
+        if self.name is None or self.running or now < self.due:
+            return
+        self.running, self.due = True, now + self.every
+
+        def work():
+            try:
+                result = peer_addr(self.family, self.resolver(self.name)[1])
+            except (ValueError, OSError) as e:
+                result = e
+            self.results.put(result)
+        threading.Thread(target=work, daemon=True).start()
+
+    def took(self):
+        if not self.running:
+            return False
+        try:
+            result = self.results.get_nowait()
+        except queue.Empty:
+            return False
+        self.running, name, old = False, self.name, self.server
+        if isinstance(result, Exception):
+            if old is not None:
+                self.log.limited("resolve", "Cannot resolve %s again, "
+                                 "keeping %s: %s" % (name, format_addr(old),
+                                                     result), WARN)
+                return False
+            self.log.limited("resolve", "Cannot resolve %s yet, trying again "
+                             "in %d s: %s" % (name, self.backoff, result),
+                             WARN)
+            self.due = time.monotonic() + self.backoff
+            self.backoff = min(2 * self.backoff, MAX_LOOKUP_BACKOFF,
+                               self.every)
+            return False
+        if result == old:
+            return False
+        if old is None:
+            self.log("Server address: %s is %s" % (name, format_addr(result)))
+        else:
+            self.stats["server_address_changes"] += 1
+            self.log("Server address changed: %s -> %s"
+                     % (format_addr(old), format_addr(result)))
+        self.server = result
+        return True
+
+
 def run_client(sock, server, real_family, real_server, max_clients,
                interval, log, key=None, portable=False, stats=None,
                server_name=None, resolve_every=DEFAULT_RESOLVE_INTERVAL,
@@ -2422,17 +2531,15 @@ def run_client(sock, server, real_family, real_server, max_clients,
     server_key = None if server is None else io.key_of(server)
     buf, view = io.buf, io.view
     workers = LRU(max_clients)      # tag -> channel socket
-    firsts = collections.OrderedDict()  # see looped(): hash -> (laps, when)
-    probe, probe_sent, loop_seen = None, 0.0, -LOOP_WINDOW
+    loops = LoopGuard(real_family, real_server, stats, log)
     fd_bound = False                # the open-file limit bounds channels
     bind_to = wildcard(real_family)
     keepalive = sign(key, request_claims()) if key else b""
     period = interval / 1000.0
     next_ping = last_registered = time.monotonic()
-    next_lookup = next_ping + resolve_every
-    lookups = queue.Queue()         # results from the resolver thread
-    backoff = 1.0                   # seconds to the next try, unresolved
-    looking_up = heard = authenticated = silent = refused = False
+    lookup = ServerLookup(server, server_name, sock.family,
+                          resolver or resolve, resolve_every, log, stats)
+    heard = authenticated = silent = refused = False
     hinted = False                  # see stranger()
     # Password mode with proxy_protocol: each keepalive asks, with a fresh
     # challenge, whether the server adds the headers; what carries one is
@@ -2487,43 +2594,6 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 % format_addr(server), WARN)
         adds = says
 
-    def looped(first):
-        """Whether first, the datagram a new channel is opened for, goes
-        round a loop (-c leading back to the server): then drop it.
-
-        A suspect first datagram (see LOOP_LAPS) sends a random probe to -c
-        from a fresh socket.  Back from the server as a new connectee, the
-        loop is certain, and for LOOP_WINDOW whatever comes round again is
-        dropped, which ends it.  A flood of one payload is only suspect.
-        """
-        nonlocal probe, probe_sent, loop_seen
-        now = time.monotonic()
-        first = bytes(first)
-        if first == probe:
-            probe, loop_seen = None, now
-            stats["loops_broken"] += 1
-            log.limited("loop", "Datagrams sent to %s come back from the "
-                        "server as new connectees: -c leads back to the "
-                        "server (a loop); dropping what comes round"
-                        % format_addr(real_server), WARN)
-            return True
-        digest = hash(first)
-        laps, when = firsts.pop(digest, (0, now))
-        laps = laps + 1 if now - when < LOOP_WINDOW else 1
-        if len(firsts) >= 64:
-            firsts.popitem(last=False)
-        firsts[digest] = (laps, now)
-        if laps > 1 and now - loop_seen < LOOP_WINDOW:
-            return True
-        if laps % LOOP_LAPS == 0 and now - probe_sent >= LOOP_WINDOW:
-            probe, probe_sent = os.urandom(16), now
-            try:
-                with socket.socket(real_family, socket.SOCK_DGRAM) as fresh:
-                    fresh.sendto(probe, real_server)
-            except OSError:
-                pass
-        return False
-
     def open_worker(tag, first):
         """A new channel for tag, whose first datagram is first, or None.
         (With proxy_protocol first starts with its header.)
@@ -2537,7 +2607,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             first = bytes(first)
             cut = proxy_length(first, 0, len(first))
             header, first = first[:cut], first[cut:]
-        if looped(first):
+        if loops.looped(first):
             return None
         if len(workers) >= max_clients:
             close_worker(*workers.evict())
@@ -2623,19 +2693,20 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 msgs += counts[0]
                 size += counts[1]
                 continue
-            at += TAG_SIZE
+            data = at + TAG_SIZE        # the datagram: a tag, then payload
             if src != server_key:
                 stranger(src)
                 continue
             if n < TAG_SIZE:
                 stats["dwarfs"] += 1
                 continue
-            if key is not None and buf.startswith(TOKEN_PREFIX, at, at + n):
-                on_token(view[at:at + n])
+            if key is not None and buf.startswith(TOKEN_PREFIX, data,
+                                                  data + n):
+                on_token(view[data:data + n])
                 continue
-            tag = buf[at] << 8 | buf[at + 1]
+            tag = buf[data] << 8 | buf[data + 1]
             if proxy_protocol and not (
-                    adds and proxy_length(buf, at + 2, at + n)):
+                    adds and proxy_length(buf, data + TAG_SIZE, data + n)):
                 malformed()
                 continue
             worker = worker_of(tag)
@@ -2643,12 +2714,12 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 touch(tag)
             else:
                 worker = workers.get(tag) \
-                    or open_worker(tag, view[at + 2:at + n])
+                    or open_worker(tag, view[data + TAG_SIZE:data + n])
                 if worker is None:
                     continue
             msgs += 1
             size += n
-            send_on(worker, at + 2, n - 2, TO_REAL_SERVER)
+            send_on(worker, data + TAG_SIZE, n - TAG_SIZE, TO_REAL_SERVER)
         return msgs, size
 
     def relay_train(at, n, src, size):
@@ -2670,7 +2741,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 touch(tag)
             else:
                 worker = workers.get(tag) or open_worker(
-                    tag, view[first + 2:first + min(size, length)])
+                    tag, view[first + TAG_SIZE:first + min(size, length)])
                 if worker is None:
                     continue
             msgs += train_length(length, size)
@@ -2715,7 +2786,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             log("Real server %s answers again" % format_addr(real_server))
         if tag in unanswered:
             workers.answer(tag)
-            firsts.clear()      # a real server answers: this is no loop
+            loops.firsts.clear()    # a real server answers: no loop
         stats["from_real_server_msgs"] += msgs
         stats["from_real_server_bytes"] += size
 
@@ -2728,53 +2799,19 @@ def run_client(sock, server, real_family, real_server, max_clients,
             log.limited("refused", "Real server %s refuses datagrams (port "
                         "unreachable)" % format_addr(real_server), WARN)
 
-    def look_up_server():
-        """Resolve server_name again, in a thread: the loop never waits."""
-        nonlocal looking_up
-        looking_up = True
-
-        def work():
-            try:
-                result = peer_addr(sock.family, resolver(server_name)[1])
-            except (ValueError, OSError) as e:
-                result = e
-            lookups.put(result)
-        threading.Thread(target=work, daemon=True).start()
-
-    def on_lookup(result):
-        nonlocal server, server_key, looking_up, next_ping, next_lookup, \
-            backoff, adds
-        looking_up = False
-        if server is None:              # not resolved since the start
-            if isinstance(result, Exception):
-                log.limited("resolve", "Cannot resolve %s yet, trying again "
-                            "in %d s: %s" % (server_name, backoff, result),
-                            WARN)
-                next_lookup = time.monotonic() + backoff
-                backoff = min(2 * backoff, MAX_LOOKUP_BACKOFF, resolve_every)
-                return
-            log("Server address: %s is %s" % (server_name,
-                                              format_addr(result)))
-            server, server_key = result, io.key_of(result)
-            next_ping = time.monotonic()
-        elif isinstance(result, Exception):
-            log.limited("resolve", "Cannot resolve %s again, keeping %s: %s"
-                        % (server_name, format_addr(server), result), WARN)
-        elif result != server:
-            stats["server_address_changes"] += 1
-            log("Server address changed: %s -> %s"
-                % (format_addr(server), format_addr(result)))
-            server, server_key = result, io.key_of(result)
-            next_ping = time.monotonic()    # tell the new address at once
-            adds = not asking               # until the new one says so
+    def moved():
+        """The lookup found the server, or found it moved: tell it at
+        once; with asking, relay nothing until it says it adds headers."""
+        nonlocal server, server_key, next_ping, adds
+        if server is not None:
+            adds = not asking
+        server, server_key = lookup.server, io.key_of(lookup.server)
+        next_ping = time.monotonic()
 
     def timers():
-        nonlocal next_ping, next_lookup, silent, challenges, keepalive
-        if looking_up:
-            try:
-                on_lookup(lookups.get_nowait())
-            except queue.Empty:
-                pass
+        nonlocal next_ping, silent, challenges, keepalive
+        if lookup.took():
+            moved()
         now = time.monotonic()
         if now >= next_ping and server is not None:
             if asking:
@@ -2790,16 +2827,14 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     and now - last_registered >= UNANSWERED_PINGS * period:
                 silent = True
                 log("Server %s is not answering" % format_addr(server), WARN)
-                next_lookup = now           # perhaps it moved
-        if server_name is not None and now >= next_lookup and not looking_up:
-            look_up_server()
-            next_lookup = now + resolve_every
-        due = next_ping if server is not None else next_lookup
+                lookup.due = now            # perhaps it moved
+        lookup.start(now)
+        due = next_ping if server is not None else lookup.due
         if now >= notify.due:
             notify.tick(status())
         if notify.due < due:
             due = notify.due
-        if looking_up:
+        if lookup.running:
             return min(due - now, LOOKUP_POLL)
         return due - now
 
@@ -2810,10 +2845,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             plural(stats["from_server_msgs"] + stats["from_real_server_msgs"],
                    "datagram"))
 
-    if resolver is None:
-        resolver = resolve
     if server is None:      # systemd need not wait (and restart) for DNS
-        next_lookup = next_ping + backoff
         notify.ready(status())
     sel.register(sock, selectors.EVENT_READ, on_server_readable)
     try:
