@@ -1204,7 +1204,7 @@ class PortableIO:
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:
-                    report("err1", e)
+                    report("receive", e)
                     continue
                 k += 1
             return PLAIN_ATS, lengths[:k], sources[:k], self.NO_TRAINS
@@ -1214,7 +1214,7 @@ class PortableIO:
         try:
             return split_train(self.buf, at - DATA_AT, n, size)
         except OSError as e:
-            self.report("err1", e)
+            self.report("receive", e)
             return (), ()
 
     def send(self, start, length, dest, where):
@@ -1630,7 +1630,7 @@ class MmsgIO(PortableIO):
             if k < 0:
                 err = c.get_errno()
                 if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                    report("err1", OSError(err, os.strerror(err)))
+                    report("receive", OSError(err, os.strerror(err)))
                 return (), (), (), no_trains
             lengths = lengths_of(0, k)
             sources = sources_of[k].unpack_from(names)
@@ -1733,7 +1733,7 @@ class MmsgIO(PortableIO):
                         "kernel): replies leave from its choice of address "
                         "instead, counted in sources_refused"
                         % self.local.address(dest))
-        self.report("sources_refused", None)
+        self.counts["sources_refused"] += 1
         self.send_now(data, self.key_of(self.sockaddr(dest)), where)
 
     def send_train_on(self, chan, start, n, size, where):
@@ -2032,8 +2032,10 @@ def burst_io(sock, report, portable=False, notice=None,
 
 # ---------------------------------------------------------------- the server
 
-SERVER_ERRORS = {"err1": "receive", "err2": "reply",
-                 "err3": "send to a connectee", "err4": "tag and send to the client"}
+# What the server was doing (the `where` of an error) -> its counter.
+SERVER_ERRORS = {"receive": "err1", "reply": "err2",
+                 "send to a connectee": "err3",
+                 "tag and send to the client": "err4"}
 
 
 def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
@@ -2055,10 +2057,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     if notify is None:
         notify = Notify({})
 
-    def report(counter, exc):
-        stats[counter] += 1
-        if exc is not None:         # else a count alone: sources_refused
-            log_socket_error(log, SERVER_ERRORS[counter], exc)
+    def report(where, exc):
+        stats[SERVER_ERRORS[where]] += 1
+        log_socket_error(log, where, exc)
 
     io = burst_io(sock, report, portable, lambda text: log(text, WARN),
                   reply_from_local=True, trains_in=not proxy_protocol,
@@ -2107,7 +2108,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         if nonce == STATS_NONCE:
             stats["stats_requests"] += 1
             if stats_budget.take():
-                io.send_now(pack_stats(stats), src, "err2")
+                io.send_now(pack_stats(stats), src, "reply")
             else:
                 stats["stats_refused"] += 1
                 log.limited("stats budget", lambda: "Refused a stats request "
@@ -2139,7 +2140,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 log.limited("auth", "Authenticating: %s"
                             % format_addr(address(src)))
                 io.send_now(sign(key, retry_claims(now ^ address_hash(src))),
-                            src, "err2")
+                            src, "reply")
                 return True
             stats["auth_completeds"] += 1
             client = src
@@ -2149,7 +2150,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         # added, with a challenge: only it ever hears this answer.
         challenge = proxy_protocol and claims.get("proxy")
         io.send_now(sign(key, proxy_claims(challenge)) if _u64(challenge)
-                    else registered, src, "err2")
+                    else registered, src, "reply")
         return True
 
     def new_connectee(src):
@@ -2171,6 +2172,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         return tag
 
     send, flush, put_tag = io.send, io.flush, TAG.pack_into
+    TO_CONNECTEE = "send to a connectee"
+    TO_CLIENT = "tag and send to the client"
     # Per datagram, the C methods of the table's dicts, bound once: no
     # Python call between.  A connectee is answered once the client sent
     # for its tag.
@@ -2244,7 +2247,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                         continue
                 msgs_out += 1
                 bytes_out += n
-                send(at + 2 * TAG_SIZE, n - TAG_SIZE, dest, "err3")
+                send(at + 2 * TAG_SIZE, n - TAG_SIZE, dest, TO_CONNECTEE)
                 continue
 
             if client is None:                          # connectee, no client
@@ -2270,12 +2273,12 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             bytes_in += n
             if prefixes is None:
                 put_tag(buf, at, tag)
-                send(at, TAG_SIZE + n, client, "err4")
+                send(at, TAG_SIZE + n, client, TO_CLIENT)
             else:               # a lone datagram: room enough before it
                 prefix = prefixes[tag]
                 start = at + TAG_SIZE - len(prefix)
                 buf[start:at + TAG_SIZE] = prefix
-                send(start, n + len(prefix), client, "err4")
+                send(start, n + len(prefix), client, TO_CLIENT)
         return msgs_in, bytes_in, msgs_out, bytes_out
 
     def relay_train(at, n, src, size):
@@ -2297,7 +2300,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 touch(tag)
             else:
                 touch_unanswered(tag)
-            io.send_train(start, n, size, client, "err4", tag)
+            io.send_train(start, n, size, client, TO_CLIENT, tag)
             return train_length(n, size), n, 0, 0
         msgs_out = bytes_out = 0                        # client -> connectees
         for first, length, tag in tag_runs(buf, start, n, size):
@@ -2306,7 +2309,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 continue
             msgs_out += train_length(length, size)
             bytes_out += length
-            io.send_train(first, length, size, dest, "err3")
+            io.send_train(first, length, size, dest, TO_CONNECTEE)
         return 0, 0, msgs_out, bytes_out
 
     def relay_burst():
@@ -2522,7 +2525,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             refusing()      # on a channel: the real server is not there
             return
         stats["errors"] += 1
-        log_socket_error(log, "receive" if where == "err1" else where, exc)
+        log_socket_error(log, where, exc)
 
     sel = selectors.DefaultSelector()
     io = burst_io(sock, report, portable, lambda text: log(text, WARN),
