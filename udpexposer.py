@@ -1025,7 +1025,9 @@ def run_loop(sel, timers=None, stop=None, signalled=None, after=None):
 # buf[ats[i] + TAG_SIZE:] from the source key sources[i]; a train (the
 # kernel's UDP_GRO: datagrams of one size from one peer, the last may be
 # shorter) is one item too, with its segment size in trains[at].  split()
-# spreads a train into its slot's headroom, a tag's room before each.
+# spreads a train into its slot's headroom, a tag's room before each.  The
+# main socket reads with UDP_GRO from its start, where the kernel has it,
+# and trains go out where it does (decided once, as wireguard-go does).
 #
 # A datagram from a connectee (server): relay() puts its tag at buf[at:],
 # send(at, TAG_SIZE + n, client) queues one iovec in the main socket's
@@ -1394,10 +1396,12 @@ class Outbox:
     key's pktinfo from one slot); one with trains packs each message's
     header.  What the kernel refuses: send_rest()."""
 
-    def __init__(self, io, fd, name_size, local, send_one):
+    def __init__(self, io, fd, name_size, local, send_one, view=None,
+                 base=0):
         self.c, self.sendmmsg, self.report = io.c, io.libc.sendmmsg, io.report
         self.fd, self.local, self.trains = fd, local, io.trains_out
         self.send_one = send_one    # (data, dest, where): one datagram now
+        self.view, self.base = view, base   # the buffer lone datagrams are in
         self.pairs, self.dests, self.wheres, self.shapes = [], [], [], {}
         # A key: name, then with local replies its control message; the
         # lone datagrams' headers take it from one slot, a train's copies
@@ -1413,15 +1417,23 @@ class Outbox:
                       name + self.key_size - self.pktinfo if self.pktinfo
                       else 0, self.pktinfo)
         heads.keep()
+        self.push = self._pusher()
 
-    def push(self, pairs, dest, where, shape=None):
-        if len(self.dests) == BURST:
-            self.flush()
-        if shape is not None:
-            self.shapes[len(self.dests)] = shape
-        self.pairs.extend(pairs)
-        self.dests.append(dest)
-        self.wheres.append(where)
+    def _pusher(self):
+        """push(pairs, dest, where, shape=None): a closure over the queue's
+        lists, as it runs per datagram."""
+        pairs, dests, wheres, shapes, flush = self.pairs, self.dests, \
+            self.wheres, self.shapes, self.flush
+
+        def push(more, dest, where, shape=None):
+            if len(dests) == BURST:
+                flush()
+            if shape is not None:
+                shapes[len(dests)] = shape
+            pairs.extend(more)
+            dests.append(dest)
+            wheres.append(where)
+        return push
 
     def push_train(self, flat, pieces, size, count, dest, where):
         """Queue count datagrams of `size` bytes (the last may be shorter,
@@ -1443,6 +1455,10 @@ class Outbox:
             return
         if self.shapes:
             self.send_shaped(queued)
+        elif queued == 1 and self.view is not None:   # half the cost of a
+            at = self.pairs[0] - self.base          # sendmmsg of one
+            self.send_one(self.view[at:at + self.pairs[1]], self.dests[0],
+                          self.wheres[0])
         else:
             IOVECS[queued].pack_into(self.heads.iovs, 0, *self.pairs)
             self.heads.name_bytes[:queued * self.key_size] = \
@@ -1603,7 +1619,12 @@ class MmsgIO(PortableIO):
             struct.pack(">%dH" % (MAX_TAG + 1), *range(MAX_TAG + 1)))
         self.tags_at = ctypes.addressof(self.tag_table)
         self.outbox = Outbox(self, self.fd, self.name_size, self.local,
-                             self.send_now)
+                             self.send_now, self.view, self.base)
+        # send() and flush(), per datagram and per burst: no call between.
+        push, base = self.outbox.push, self.base
+        self.send = lambda start, length, dest, where: push(
+            (base + start, length), dest, where)
+        self.flush = self.outbox.flush
         self.channels = Channels(self, ChannelGro(gro))
         self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
 
@@ -1612,16 +1633,20 @@ class MmsgIO(PortableIO):
         c, fd, report, local = self.c, self.fd, self.report, self.local
         room = (GRO_ROOM if self.trains_out.on else 0) \
             + (0 if local is None else local.space)
-        heads = reads(c, self.base, self.name_size, room)
+        # self.reads keeps the C buffers alive that these headers point to
+        self.reads = heads = reads(c, self.base, self.name_size, room)
         first, names, controls = heads.pointers[0], heads.names, heads.controls
-        lengths_of, controllens_of = heads.lengths, heads.controllens
-        sources_of = repeated("%ds" % self.name_size)
+        # Per burst, one struct call each for lengths, names and control
+        # lengths, and one slice assignment puts the headers back.
+        head_bytes, sources_of = heads.bytes, repeated("%ds" % self.name_size)
+        spans = [slice(0, k * MMSGHDR.size) for k in range(BURST + 1)]
+        pristines = [heads.pristine[span] for span in spans]
         plain = 0       # a message's control messages without a train's
         if local is not None:
             plain = local.space
             locals_of = repeated("%ds%dx" % (local.space, room - local.space))
             add, replies = bytes.__add__, local.__getitem__
-        outbox, restore, no_trains = self.outbox, heads.restore, self.NO_TRAINS
+        outbox, no_trains = self.outbox, self.NO_TRAINS
 
         def receive():
             if outbox.dests:        # the channels' of this round: slots
@@ -1632,12 +1657,12 @@ class MmsgIO(PortableIO):
                 if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
                     report("receive", OSError(err, os.strerror(err)))
                 return (), (), (), no_trains
-            lengths = lengths_of(0, k)
+            lengths = LENGTHS[k].unpack_from(head_bytes)
             sources = sources_of[k].unpack_from(names)
             if not room:
                 return PLAIN_ATS, lengths, sources, no_trains
-            controllens = controllens_of(0, k)
-            restore(0, k)
+            controllens = CONTROLLENS[k].unpack_from(head_bytes)
+            head_bytes[spans[k]] = pristines[k]
             if local is not None:
                 sources = list(map(add, sources, map(
                     replies, locals_of[k].unpack_from(controls))))
@@ -1686,9 +1711,6 @@ class MmsgIO(PortableIO):
         flat[-1] = last - TAG_SIZE
         return flat, 1, size - TAG_SIZE, count
 
-    def send(self, start, length, dest, where):
-        self.outbox.push((self.base + start, length), dest, where)
-
     def send_train(self, start, n, size, dest, where, tag=None):
         if tag is None and n <= size:     # a run of one: a lone datagram
             self.send(start + TAG_SIZE, n - TAG_SIZE, dest, where)
@@ -1701,9 +1723,6 @@ class MmsgIO(PortableIO):
             chan.send(self.view[start:start + length], self.MSG_DONTWAIT)
         except OSError as e:
             self.report(where, e)
-
-    def flush(self):
-        self.outbox.flush()
 
     def send_now(self, data, dest, where, chan=None):
         try:
