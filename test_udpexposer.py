@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import queue
+import random
 import re
 import select
 import selectors
@@ -281,12 +282,17 @@ def fmt_host(host):
 
 
 def echo_forever(sock, stop, reply_from=None):
-    """Send every datagram back where it came from, until stop is set."""
+    """Send every datagram back where it came from, until stop is set; a
+    train (on a socket with UDP_GRO on) goes back as one."""
     sock.settimeout(0.05)
     while not stop.is_set():
         try:
-            data, src = sock.recvfrom(70000)
-            (reply_from or sock).sendto(data, src)
+            sources = []
+            got, trains = receive_trains(sock, 1, sources)
+            if trains[0]:
+                send_train(reply_from or sock, got, sources[0])
+            else:
+                (reply_from or sock).sendto(got[0], sources[0])
         except socket.timeout:
             continue
         except OSError:
@@ -715,13 +721,13 @@ def send_train(sock, parts, dest=None):
     return sock.sendmsg(parts, segment, 0, dest)
 
 
-def receive_trains(sock, count):
+def receive_trains(sock, count, sources=None):
     """count datagrams from a socket with UDP_GRO on: (datagrams, sizes of
-    the trains they came in)."""
+    the trains they came in); each one's source added to sources."""
     got, trains = [], []
     while len(got) < count:
-        data, ancillary, _, _ = sock.recvmsg(70000, 64)
-        size = len(data)
+        data, ancillary, _, src = sock.recvmsg(70000, 64)
+        size, before = len(data), len(got)
         for level, kind, value in ancillary:
             if (level, kind) == (ux.SOL_UDP, ux.UDP_GRO):
                 size = struct.unpack("=i", value[:4])[0] or size
@@ -730,6 +736,8 @@ def receive_trains(sock, count):
         else:
             got += [data[i:i + size] for i in range(0, len(data), size)]
         trains.append(size if len(data) > size else None)
+        if sources is not None:
+            sources += [src] * (len(got) - before)
     return got, trains
 
 
@@ -1236,7 +1244,8 @@ class TestTrainShapes(RelayCase):
             conn.sendto(b"hi %d" % i, saddr)
             data, _ = self.recv(client)
             tags[i] = data[:2]
-        order = [0, 0, 1, 1, 1, 0, 2, 0]
+        tags[3] = b"\x00\x63"                     # nobody's: dropped
+        order = [0, 0, 1, 1, 1, 0, 3, 3, 3, 2, 0]
         parts = [tags[i] + bytes([i, j]) * 300 for j, i in enumerate(order)]
         with stopped(server):
             send_train(client, parts, saddr)
@@ -1247,7 +1256,8 @@ class TestTrainShapes(RelayCase):
                 want.append(b"lone")
             self.assertEqual([self.recv(conn)[0] for _ in want], want)
         stats = usr1_stats(server, "server")
-        self.assertEqual(stats["from_client_msgs"], len(parts) + 1)
+        self.assertEqual((stats["from_client_msgs"], stats["ch_not_founds"]),
+                         (len(parts) - 3 + 1, 3))
 
 
 class TestTrainShapesPortable(TestTrainShapes):
@@ -3952,6 +3962,687 @@ class TestEdges(RelayCase):
         self.assertGreater(replies, 0)
         stats = usr1_stats(proc, "server")
         self.assertEqual(stats["retries_refused"], 210 - replies)
+
+
+
+# ====================================================================== bursts
+
+def roomy(sock):
+    """sock with room to receive a whole burst (as root beyond rmem_max)."""
+    for option in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, 1 << 22)
+            break
+        except OSError:
+            continue
+    return sock
+
+
+def is_token(data):
+    return data.startswith(ux.TOKEN_PREFIX)
+
+
+def take(sock, count, controls=0, control=is_token, wait=2.0):
+    """What sock receives, trains cut into datagrams, until count of them
+    that are no control message and `controls` that are came, or `wait`
+    passed without any: ([(source, datagram)], control messages), each in
+    order."""
+    got, controlled = [], []
+    sock.settimeout(wait)
+    try:
+        while len(got) < count or len(controlled) < controls:
+            sources = []
+            datagrams = receive_trains(sock, 1, sources)[0]
+            for src, data in zip(sources, datagrams):
+                (controlled if control(data) else got).append((src, data))
+    except socket.timeout:
+        pass
+    finally:
+        sock.settimeout(TIMEOUT)
+    return got, [data for _, data in controlled]
+
+
+def noise(rng, size):
+    """size random bytes from rng."""
+    return rng.getrandbits(8 * size).to_bytes(size, "big") if size else b""
+
+
+class TestBursts(RelayCase):
+    """Bursts built on purpose (the relay stopped while they queue, read in
+    one go after) from random mixes of what a relay meets: lone datagrams,
+    trains from known and new sources, trains of mixed tags, tokens,
+    keepalives, dwarfs, empty datagrams, strangers, with evictions (small
+    -n), batched and portable.  Every datagram reaches its peer byte for
+    byte and in order, or is one the relay is documented to drop (counted);
+    the relay lives.  A model (the tool's own LRU) says where each goes.
+
+    Seeded: a failure names its seed in its subtest; UDPEXPOSER_BURST_SEED
+    replays it, UDPEXPOSER_BURST_ROUNDS runs more rounds (a soak)."""
+
+    ROUNDS = int(os.environ.get("UDPEXPOSER_BURST_ROUNDS") or 6)
+    BYTES = 150000          # sent in one burst at most: no buffer overflows
+
+    def seeds(self):
+        seed = os.environ.get("UDPEXPOSER_BURST_SEED")
+        return int(seed) if seed else random.randrange(1 << 32)
+
+    def same(self, got, want, what):
+        """got == want, a list of datagrams each; a short message if not."""
+        if got == want:
+            return
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
+                  min(len(got), len(want)))
+        self.fail("%s: %d datagrams, %d wanted; the first difference at %d: "
+                  "%r, wanted %r" % (
+                      what, len(got), len(want), at,
+                      got[at][:30] if at < len(got) else None,
+                      want[at][:30] if at < len(want) else None))
+
+    def assert_alive(self, proc, what):
+        if proc.p.poll() is not None:
+            self.fail("%s: the relay died: %s" % (what, proc.stop()[-600:]))
+
+    def assert_quiet(self, socks):
+        """Nothing more arrives on socks (all they should have came)."""
+        ready, _, _ = select.select(socks, [], [], 0.02)
+        for sock in ready:
+            data = sock.recv(70000, socket.MSG_DONTWAIT)
+            if not (is_token(data) or data == b"" and sock is socks[0]):
+                self.fail("an extra datagram %r" % data[:30])
+
+    def assert_counters(self, proc, mode, want):
+        stats = usr1_stats(proc, mode)
+        self.assertEqual({name: stats[name] for name in want}, want)
+        self.assertIsNone(proc.p.poll())
+        self.assertNotIn("Traceback", proc.stop())
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_a_newcomers_train_fills_the_send_queue(self):
+        """Issue 24: a newcomer's train goes datagram by datagram (63 sends
+        here), a known connectee's train is one more, a lone datagram one
+        more: more than a send queue holds, in one burst.  The server died
+        of it."""
+        proc, saddr = self.start("-s", "127.0.0.1:0")
+        client, known, new = roomy(gro_socket(self)), self.udp(), self.udp()
+        client.sendto(b"", saddr)
+        proc.wait_line("New client address")
+        known.sendto(b"hello", saddr)
+        self.assertEqual(self.recv(client)[0], b"\x00\x01hello")
+        first = [bytes([i]) * 100 for i in range(63)]
+        with stopped(proc):
+            send_train(new, first, saddr)
+            send_train(known, [b"A" * 100, b"B" * 100], saddr)
+            known.sendto(b"lone", saddr)
+        got, _ = take(client, 66)
+        self.assert_alive(proc, "after the burst")
+        self.same([data for _, data in got],
+                  [b"\x00\x02" + data for data in first]
+                  + [b"\x00\x01A" + b"A" * 99, b"\x00\x01B" + b"B" * 99,
+                     b"\x00\x01lone"], "to the client")
+        self.assertNotIn("Traceback", proc.stop())
+
+    @unittest.skipIf(ux._load_mmsg() is None, "no recvmmsg on this platform")
+    def test_a_train_that_ends_in_a_tag_alone(self):
+        """A train of tagged datagrams whose last is only its tag (an empty
+        datagram, which a kernel's GRO may well put last): the datagrams
+        queued after it in the same burst go where they should, whole.
+        (Its queued iovecs were one too many: each later message in the
+        burst took the one before's, to its own peer.)"""
+        for role in ("server", "client"):
+            with self.subTest(role=role):
+                peer = roomy(gro_socket(self))
+                if role == "server":
+                    proc, addr = self.start("-s", "127.0.0.1:0")
+                    peer.sendto(b"", addr)          # peer: the client
+                    proc.wait_line("New client address")
+                    a, b = self.udp(), self.udp()   # connectees 1 and 2
+                    for conn in (a, b):
+                        conn.sendto(b"hi", addr)
+                        self.recv(peer)
+                else:
+                    real = roomy(self.udp())        # peer: the server
+                    proc, addr = self.start(
+                        "127.0.0.1:0",
+                        "-a", ux.format_addr(peer.getsockname()),
+                        "-c", ux.format_addr(real.getsockname()))
+                    self.recv(peer)                 # its keepalive
+                train = [b"\x00\x01" + bytes([i]) * 100 for i in range(3)]
+                with stopped(proc):
+                    send_train(peer, train + [b"\x00\x01"], addr)
+                    peer.sendto(b"\x00\x02after", addr)
+                    peer.sendto(b"\x00\x01last", addr)
+                if role == "server":
+                    self.same([d for _, d in take(a, 5)[0]],
+                              [p[2:] for p in train] + [b"", b"last"],
+                              "to connectee 1")
+                    self.same([d for _, d in take(b, 1)[0]], [b"after"],
+                              "to connectee 2")
+                else:
+                    ports = {}                      # one per channel
+                    for src, data in take(real, 6)[0]:
+                        ports.setdefault(src, []).append(data)
+                    two, one = sorted(ports.values(), key=len)
+                    self.same(one, [p[2:] for p in train] + [b"", b"last"],
+                              "on channel 1")
+                    self.same(two, [b"after"], "on channel 2")
+                self.assertNotIn("Traceback", proc.stop())
+
+    def test_500_connectees_with_trains_run_clean(self):
+        """500 connectees, 200 datagrams in flight, 30 % of the sends GSO
+        trains, through a server and a client to a real server that echoes
+        (a train as a train): every datagram back byte for byte, in order,
+        plain and -P.  (Issue 24: this killed 1.1.0's server in about half
+        the runs.)"""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 2048 and (hard == resource.RLIM_INFINITY or hard > soft):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (
+                2048 if hard == resource.RLIM_INFINITY else min(2048, hard),
+                hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE,
+                            (soft, hard))
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+            self.skipTest("needs 1200 open files (ulimit -n)")
+        seed = self.seeds()
+        rng = random.Random("500 %d" % seed)
+        window = 200
+        for extra in ((), ("-P", V_PASSWORD)):
+            with self.subTest(seed=seed, extra=extra):
+                real, _, saddr, _, server, client = self.relayed("-n", 600,
+                                                                 *extra)
+                self.echo(roomy(real))
+                before = usr1_stats(server, "server")
+                conns = [roomy(self.udp()) for _ in range(500)]
+                sel = selectors.DefaultSelector()
+                self.addCleanup(sel.close)
+                items = []
+                for i, conn in enumerate(conns):
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ, i)
+                    for j in range(3):
+                        size = rng.choice((6, 100, 600, 1400))
+                        count = rng.randint(2, 8) if rng.random() < 0.3 else 1
+                        parts = [struct.pack(">HI", i, j * 8 + k)
+                                 + noise(rng, size - 6) for k in range(count)]
+                        parts[-1] = parts[-1][:rng.randint(6, size)]
+                        items.append((i, parts))
+                rng.shuffle(items)
+                waiting = [[] for _ in conns]
+                flying, done = 0, 0
+                while items or flying:
+                    while items and flying + len(items[-1][1]) <= window:
+                        i, parts = items.pop()
+                        if len(parts) > 1:
+                            send_train(conns[i], parts, saddr)
+                        else:
+                            conns[i].sendto(parts[0], saddr)
+                        waiting[i].extend(parts)
+                        flying += len(parts)
+                    events = sel.select(TIMEOUT)
+                    if not events:
+                        self.assert_alive(server, "the server")
+                        self.assert_alive(client, "the client")
+                        self.fail("stuck with %d in flight, %d back, %d "
+                                  "sends to go" % (flying, done, len(items)))
+                    for key, _ in events:
+                        i = key.data
+                        while True:
+                            try:
+                                data = conns[i].recv(70000)
+                            except BlockingIOError:
+                                break
+                            self.assertTrue(waiting[i], "an extra datagram "
+                                            "to connectee %d" % i)
+                            self.assertEqual(data, waiting[i].pop(0),
+                                             "to connectee %d" % i)
+                            flying -= 1
+                            done += 1
+                stats = usr1_stats(server, "server")
+                self.assertEqual([stats[name] - before[name] for name in (
+                    "from_connectee_msgs", "from_client_msgs",
+                    "new_connectees")], [done, done, 500])
+                self.assertEqual(usr1_stats(client, "client")["errors"], 0)
+                self.assertNotIn("Traceback", server.stop() + client.stop())
+
+    # ------------------------------------------------------------ server
+
+    def test_random_bursts_on_the_server(self):
+        seed = self.seeds()
+        for password in (False, True):
+            for portable in (False, True):
+                with self.subTest(seed=seed, password=password,
+                                  portable=portable):
+                    self.server_bursts(random.Random(
+                        "server %d %s %s" % (seed, password, portable)),
+                        password, portable)
+
+    def server_bursts(self, rng, password, portable):
+        n = rng.randint(2, 5)
+        proxy = rng.random() < 0.25         # a header before each payload
+        extra = ("-n", n) + (("-P", V_PASSWORD) if password else ()) \
+            + (("--portable-io",) if portable else ()) \
+            + (("--proxy-protocol",) if proxy else ())
+        # Bound to a wildcard address, replies leave from the one each peer
+        # used (LocalReplies): a control message in every send.
+        bind = rng.choice(("127.0.0.1", "0.0.0.0", "::1", "::")
+                          if has_ipv6() else ("127.0.0.1", "0.0.0.0"))
+        host = "::1" if ":" in bind else "127.0.0.1"
+        proc, saddr = self.start("-s", "%s:0" % fmt_host(bind), *extra)
+        saddr = (host, saddr[1]) + ((0, 0) if ":" in host else ())
+        # Where a datagram came to as a PROXY header says: the wildcard
+        # where the socket cannot tell (portable).
+        here = ((bind if portable else host),) + saddr[1:]
+        # Peers: the client, at socks[client[0]]; in plain mode an empty
+        # datagram from socks[1] moves it there and back; every other is a
+        # connectee.
+        socks = [roomy(self.udp(host)) for _ in range(n + 5)]
+        if not ux.enable_gro(socks[0]) or not ux.enable_gro(socks[1]):
+            self.skipTest("no UDP_GRO in this kernel")
+        client = [0]
+        if password:
+            TestPasswordServer.register(self, proc, saddr, socks[0])
+        else:
+            socks[0].sendto(b"", saddr)
+            proc.wait_line("New client address")
+        # The model: the server's table, as the server keeps it.
+        model = ux.Connectees(n, (ux.TOKEN_LOOKALIKE_TAG,) if password
+                              else ())
+        table = model.table
+        want = dict.fromkeys((
+            "from_connectee_msgs", "from_client_msgs", "new_connectees",
+            "evicted_answered", "evicted_unanswered", "dwarfs",
+            "ch_not_founds", "simple_keepalives", "refresh_address",
+            "invalid_auths", "dropped_no_client_address", "err1", "err2",
+            "err3", "err4", "simple_address_switches", "proxy_headers",
+            "from_connectee_bytes", "from_client_bytes"), 0)
+        for name in (("auth_completeds",) if password else (
+                "simple_keepalives", "simple_address_switches")):
+            want[name] = 1
+
+        def inbound(i, data):
+            """Peer i sends data: to the client, tagged."""
+            tag = model.tag_of.get(i)
+            if tag is None:
+                tag, evicted = model.add(i)
+                want["new_connectees"] += 1
+                if evicted is not None:
+                    want["evicted_answered" if evicted[1]
+                         else "evicted_unanswered"] += 1
+            elif tag in table.answered:
+                table.answered.move_to_end(tag)
+            else:
+                table.unanswered.move_to_end(tag)
+            want["from_connectee_msgs"] += 1
+            want["from_connectee_bytes"] += len(data)
+            want["proxy_headers"] += proxy
+            want["invalid_auths"] += password and is_token(data)
+            expect[client[0]].append(ux.TAG.pack(tag) + (ux.proxy_header(
+                socks[i].getsockname(), here) if proxy else b"") + data)
+
+        def outbound(data):
+            """The client sends data: to its tag's connectee, untagged."""
+            if password and data == V_INITIAL_REQUEST:
+                want["refresh_address"] += 1
+                registered.append(V_REGISTERED)
+                return
+            if len(data) < ux.TAG_SIZE:
+                want["dwarfs"] += 1
+                return
+            if is_token(data):              # does not verify: data
+                want["invalid_auths"] += 1
+            tag = ux.TAG.unpack_from(data)[0]
+            i = table.answered.get(tag)
+            if i is not None:
+                table.answered.move_to_end(tag)
+            else:
+                i = table.answer(tag)
+            if i is None:
+                want["ch_not_founds"] += 1
+                return
+            want["from_client_msgs"] += 1
+            want["from_client_bytes"] += len(data)
+            expect[i].append(data[ux.TAG_SIZE:])
+
+        def a_tag():
+            """Mostly one a connectee holds, now and then one nobody does."""
+            tags = list(model.tag_of.values())
+            if tags and rng.random() < 0.85:
+                return rng.choice(tags)
+            return rng.choice((n + 4, 0, 0xFFFF, ux.TOKEN_LOOKALIKE_TAG))
+
+        def lookalike(size):
+            return (ux.TOKEN_PREFIX + noise(rng, size))[:max(size, 22)]
+
+        kinds = ["lone in", "lone in", "train in", "train in", "train new",
+                 "lone out", "lone out", "train out", "train out",
+                 "keepalive", "dwarf"]
+        if password:
+            kinds += ["token in", "token out", "token train out", "empty in"]
+        else:
+            kinds += ["client moves"]
+        sizes = (1, 2, 3, 20, 100, 500, 1400, 1400, 9000)
+        for round_ in range(self.ROUNDS):
+            expect = [[] for _ in socks]
+            registered, sends, total = [], [], 0
+            items, longest = rng.randint(3, 150), rng.choice((3, 8, 128))
+            weights = [rng.random() for _ in kinds]     # this burst's mix
+            first = rng.choice(("train new", None))     # as in issue 24
+            while total < self.BYTES and len(sends) < items:
+                kind = first or rng.choices(kinds, weights)[0]
+                first = None
+                conns = [i for i in range(len(socks)) if i != client[0]]
+                i, size = rng.choice(conns), rng.choice(sizes)
+                if kind == "client moves":
+                    client[0] = 1 - client[0]
+                    sends.append((socks[client[0]], b""))
+                    want["simple_keepalives"] += 1
+                    want["simple_address_switches"] += 1
+                elif kind == "lone in":
+                    data = noise(rng, size)
+                    sends.append((socks[i], data))
+                    inbound(i, data)
+                elif kind == "token in":
+                    data = lookalike(size)
+                    sends.append((socks[i], data))
+                    inbound(i, data)
+                elif kind == "empty in":
+                    sends.append((socks[i], b""))
+                    inbound(i, b"")
+                elif kind in ("train in", "train new"):
+                    count = rng.randint(2, min(longest, 65507 // size))
+                    if kind == "train new":     # goes datagram by datagram
+                        i = rng.choice([i for i in conns
+                                        if i not in model.tag_of])
+                        count = rng.randint(2, min(128, 65507 // size))
+                    parts = [noise(rng, size) for _ in range(count - 1)]
+                    parts.append(noise(rng, rng.randint(1, size)))
+                    if password and size >= 22 and rng.random() < 0.3:
+                        parts[rng.randrange(count - 1)] = lookalike(size)
+                    sends.append((socks[i], parts))
+                    for data in parts:
+                        inbound(i, data)
+                elif kind in ("lone out", "token out", "dwarf", "keepalive"):
+                    if kind == "lone out":
+                        data = ux.TAG.pack(a_tag()) + noise(rng, size - 1)
+                    elif kind == "token out":
+                        data = lookalike(size)
+                    elif kind == "dwarf":
+                        data = b"\x01"
+                    else:
+                        data = V_INITIAL_REQUEST if password else b""
+                        want["simple_keepalives"] += not password
+                    sends.append((socks[client[0]], data))
+                    if data:
+                        outbound(data)
+                else:                           # a train from the client
+                    size = max(size, 2)
+                    count = rng.randint(2, min(longest, 65507 // size))
+                    if kind == "token train out":
+                        size = len(V_INITIAL_REQUEST)
+                        count = rng.randint(2, 20)
+                    parts, tag = [], a_tag()
+                    for j in range(count):
+                        if rng.random() < 0.2:
+                            tag = a_tag()   # runs of mixed tags
+                        parts.append(ux.TAG.pack(tag)
+                                     + noise(rng, size - ux.TAG_SIZE))
+                        if kind == "token train out" and rng.random() < 0.3:
+                            parts[-1] = V_INITIAL_REQUEST
+                    last = rng.choice((size, size, rng.randint(1, size)))
+                    parts[-1] = parts[-1][:last]
+                    sends.append((socks[client[0]], parts))
+                    for data in parts:
+                        outbound(data)
+                total += sum(map(len, sends[-1][1])) \
+                    if isinstance(sends[-1][1], list) else len(sends[-1][1])
+            with stopped(proc):
+                for sock, data in sends:
+                    if isinstance(data, list):
+                        send_train(sock, data, saddr)
+                    else:
+                        sock.sendto(data, saddr)
+            got = [take(sock, len(wanted), len(registered) if not i else 0)
+                   for i, (sock, wanted) in enumerate(zip(socks, expect))]
+            self.assert_alive(proc, "round %d" % round_)
+            for i, ((datagrams, _), wanted) in enumerate(zip(got, expect)):
+                self.same([data for _, data in datagrams], wanted,
+                          "round %d to peer %d (the client: %d)"
+                          % (round_, i, client[0]))
+            self.assertEqual([tokens for _, tokens in got],
+                             [registered] + [[]] * (len(socks) - 1))
+            self.assert_quiet(socks)
+        self.assert_counters(proc, "server", want)
+
+
+    # ------------------------------------------------------------ client
+
+    def test_random_bursts_on_the_client(self):
+        seed = self.seeds()
+        for password in (False, True):
+            for portable in (False, True):
+                with self.subTest(seed=seed, password=password,
+                                  portable=portable):
+                    self.client_bursts(random.Random(
+                        "client %d %s %s" % (seed, password, portable)),
+                        password, portable)
+
+    def client_bursts(self, rng, password, portable):
+        """The server's datagrams in bursts (lone, trains of mixed tags,
+        tokens, dwarfs, strangers'), then the real server's answers on
+        some channels in bursts (lone, trains).  The real server tells
+        channels apart by their ports; each datagram names the channel
+        (tag, generation) the model says it goes on, where it has room."""
+        n = rng.randint(2, 5)
+        proxy = rng.random() < 0.25         # each payload after a header
+        extra = ("-n", n) + (("-P", V_PASSWORD) if password else ()) \
+            + (("--portable-io",) if portable else ()) \
+            + (("--proxy-protocol",) if proxy else ())
+        head = ux.proxy_header(("192.0.2.1", 4242), ("127.0.0.1", 7)) \
+            if proxy else b""
+        host = rng.choice(("127.0.0.1", "::1") if has_ipv6()
+                          else ("127.0.0.1",))
+        server, real, stranger = [roomy(self.udp(host)) for _ in range(3)]
+        if not (ux.enable_gro(server) and ux.enable_gro(real)):
+            self.skipTest("no UDP_GRO in this kernel")
+        proc, caddr = self.start("%s:0" % fmt_host(host), "-a",
+                                 ux.format_addr(server.getsockname()), "-c",
+                                 ux.format_addr(real.getsockname()), *extra)
+
+        def keepalive(data):
+            return not data or is_token(data)
+        take(server, 0, 1, keepalive)           # the first keepalive
+        tags = rng.sample((0, 1, 2, 3, 4, 5, 7, 100, 0x6501,
+                           ux.TOKEN_LOOKALIKE_TAG, 0xFFFF), n + 3)
+        # The model: the client's channels, tag -> generation (how many
+        # it had), as the client keeps them.
+        workers, generations = ux.LRU(n), {}
+        opened, closed, clock = {}, {}, [0]
+        ports, channels = {}, {}        # port <-> (tag, generation)
+        want = dict.fromkeys((
+            "from_server_msgs", "from_real_server_msgs", "from_server_bytes",
+            "from_real_server_bytes", "dwarfs",
+            "strangers", "channels_opened", "channels_closed", "errors",
+            "proxy_headers", "proxy_malformed",
+            "real_server_refusals", "loops_broken"), 0)
+        serial = [0]
+
+        def channel(tag):
+            """The channel a datagram from the server for tag goes on."""
+            clock[0] += 1
+            gen = workers.answered.get(tag)
+            if gen is not None:
+                workers.answered.move_to_end(tag)
+                return tag, gen
+            gen = workers.get(tag)
+            if gen is None:
+                if len(workers) >= n:
+                    old, old_gen, _ = workers.evict()
+                    closed[old, old_gen] = clock[0]
+                    want["channels_closed"] += 1
+                gen = generations[tag] = generations.get(tag, 0) + 1
+                workers.put(tag, gen)
+                opened[tag, gen] = clock[0]
+                want["channels_opened"] += 1
+            return tag, gen
+
+        def is_open(tag):
+            return tag in workers.answered or tag in workers.unanswered
+
+        def body(key, size):
+            """size bytes that name channel key (and a serial) if they can."""
+            serial[0] += 1
+            return (struct.pack(">HHI", key[0], key[1], serial[0])
+                    + noise(rng, size))[:size]
+
+        def inbound(tag, size):
+            """A datagram from the server for tag, size bytes after it."""
+            key = channel(tag)
+            data = head + body(key, size)
+            expect.setdefault(key, []).append(data)
+            want["from_server_msgs"] += 1
+            want["proxy_headers"] += proxy
+            want["from_server_bytes"] += ux.TAG_SIZE + len(data)
+            return ux.TAG.pack(tag) + data
+
+        def arrived(got):
+            """The datagrams the real server got, by channel."""
+            by_channel = {}
+            for src, data in got:
+                port = src[1]
+                key = ports.get(port)
+                if len(data) >= len(head) + 8:
+                    named = struct.unpack_from(">HH", data, len(head))
+                    if key != named:    # a new channel; on a port reused?
+                        self.assertTrue(key is None or closed.get(key, 1e9)
+                                        <= opened[named], (port, key, named))
+                        self.assertEqual(channels.get(named, port), port,
+                                         "two ports for %r" % (named,))
+                        key = ports[port] = named
+                        channels[named] = port
+                self.assertIsNotNone(key, "a datagram from a new port that "
+                                     "names no channel")
+                by_channel.setdefault(key, []).append(data)
+            return by_channel
+
+        kinds = ["lone", "lone", "lone", "train", "train", "train", "dwarf",
+                 "stranger"]
+        if password:
+            kinds += ["token", "token train"]
+        if proxy:
+            kinds += ["malformed"]
+        sizes = (0, 1, 5, 8, 20, 100, 500, 1400, 1400, 9000)
+        answered = []           # tags answered last round, in tag order
+        for round_ in range(self.ROUNDS):
+            expect, sends, total = {}, [], 0
+            for tag in answered:        # their order in the LRU known again
+                sends.append((server, inbound(tag, 10)))
+            items, longest = rng.randint(3, 150), rng.choice((3, 8, 128))
+            weights = [rng.random() for _ in kinds]     # this burst's mix
+            while total < self.BYTES and len(sends) < items:
+                kind = rng.choices(kinds, weights)[0]
+                if kind == "lone":
+                    tag, size = rng.choice(tags), rng.choice(sizes)
+                    if not is_open(tag):
+                        size = max(size, 8)
+                    sends.append((server, inbound(tag, size)))
+                elif kind == "dwarf":
+                    sends.append((server, rng.choice((b"", b"\x07"))))
+                    want["dwarfs"] += 1
+                elif kind == "stranger":
+                    parts = [ux.TAG.pack(rng.choice(tags)) + noise(rng, 50)
+                             for _ in range(rng.randint(1, 5))]
+                    sends.append((stranger, parts if len(parts) > 1
+                                  else parts[0]))
+                    want["strangers"] += len(parts)
+                elif kind == "malformed":     # no header
+                    sends.append((server, ux.TAG.pack(rng.choice(tags))
+                                  + noise(rng, rng.choice(sizes))))
+                    want["proxy_malformed"] += 1
+                elif kind == "token":
+                    sends.append((server, rng.choice((
+                        V_REGISTERED, ux.TOKEN_PREFIX + noise(rng, 60)))))
+                else:                       # a train of mixed tags
+                    size = len(head) + rng.choice((3, 4, 10, 100, 500, 1400,
+                                                   9000))
+                    if kind == "token train":
+                        size = len(V_REGISTERED)
+                    count = rng.randint(2, min(longest, 65507 // size))
+                    pool, over = tags, ux.TAG_SIZE + len(head)
+                    if size < over + 8:     # too short to name a channel
+                        pool = [tag for tag in tags if is_open(tag)]
+                        if not pool:
+                            continue
+                    parts, tag = [], rng.choice(pool)
+                    for j in range(count):
+                        if rng.random() < 0.2:
+                            tag = rng.choice(pool)
+                        last = size
+                        if j == count - 1:
+                            last = rng.choice((size, rng.randint(1, size)))
+                            if last < over:     # a dwarf, or a header cut
+                                parts.append((ux.TAG.pack(tag) + head)[:last])
+                                want["dwarfs" if last < ux.TAG_SIZE
+                                     else "proxy_malformed"] += 1
+                                break
+                            if not is_open(tag):
+                                last = max(last, over + 8)
+                        if kind == "token train" and rng.random() < 0.3:
+                            parts.append(V_REGISTERED)
+                        else:
+                            parts.append(inbound(tag, last - over))
+                    sends.append((server, parts))
+                data = sends[-1][1]
+                total += sum(map(len, data)) if isinstance(data, list) \
+                    else len(data)
+            with stopped(proc):
+                for sock, data in sends:
+                    if isinstance(data, list):
+                        send_train(sock, data, caddr)
+                    else:
+                        sock.sendto(data, caddr)
+            got = arrived(take(real, sum(map(len, expect.values())))[0])
+            self.assert_alive(proc, "round %d" % round_)
+            for key in set(got) | set(expect):
+                self.same(got.get(key, []), expect.get(key, []),
+                          "round %d on channel %r" % (round_, key))
+            # The real server answers on some channels, in one burst.
+            expect, sends = {}, []
+            live = [(tag, gen) for tag, gen in channels
+                    if gen in (workers.answered.get(tag),
+                               workers.unanswered.get(tag))]
+            for key in rng.sample(live, rng.randint(0, len(live))):
+                for _ in range(rng.randint(1, 3)):
+                    size = rng.choice(sizes)
+                    if rng.random() < 0.5:
+                        parts = [body(key, max(size, 1)) for _ in range(
+                            rng.randint(2, min(64, 65507 // max(size, 1))))]
+                    else:
+                        parts = [body(key, size)]
+                    sends.append((key, parts))
+                    expect.setdefault(key[0], []).extend(
+                        ux.TAG.pack(key[0]) + data for data in parts)
+                    want["from_real_server_msgs"] += len(parts)
+                    want["from_real_server_bytes"] += sum(map(len, parts))
+            with stopped(proc):
+                for key, parts in sends:
+                    dest = (host, channels[key])
+                    if len(parts) > 1:
+                        send_train(real, parts, dest)
+                    else:
+                        real.sendto(parts[0], dest)
+            got = {}
+            self.assert_alive(proc, "round %d, answers" % round_)
+            for _, data in take(server, sum(map(len, expect.values())),
+                                control=keepalive)[0]:
+                got.setdefault(ux.TAG.unpack_from(data)[0], []).append(data)
+            for tag in set(got) | set(expect):
+                self.same(got.get(tag, []), expect.get(tag, []),
+                          "round %d from channel %d" % (round_, tag))
+            answered = sorted(expect)
+            for tag in answered:
+                workers.answer(tag)
+            self.assert_quiet([server, real])
+        self.assert_counters(proc, "client", want)
 
 
 if __name__ == "__main__":

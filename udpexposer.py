@@ -2201,17 +2201,17 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     address_of, touch = answered.get, answered.move_to_end
     touch_unanswered = table.unanswered.move_to_end
 
-    def connectee_of(tag):
-        """Where the client's datagram for tag goes: its connectee,
+    def connectee_of(tag, datagrams=1):
+        """Where the client's datagrams for tag go: its connectee,
         touched, or on its first reply answered; None for a tag nobody
-        has.  (relay() has the first case inline.)"""
+        has (all of them dropped).  (relay() has the first case inline.)"""
         dest = address_of(tag)
         if dest is not None:
             touch(tag)
             return dest
         dest = table.answer(tag)
         if dest is None:
-            stats["ch_not_founds"] += 1
+            stats["ch_not_founds"] += datagrams
             log.limited("channel", "Failed to find channel %d" % tag, WARN)
         return dest
 
@@ -2323,7 +2323,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             return train_length(n, size), n, 0, 0
         msgs_out = bytes_out = 0                        # client -> connectees
         for first, length, tag in tag_runs(buf, start, n, size):
-            dest = connectee_of(tag)
+            dest = connectee_of(tag, train_length(length, size))
             if dest is None:
                 continue
             msgs_out += train_length(length, size)
