@@ -1385,16 +1385,19 @@ class TrainsOut:
 class Outbox:
     """A queue of messages for sendmmsg on one socket, and its flush.
 
-    An entry is a message: its iovecs (pointer and length pairs, in one
-    flat list for all), a destination (a key; on a channel's Outbox, which
-    sends on the fd set before, the channel),
-    `where` for report(), and a shape: (iovecs, segment size or 0 for one
-    datagram, datagrams); a lone datagram of one iovec has none.  push()
-    is the one way in, and sends a full queue first, so the queue never
-    holds more than the BURST headers.  A queue of lone datagrams leaves
-    with the headers made in advance (names and, with local replies, each
-    key's pktinfo from one slot); one with trains packs each message's
-    header.  What the kernel refuses: send_rest()."""
+    push(start, length, dest, where, shape=None) is the one way in: it
+    sends a full queue first, so the queue never holds more than its BURST
+    headers.  A message goes to dest (a key; on a channel's Outbox, whose
+    fd is set before each flush, the channel), `where` names it to
+    report(), and it is either a lone datagram at buf[start:start +
+    length] (buf at `base`) or, with shape, (iovecs, segment size or 0,
+    datagrams): iovecs a flat list of pointers and lengths, the segment
+    size that of a train.  Lone datagrams alone leave with the headers
+    made in advance (names and, with local replies, each key's pktinfo
+    from one slot); a queue with shapes packs each message's header.  What
+    the kernel refuses: send_rest()."""
+
+    LONE = (None, 0, 1)
 
     def __init__(self, io, fd, name_size, local, send_one, view=None,
                  base=0):
@@ -1417,20 +1420,19 @@ class Outbox:
                       name + self.key_size - self.pktinfo if self.pktinfo
                       else 0, self.pktinfo)
         heads.keep()
-        self.push = self._pusher()
+        self.push = self._pusher(base)
 
-    def _pusher(self):
-        """push(pairs, dest, where, shape=None): a closure over the queue's
-        lists, as it runs per datagram."""
+    def _pusher(self, base):
+        """push(), a closure over the queue's lists: it runs per datagram."""
         pairs, dests, wheres, shapes, flush = self.pairs, self.dests, \
             self.wheres, self.shapes, self.flush
 
-        def push(more, dest, where, shape=None):
+        def push(start, length, dest, where, shape=None):
             if len(dests) == BURST:
                 flush()
             if shape is not None:
                 shapes[len(dests)] = shape
-            pairs.extend(more)
+            pairs.extend((base + start, length))
             dests.append(dest)
             wheres.append(where)
         return push
@@ -1444,10 +1446,15 @@ class Outbox:
         whole = count - 1 if pieces == 1 and not flat[-1] else count
         for j in range(0, whole, most):
             n = min(most, whole - j)
-            self.push(flat[j * step:(j + n) * step], dest, where,
-                      (pieces * n, size if n > 1 else 0, n))
+            self.push(0, 0, dest, where, (flat[j * step:(j + n) * step],
+                                          size if n > 1 else 0, n))
         if whole < count:
-            self.push(flat[-2:], dest, where, (1, 0, 1))
+            self.push(0, 0, dest, where, (flat[-2:], 0, 1))
+
+    def iovecs(self, i):
+        """Message i's iovecs: a flat list of pointers and lengths."""
+        shape = self.shapes.get(i)
+        return self.pairs[2 * i:2 * i + 2] if shape is None else shape[0]
 
     def flush(self):
         queued = len(self.dests)
@@ -1474,10 +1481,10 @@ class Outbox:
         name, its controls (the key's pktinfo, a train's UDP_SEGMENT)."""
         heads, key_size, pktinfo = self.heads, self.key_size, self.pktinfo
         space = pktinfo + SEGMENT_CMSG.size     # a train's controls
-        heads.iov_words[:len(self.pairs)] = array.array(WORD_CODE, self.pairs)
-        at = 0
+        flat = []
         for i in range(queued):
-            pieces, size, _ = self.shapes.get(i, (1, 0, 1))
+            iovecs = self.iovecs(i)
+            size = self.shapes.get(i, self.LONE)[1]
             dest = self.dests[i]
             name = control = controllen = 0
             if key_size:            # else a channel: connected, no name
@@ -1495,8 +1502,10 @@ class Outbox:
                 control, controllen = heads.controls_at + ctl, \
                     (i + 1) * space - ctl
             heads.set(i, name, self.name_size if name else 0,
-                      heads.iovs_at + WORD * at, pieces, control, controllen)
-            at += 2 * pieces
+                      heads.iovs_at + WORD * len(flat), len(iovecs) // 2,
+                      control, controllen)
+            flat += iovecs
+        heads.iov_words[:len(flat)] = array.array(WORD_CODE, flat)
         sent = self.sendmmsg(self.fd, heads.pointers[0], queued,
                              MmsgIO.MSG_DONTWAIT, None)
         if sent != queued:
@@ -1510,23 +1519,23 @@ class Outbox:
         refuses, or a train it refuses (TrainsOut), is sent again datagram
         by datagram by send_one(); anything else is lost.  Losses are
         reported a datagram each."""
-        queued, done, lone = len(self.dests), 0, (1, 0, 1)
+        queued, done = len(self.dests), 0
         while True:
             if sent > 0:
                 done += sent
             else:
                 err = self.c.get_errno()
                 error = OSError(err, os.strerror(err))
-                pieces, size, _ = self.shapes.get(done, lone)
+                size = self.shapes.get(done, self.LONE)[1]
                 dest, end = self.dests[done], done + 1
                 if err in (errno.EAGAIN, errno.EWOULDBLOCK):
                     end = queued
                 elif self.local is not None and self.local.refuses(dest, err) \
                         or size and self.trains.refused(dest, size, error):
-                    self.one_by_one(done, pieces, size)
+                    self.one_by_one(done, size)
                     done = end
                 for i in range(done, end):
-                    for _ in range(self.shapes.get(i, lone)[2]):
+                    for _ in range(self.shapes.get(i, self.LONE)[2]):
                         self.report(self.wheres[i], error)
                 done = end
             if done >= queued:
@@ -1534,13 +1543,12 @@ class Outbox:
             sent = self.sendmmsg(self.fd, self.heads.pointers[done],
                                  queued - done, MmsgIO.MSG_DONTWAIT, None)
 
-    def one_by_one(self, i, pieces, size):
+    def one_by_one(self, i, size):
         """The datagrams of queued message i, a train refused (size 0: a
         lone datagram), singly."""
         self.trains.counts["sent_one_by_one"] += 1
-        at = 2 * sum(self.shapes.get(j, (1, 0, 1))[0] for j in range(i))
-        pairs = self.pairs[at:at + 2 * pieces]
-        data = b"".join(map(self.c.string_at, pairs[0::2], pairs[1::2]))
+        iovecs = self.iovecs(i)
+        data = b"".join(map(self.c.string_at, iovecs[0::2], iovecs[1::2]))
         for start in range(0, len(data), size) if size else (0,):
             self.send_one(data[start:start + size] if size else data,
                           self.dests[i], self.wheres[i])
@@ -1621,10 +1629,7 @@ class MmsgIO(PortableIO):
         self.outbox = Outbox(self, self.fd, self.name_size, self.local,
                              self.send_now, self.view, self.base)
         # send() and flush(), per datagram and per burst: no call between.
-        push, base = self.outbox.push, self.base
-        self.send = lambda start, length, dest, where: push(
-            (base + start, length), dest, where)
-        self.flush = self.outbox.flush
+        self.send, self.flush = self.outbox.push, self.outbox.flush
         self.channels = Channels(self, ChannelGro(gro))
         self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
 
@@ -1646,6 +1651,7 @@ class MmsgIO(PortableIO):
             plain = local.space
             locals_of = repeated("%ds%dx" % (local.space, room - local.space))
             add, replies = bytes.__add__, local.__getitem__
+        plains = [(plain,) * k for k in range(BURST + 1)]   # no train then
         outbox, no_trains = self.outbox, self.NO_TRAINS
 
         def receive():
@@ -1666,7 +1672,7 @@ class MmsgIO(PortableIO):
             if local is not None:
                 sources = list(map(add, sources, map(
                     replies, locals_of[k].unpack_from(controls))))
-            if max(controllens) <= plain:
+            if controllens == plains[k]:
                 return PLAIN_ATS, lengths, sources, no_trains
             return self.mark(lengths, sources, controls, controllens, plain,
                              room)
