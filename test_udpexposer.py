@@ -4450,7 +4450,13 @@ class TestBursts(RelayCase):
 
         def keepalive(data):
             return not data or is_token(data)
-        take(server, 0, 1, keepalive)           # the first keepalive
+        first = take(server, 0, 1, keepalive)[1]    # the first keepalive
+        registered = V_REGISTERED       # a server's answer, and with proxy
+        if password and proxy:          # one that says it adds headers
+            claims = ux.verify(V_KEY, first[0])
+            registered = ux.sign(V_KEY, ux.proxy_claims(claims["proxy"]))
+            server.sendto(registered, caddr)
+            proc.wait_line("adds PROXY protocol headers")
         tags = rng.sample((0, 1, 2, 3, 4, 5, 7, 100, 0x6501,
                            ux.TOKEN_LOOKALIKE_TAG, 0xFFFF), n + 3)
         # The model: the client's channels, tag -> generation (how many
@@ -4560,12 +4566,12 @@ class TestBursts(RelayCase):
                     want["proxy_malformed"] += 1
                 elif kind == "token":
                     sends.append((server, rng.choice((
-                        V_REGISTERED, ux.TOKEN_PREFIX + noise(rng, 60)))))
+                        registered, ux.TOKEN_PREFIX + noise(rng, 60)))))
                 else:                       # a train of mixed tags
                     size = len(head) + rng.choice((3, 4, 10, 100, 500, 1400,
                                                    9000))
                     if kind == "token train":
-                        size = len(V_REGISTERED)
+                        size = len(registered)
                     count = rng.randint(2, min(longest, 65507 // size))
                     pool, over = tags, ux.TAG_SIZE + len(head)
                     if size < over + 8:     # too short to name a channel
@@ -4587,7 +4593,7 @@ class TestBursts(RelayCase):
                             if not is_open(tag):
                                 last = max(last, over + 8)
                         if kind == "token train" and rng.random() < 0.3:
-                            parts.append(V_REGISTERED)
+                            parts.append(registered)
                         else:
                             parts.append(inbound(tag, last - over))
                     sends.append((server, parts))
@@ -4643,6 +4649,299 @@ class TestBursts(RelayCase):
                 workers.answer(tag)
             self.assert_quiet([server, real])
         self.assert_counters(proc, "client", want)
+
+
+# ====================================================================== --metrics
+
+# CI must run the tests against a real Prometheus; elsewhere they skip
+# without one.
+PROMETHEUS_MISSING = None if shutil.which("prometheus") and shutil.which(
+    "promtool") else "needs prometheus and promtool (Debian: prometheus)"
+PROMETHEUS_REQUIRED = NETNS_REQUIRED or os.environ.get("CI") == "true"
+
+
+def scrape(addr, path="/metrics"):
+    """GET path from a --metrics address: (status, body as text)."""
+    import http.client
+    conn = http.client.HTTPConnection(addr[0], addr[1], timeout=TIMEOUT)
+    try:
+        conn.request("GET", path)
+        reply = conn.getresponse()
+        return reply.status, reply.read().decode()
+    finally:
+        conn.close()
+
+
+def samples(text):
+    """An exposition's samples: {'name{labels}': value}."""
+    return dict((line.rpartition(" ")[0], float(line.rpartition(" ")[2]))
+                for line in text.splitlines() if not line.startswith("#"))
+
+
+def metrics_addr(proc):
+    """The (host, port) a tool started with --metrics serves on."""
+    for line in proc.lines:
+        m = re.search(r"Metrics on http://(\S+)/metrics", line)
+        if m:
+            break
+    else:
+        m = proc.wait_line(r"Metrics on http://(\S+)/metrics")
+    return ux.resolve(m.group(1))[1]
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "needs Linux /proc")
+class TestMetrics(RelayCase):
+    def pair(self):
+        """A relay pair with --metrics each, an echo real server and a
+        connectee: (connectee, server's address, server, client)."""
+        saddr, server, client = self.relay(extra=("--metrics", "127.0.0.1:0"))
+        return self.udp(), saddr, server, client
+
+    def exchange(self, conn, saddr, count, pace=0.0):
+        """count datagrams through the pair and back, one at a time, each
+        at least `pace` seconds after the last; every one must come back."""
+        for i in range(count):
+            t = time.monotonic()
+            payload = b"%06d" % i
+            conn.sendto(payload, saddr)
+            self.assertEqual(self.recv(conn)[0], payload)
+            time.sleep(max(0.0, pace - (time.monotonic() - t)))
+
+    def settled(self, addr, name, value):
+        """The samples at addr once `name` is `value` (a relay counts a
+        burst after it sent it on), or fail."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            got = samples(scrape(addr)[1])
+            if got[name] == value or time.monotonic() > deadline:
+                self.assertEqual(got[name], value)
+                return got
+            time.sleep(0.05)
+
+    def promtool_passes(self, text):
+        p = subprocess.run(["promtool", "check", "metrics"], input=text,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=TIMEOUT * 2)
+        self.assertEqual((p.returncode, p.stdout), (0, ""))
+
+    def test_counters_and_gauges_of_both_roles(self):
+        conn, saddr, server, client = self.pair()
+        self.exchange(conn, saddr, 25)
+        got = self.settled(metrics_addr(server),
+                           "udpexposer_from_client_datagrams_total", 25)
+        status, text = scrape(metrics_addr(server))
+        self.assertEqual(status, 200)
+        self.assertEqual(got['udpexposer_info{version="%s",role="server",'
+                             'mode="plain"}' % ux.__version__], 1)
+        self.assertEqual(got["udpexposer_from_connectee_datagrams_total"], 25)
+        self.assertEqual(got["udpexposer_from_connectee_bytes_total"], 150)
+        self.assertEqual(got["udpexposer_table_entries"], 1)
+        self.assertEqual(got["udpexposer_table_capacity"], 4)
+        self.assertEqual(got["udpexposer_peer_heard"], 1)
+        self.assertLess(got["udpexposer_peer_silence_seconds"], 3)
+        for stat in ux.server_stats():          # every SIGUSR1 counter
+            self.assertIn("udpexposer_" + ux.METRIC_OF[stat][0], text)
+        got = self.settled(metrics_addr(client),
+                           "udpexposer_from_real_server_datagrams_total", 25)
+        self.assertEqual(got["udpexposer_from_server_datagrams_total"], 25)
+        status, text = scrape(metrics_addr(client))
+        self.assertEqual(got["udpexposer_channels_opened_total"], 1)
+        self.assertEqual(got["udpexposer_table_entries"], 1)
+        self.assertEqual(got["udpexposer_peer_heard"], 1)
+        for stat in ux.client_stats():
+            self.assertIn("udpexposer_" + ux.METRIC_OF[stat][0], text)
+        if not PROMETHEUS_MISSING:
+            self.promtool_passes(text)
+
+    def test_a_silent_peer_and_what_is_not_metrics(self):
+        proc, _ = self.start("-s", "127.0.0.1:0", "-P", V_PASSWORD, "-n", 9,
+                             "--metrics", "127.0.0.1:0")
+        addr = metrics_addr(proc)
+        got = samples(scrape(addr)[1])
+        self.assertEqual(got['udpexposer_info{version="%s",role="server",'
+                             'mode="password"}' % ux.__version__], 1)
+        self.assertEqual(got["udpexposer_peer_heard"], 0)
+        self.assertEqual(got["udpexposer_table_capacity"], 9)
+        self.assertEqual(scrape(addr, "/")[0], 404)
+        with socket.create_connection(addr, TIMEOUT) as s:
+            s.sendall(b"POST /metrics HTTP/1.1\r\n\r\n")
+            self.assertTrue(s.recv(100).startswith(b"HTTP/1.1 405 "))
+
+    def test_bad_values_are_one_line_and_exit_2(self):
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        for args, says in (
+                (["--metrics", "nonsense"], "--metrics: "),
+                (["--metrics", "127.0.0.1:65536"], "--metrics: "),
+                (["--metrics", "[::1:9"], "--metrics: "),
+                (["--metrics", ux.format_addr(taken.getsockname())],
+                 "cannot bind --metrics")):
+            with self.subTest(args=args):
+                p = subprocess.run(
+                    [sys.executable, lone_copy(), "-s", "127.0.0.1:0"] + args,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, universal_newlines=True,
+                    timeout=TIMEOUT * 2)
+                self.assertEqual(p.returncode, 2)
+                self.assertEqual(len(p.stderr.splitlines()), 1, p.stderr)
+                self.assertIn("udpexposer: " + says, p.stderr)
+        p = subprocess.run([sys.executable, lone_copy(), "127.0.0.1:0", "-S",
+                            "-a", "127.0.0.1:9", "-P", "p", "--metrics",
+                            "127.0.0.1:0"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=TIMEOUT * 2)
+        self.assertEqual((p.returncode, p.stderr), (2, "udpexposer: --metrics "
+                                                    "is for server and client "
+                                                    "mode\n"))
+
+    def test_hostile_scrapers_leave_relaying_alone(self):
+        """200 idle connections, one sending garbage, one sending its
+        request a byte a second and one reading the answer a byte a second,
+        while datagrams go through at a steady pace: every one comes back,
+        a real scrape still works, the hostile ones are closed, and the
+        server does not spin."""
+        conn, saddr, server, client = self.pair()
+        addr = metrics_addr(server)
+        stop = threading.Event()
+        closed = {}                 # who -> seconds from its connect
+
+        def connect():
+            s = socket.create_connection(addr, TIMEOUT)
+            self.addCleanup(s.close)
+            return s
+
+        def ended(s):
+            try:
+                return s.recv(1 << 16) == b""
+            except (BlockingIOError, socket.timeout):
+                return False
+            except ConnectionResetError:
+                return True
+
+        def garbage(s):
+            junk = os.urandom(1000)
+            while not stop.is_set():
+                try:
+                    s.sendall(junk)
+                except OSError:
+                    return True
+                stop.wait(0.01)
+
+        def slow_writer(s):
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" * 10:
+                if stop.wait(1.0):
+                    return False
+                try:
+                    s.send(bytes((byte,)))
+                except OSError:
+                    return True
+                if ended(s):
+                    return True
+
+        def slow_reader(s):
+            """A byte a second until the end of the test, then the rest:
+            the whole answer, which the server had finished with."""
+            s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            got = b""
+            while not stop.wait(1.0):
+                got += s.recv(1)
+            while not got.endswith(b"udpexposer_peer_silence_seconds 0\n"):
+                more = s.recv(1 << 16)
+                if not more:
+                    return False
+                got += more
+            return got.startswith(b"HTTP/1.1 200 ") and s.recv(1) == b""
+
+        t0 = time.monotonic()
+        idle = [connect() for _ in range(200)]
+        for who, act in (("garbage", garbage), ("slow writer", slow_writer),
+                         ("slow reader", slow_reader)):
+            s = connect()
+            s.settimeout(0.01 if act is slow_writer else TIMEOUT)
+
+            def run(who=who, act=act, s=s, t=time.monotonic()):
+                if act(s):
+                    closed[who] = time.monotonic() - t
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            self.addCleanup(t.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        cpu0 = cpu_seconds(server.p.pid)
+        self.exchange(conn, saddr, 100, pace=0.01)      # 100 a second
+        self.assertEqual(scrape(addr)[0], 200)
+        self.exchange(conn, saddr, 600, pace=0.01)
+        busy = cpu_seconds(server.p.pid) - cpu0
+        self.assertLess(busy, 0.5 * (time.monotonic() - t0))
+        got = self.settled(addr, "udpexposer_from_client_datagrams_total",
+                           700)
+        self.assertEqual(got["udpexposer_from_connectee_datagrams_total"], 700)
+        for s in idle:
+            s.settimeout(TIMEOUT)
+            self.assertTrue(ended(s))
+        deadline = time.monotonic() + TIMEOUT
+        while len(closed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(sorted(closed), ["garbage", "slow writer"])
+        self.assertLess(closed["slow writer"], ux.METRICS_SECONDS + 2.0)
+        stop.set()
+        while len(closed) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertIn("slow reader", closed)
+
+    @unittest.skipIf(PROMETHEUS_MISSING and not PROMETHEUS_REQUIRED,
+                     PROMETHEUS_MISSING)
+    def test_a_real_prometheus_scrapes_a_relay_pair(self):
+        if PROMETHEUS_MISSING:
+            self.fail(PROMETHEUS_MISSING)
+        conn, saddr, server, client = self.pair()
+        targets = [ux.format_addr(metrics_addr(p)) for p in (server, client)]
+        tmp = tempfile.mkdtemp(prefix="uxme%d-" % os.getpid())
+        self.addCleanup(shutil.rmtree, tmp, True)
+        with open(os.path.join(tmp, "prometheus.yml"), "w") as f:
+            f.write("global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+                    "scrape_configs:\n- job_name: udpexposer\n"
+                    "  static_configs: [{targets: %s}]\n" % json.dumps(targets))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            web = s.getsockname()
+        log = open(os.path.join(tmp, "prometheus.log"), "w")
+        self.addCleanup(log.close)
+        prom = subprocess.Popen(
+            ["prometheus", "--config.file=" + f.name,
+             "--storage.tsdb.path=" + os.path.join(tmp, "data"),
+             "--web.listen-address=%s:%d" % web],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.addCleanup(prom.wait, TIMEOUT)
+        self.addCleanup(prom.kill)
+        self.exchange(conn, saddr, 321)
+        self.promtool_passes(scrape(metrics_addr(client))[1])
+        self.promtool_passes(scrape(metrics_addr(server))[1])
+
+        def query(expr):
+            import urllib.parse
+            status, text = scrape(web, "/api/v1/query?query="
+                                  + urllib.parse.quote(expr))
+            result = json.loads(text)["data"]["result"]
+            return [float(r["value"][1]) for r in result]
+        deadline = time.monotonic() + 30
+        relayed = back = None
+        while True:
+            try:
+                relayed = query("udpexposer_from_connectee_datagrams_total")
+                back = query("udpexposer_from_server_datagrams_total")
+                if relayed == [321] and back == [321]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass                # not up yet
+            if time.monotonic() > deadline:
+                with open(log.name) as f:
+                    self.fail("Prometheus saw %s and %s; its log ends: %s"
+                              % (relayed, back, f.read()[-2000:]))
+            time.sleep(0.2)
+        self.assertEqual(query('sum(up{job="udpexposer"})'), [2])
+        self.assertEqual(query("udpexposer_peer_heard"), [1, 1])
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ CLIENT_STATS = (
     "evicted_answered", "loops_broken", "real_server_refusals", "errors",
     "server_address_changes", "proxy_headers", "proxy_malformed",
     "proxy_unconfirmed",
+    "last_server_s",
 ) + IO_STATS
 
 
@@ -2588,6 +2589,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             log.limited("token", "Dropped a token from the server that does "
                         "not verify", WARN)
             return
+        stats["last_server_s"] = int(time.time())
         if not heard:
             heard = True
             log("Received a reply from server")
@@ -2706,6 +2708,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def on_server_readable():
         msgs, size = relay(*io.receive())
+        if msgs:
+            stats["last_server_s"] = int(time.time())
         stats["from_server_msgs"] += msgs
         stats["from_server_bytes"] += size
         if proxy_protocol:
@@ -2913,6 +2917,257 @@ def dump_stats(sock, server, key):
             if src == server and len(data) == size:
                 return stats_json(data) + "\n"
     return None
+
+
+# ---------------------------------------------------------------- metrics (Prometheus)
+
+# --metrics ADDR: GET /metrics in Prometheus's text format 0.0.4, served by
+# a thread of its own.  Why a thread and not the relay's loop: the server
+# waits inside recvmmsg, with no selector to join, and a thread needs no
+# hook in either relay loop.  It sleeps in select(), without the GIL, until
+# a scraper connects; a scrape costs the relay one rendering of the text
+# (well under a millisecond), nothing per datagram.  It only reads `stats`,
+# whose keys never change, so no lock is needed.
+METRICS_CONNECTIONS = 16    # open at once; a newcomer closes the oldest
+METRICS_REQUEST = 4096      # bytes of request line and headers, at most
+METRICS_SECONDS = 5.0       # a connection's whole life, at most
+METRICS_BACKLOG = 128       # handshakes the kernel completes: a flood costs
+                            # no scraper a SYN retry
+# stat -> (metric name after "udpexposer_", help); counters get "_total",
+# names ending in _seconds are gauges (Unix times).
+METRIC_OF = {
+    "err1": ("receive_errors", "Socket errors receiving (err1)"),
+    "signed_looking": ("signed_looking_datagrams", "Datagrams like a token"),
+    "refresh_address": ("signed_keepalives", "Keepalives from the client"),
+    "invalid_auths": ("invalid_auths", "Datagrams like a token, bad MAC"),
+    "auth_in_progress": ("auth_attempts", "Keepalives from a new address"),
+    "auth_completeds": ("auths_completed", "Keepalives that moved the client"),
+    "err2": ("reply_errors", "Socket errors replying to a token (err2)"),
+    "simple_keepalives": ("plain_keepalives", "Plain-mode keepalives"),
+    "simple_address_switches": ("plain_address_switches",
+                                "Plain keepalives that moved the client"),
+    "dwarfs": ("dwarf_datagrams", "Datagrams shorter than a tag, dropped"),
+    "ch_not_founds": ("unknown_tag_datagrams", "Unknown tags, dropped"),
+    "err3": ("send_to_connectee_errors", "Socket errors to connectees (err3)"),
+    "dropped_no_client_address": ("no_client_datagrams",
+                                  "Datagrams before any client, dropped"),
+    "new_connectees": ("new_connectees", "Connectees given a tag"),
+    "err4": ("send_to_client_errors", "Socket errors to the client (err4)"),
+    "from_connectee_bytes": ("from_connectee_bytes", "Bytes to the client"),
+    "from_connectee_msgs": ("from_connectee_datagrams",
+                            "Datagrams relayed to the client"),
+    "from_client_bytes": ("from_client_bytes", "Bytes to connectees"),
+    "from_client_msgs": ("from_client_datagrams",
+                         "Datagrams relayed to connectees"),
+    "stats_requests": ("stats_requests", "Valid -S requests"),
+    "last_ka_s": ("last_keepalive_timestamp_seconds",
+                  "Unix time of the client's last keepalive"),
+    "last_client_s": ("last_from_client_timestamp_seconds",
+                      "Unix time of the client's last datagram relayed"),
+    "last_connectee_s": ("last_from_connectee_timestamp_seconds",
+                         "Unix time of a connectee's last datagram relayed"),
+    "not_allowed": ("not_allowed_datagrams", "Not in --allow, dropped"),
+    "client_not_allowed": ("client_not_allowed_keepalives",
+                           "Keepalives not in --client-from, ignored"),
+    "evicted_unanswered": ("evicted_unanswered", "Unanswered entries evicted"),
+    "evicted_answered": ("evicted_answered", "Answered entries evicted"),
+    "stats_refused": ("stats_refused", "-S requests over budget"),
+    "retries_refused": ("retries_refused", "Retry replies over budget"),
+    "trains_in": ("trains_in", "UDP trains read as one (GRO)"),
+    "trains_out": ("trains_out", "UDP trains sent, each in messages of "
+                   "TRAIN_OUT datagrams at most (GSO)"),
+    "trains_refused": ("trains_refused", "Messages of a train the kernel "
+                       "refused"),
+    "sent_one_by_one": ("sent_one_by_one", "Refused messages sent again "
+                        "datagram by datagram"),
+    "proxy_headers": ("proxy_header_datagrams", "Datagrams with a PROXY "
+                      "header"),
+    "keepalives": ("keepalives_sent", "Keepalives sent to the server"),
+    "from_server_msgs": ("from_server_datagrams",
+                         "Datagrams relayed to the real server"),
+    "from_server_bytes": ("from_server_bytes", "Bytes to the real server"),
+    "from_real_server_msgs": ("from_real_server_datagrams",
+                              "Datagrams relayed to the server"),
+    "from_real_server_bytes": ("from_real_server_bytes", "Bytes to the server"),
+    "strangers": ("stranger_datagrams", "Not from the server, dropped"),
+    "channels_opened": ("channels_opened", "Channel sockets opened"),
+    "channels_closed": ("channels_closed", "Channel sockets evicted"),
+    "loops_broken": ("loops_broken", "Loops through the server broken"),
+    "real_server_refusals": ("real_server_refusals",
+                             "Port unreachable from the real server"),
+    "errors": ("socket_errors", "Socket errors"),
+    "server_address_changes": ("server_address_changes",
+                               "Changes of the server's address"),
+    "proxy_malformed": ("proxy_malformed_datagrams",
+                        "Without a PROXY header, dropped"),
+    "last_server_s": ("last_from_server_timestamp_seconds",
+                      "Unix time the server was last heard"),
+}
+
+
+def metrics_text(stats, role, mode, capacity, started):
+    """The exposition of `stats` and the gauges (text format 0.0.4), bytes.
+    mode: "plain" or "password"; capacity: -n; started: Unix time."""
+    out = []
+
+    def metric(name, kind, text, value, labels=""):
+        out.append("# HELP udpexposer_%s %s\n# TYPE udpexposer_%s %s\n"
+                   "udpexposer_%s%s %d\n" % (name, text, name, kind, name,
+                                            labels, value))
+    metric("info", "gauge", "This relay: version, role and mode", 1,
+           '{version="%s",role="%s",mode="%s"}' % (__version__, role, mode))
+    for stat, value in list(stats.items()):
+        name, text = METRIC_OF[stat]
+        if name.endswith("_seconds"):
+            metric(name, "gauge", text, value)
+        else:
+            metric(name + "_total", "counter", text, value)
+    if role == "server":
+        entries = stats["new_connectees"] - stats["evicted_answered"] \
+            - stats["evicted_unanswered"]
+        heard = max(stats["last_ka_s"], stats["last_client_s"])
+    else:
+        entries = stats["channels_opened"] - stats["channels_closed"]
+        heard = stats["last_server_s"]
+    peer = "client" if role == "server" else "server"
+    metric("table_entries", "gauge", "Connectees (server) or channels "
+           "(client) in the table", entries)
+    metric("table_capacity", "gauge", "The most the table holds (-n)",
+           capacity)
+    metric("peer_heard", "gauge", "1 once the %s was heard" % peer,
+           heard > 0)
+    metric("peer_silence_seconds", "gauge", "Seconds since the %s was last "
+           "heard (since the start, before it ever was)" % peer,
+           max(0, time.time() - max(heard, started)))
+    return "".join(out).encode()
+
+
+def metrics_socket(text):
+    """--metrics ADDR: a listening TCP socket; UsageError if it cannot be."""
+    try:
+        family, addr = resolve(text, passive=True)
+    except ValueError as e:
+        raise UsageError("--metrics: %s" % e)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(METRICS_BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise UsageError("cannot bind --metrics %s: %s"
+                         % (text, e.strerror or e))
+    return sock
+
+
+class MetricsServer:
+    """HTTP on a listening socket: GET /metrics answers render(), anything
+    else an error, and every connection is closed after one answer.
+
+    Nothing a scraper does can hold the thread: sockets never block; a
+    connection has METRICS_SECONDS to send at most METRICS_REQUEST bytes of
+    request and take the answer, else it is closed; at most
+    METRICS_CONNECTIONS are open, and a newcomer closes the oldest (a real
+    scraper is done in milliseconds, so the oldest is the one in the way).
+    """
+
+    def __init__(self, sock, render):
+        self.sock, self.render = sock, render
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(sock, selectors.EVENT_READ)
+        # socket -> [deadline, request bytes, answer left]; oldest first
+        self.conns = collections.OrderedDict()
+        self.resume = float("inf")      # when to accept again after EMFILE
+
+    def serve(self):
+        if hasattr(signal, "pthread_sigmask"):  # the main thread's to handle
+            signal.pthread_sigmask(signal.SIG_BLOCK, [
+                signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+        conns = self.conns
+        while True:
+            due = self.resume
+            if conns:
+                due = min(due, next(iter(conns.values()))[0])
+            timeout = None if due == float("inf") \
+                else max(0.0, due - time.monotonic())
+            for key, _ in self.sel.select(timeout):
+                if key.fileobj is self.sock:
+                    self.accept()
+                elif key.fileobj in conns:
+                    self.on_ready(key.fileobj, conns[key.fileobj])
+            now = time.monotonic()
+            while conns and next(iter(conns.values()))[0] <= now:
+                self.close(next(iter(conns)))
+            if now >= self.resume:
+                self.resume = float("inf")
+                self.sel.register(self.sock, selectors.EVENT_READ)
+
+    def accept(self):
+        for _ in range(METRICS_CONNECTIONS):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:     # EMFILE and the like: a second's pause,
+                self.sel.unregister(self.sock)      # not a busy loop
+                self.resume = time.monotonic() + 1.0
+                return
+            if len(self.conns) >= METRICS_CONNECTIONS:
+                self.close(next(iter(self.conns)))
+            conn.setblocking(False)
+            self.sel.register(conn, selectors.EVENT_READ)
+            self.conns[conn] = [time.monotonic() + METRICS_SECONDS,
+                                b"", None]
+
+    def on_ready(self, conn, state):
+        try:
+            if state[2] is None:
+                data = conn.recv(METRICS_REQUEST + 1 - len(state[1]))
+                state[1] += data
+                if b"\r\n\r\n" in state[1] or b"\n\n" in state[1]:
+                    state[2] = memoryview(self.answer(state[1]))
+                    self.sel.modify(conn, selectors.EVENT_WRITE)
+                elif not data or len(state[1]) > METRICS_REQUEST:
+                    self.close(conn)
+                return
+            state[2] = state[2][conn.send(state[2]):]
+            if not state[2]:
+                conn.shutdown(socket.SHUT_WR)
+                self.close(conn)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:         # the scraper went away
+            self.close(conn)
+
+    def answer(self, request):
+        words = request.split(b"\n", 1)[0].split()
+        if len(words) != 3 or not words[2].startswith(b"HTTP/"):
+            status, body = "400 Bad Request", b"bad request\n"
+        elif words[0] != b"GET":
+            status, body = "405 Method Not Allowed", b"GET only\n"
+        elif words[1].split(b"?", 1)[0] != b"/metrics":
+            status, body = "404 Not Found", b"try /metrics\n"
+        else:
+            status, body = "200 OK", self.render()
+        return ("HTTP/1.1 %s\r\nContent-Type: text/plain; version=0.0.4; "
+                "charset=utf-8\r\nContent-Length: %d\r\nConnection: close"
+                "\r\n\r\n" % (status, len(body))).encode() + body
+
+    def close(self, conn):
+        del self.conns[conn]
+        self.sel.unregister(conn)
+        conn.close()
+
+
+def serve_metrics(sock, log, role, stats, key, capacity):
+    """Start the --metrics thread for a relay of this role and stats."""
+    mode, started = "password" if key else "plain", time.time()
+    server = MetricsServer(sock, lambda: metrics_text(stats, role, mode,
+                                                      capacity, started))
+    threading.Thread(target=server.serve, name="metrics", daemon=True).start()
+    log("Metrics on http://%s/metrics" % format_addr(sock.getsockname()),
+        WARN)
 
 
 # ---------------------------------------------------------------- self-test
@@ -3171,6 +3426,10 @@ def build_parser():
                              "connectee's address) before each datagram "
                              "for the real server; client: relay only "
                              "datagrams that carry one")
+    parser.add_argument("--metrics", metavar="ADDR",
+                        help="serve the counters to Prometheus at "
+                             "http://ADDR/metrics, e.g. 127.0.0.1:9101 "
+                             "(default: none)")
     parser.add_argument("--portable-io", action="store_true",
                         help="plain recvfrom/sendto even where recvmmsg "
                              "and UDP trains (GRO/GSO) are available (Linux)")
@@ -3273,6 +3532,8 @@ def setup(args, environ):
     """Check flags, resolve addresses, derive the key, bind: a dict or raise."""
     password = read_password(args, environ)
     mode = choose_mode(args, password)
+    if args.metrics is not None and mode not in ("server", "client"):
+        raise UsageError("--metrics is for server and client mode")
     if mode == "selftest":
         return dict(mode=mode)
     allow = parse_networks(args.allow, "--allow")
@@ -3299,14 +3560,17 @@ def setup(args, environ):
     except ValueError as e:
         raise UsageError("%s %s: %s" % (flag, text, e))
     key = derive_key(password) if password is not None else None
+    metrics = None if args.metrics is None else metrics_socket(args.metrics)
     try:
         sock = udp_socket(family, listen, local=mode == "server")
     except OSError as e:
+        if metrics is not None:
+            metrics.close()
         raise UsageError("cannot bind %s: %s"
                          % (args.listen_addr, e.strerror or e))
     return dict(mode=mode, sock=sock, key=key, server=server, real=real,
                 real_family=real_family, server_name=server_name,
-                allow=allow, client_from=client_from)
+                allow=allow, client_from=client_from, metrics=metrics)
 
 
 def _stop(signum, frame):
@@ -3413,6 +3677,9 @@ def main(argv=None, environ=None):
                    plural(args.max_clients, "channel")), WARN)
         if notify.problem:
             log(notify.problem, WARN)
+        if run["metrics"] is not None:
+            serve_metrics(run["metrics"], log, mode, stats, key,
+                          args.max_clients)
         if mode == "server":
             run_server(sock, args.max_clients, log, key, stats,
                        portable=args.portable_io, allow=run["allow"],

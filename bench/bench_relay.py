@@ -28,6 +28,11 @@ Measured, for each implementation:
     addresses (--mode local alone);
   key derivation time for -P and start-up time to the first keepalive.
 
+--metrics adds the row 'metrics': this udpexposer.py with --metrics on a
+loopback port, which a thread here scrapes (GET /metrics) every second, as
+Prometheus would, for as long as each relay runs.  Give a --count that makes
+the paced runs last a few seconds (at --rate 50000, 200000 is 4 s).
+
 Why the cost is measured under a paced load: under a closed loop (a window
 of datagrams in flight, a new one sent for each that comes back), a relay
 that is never idle when it looks for work uses 100 % of its core whatever its
@@ -50,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,6 +102,46 @@ def cpu_ns(pid):
         with open("/proc/%d/task/%s/schedstat" % (pid, task)) as f:
             total += int(f.read().split()[0])
     return total
+
+
+class Scraper:
+    """GET /metrics from a free loopback port (`address`, for --metrics)
+    every `every` seconds, from a thread, until stop(): how many scrapes
+    were answered.  The first try is at once, and tries go on every 0.05 s
+    until the relay answers."""
+
+    def __init__(self, every=1.0):
+        with socket.socket() as s:
+            s.bind((LOCAL, 0))
+            self.port = s.getsockname()[1]
+        self.address = "%s:%d" % (LOCAL, self.port)
+        self.every, self.answered = every, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        wait = 0.0
+        while not self.done.wait(wait):
+            try:
+                with socket.create_connection((LOCAL, self.port), 1.0) as s:
+                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    answer = b""
+                    while True:
+                        more = s.recv(1 << 16)
+                        if not more:
+                            break
+                        answer += more
+            except OSError:
+                wait = 0.05                 # not up yet
+                continue
+            self.answered += answer.startswith(b"HTTP/1.1 200 ")
+            wait = self.every
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.answered
 
 
 class Relay:
@@ -637,6 +683,9 @@ def main():
                         help="also run this udpexposer.py bound to 0.0.0.0 "
                              "(replies from each datagram's local address), "
                              "as the row 'wildcard'")
+    parser.add_argument("--metrics", action="store_true",
+                        help="also run this udpexposer.py with --metrics, "
+                             "scraped every second, as the row 'metrics'")
     parser.add_argument("--instructions", action="store_true",
                         help="only user-space instructions per datagram, "
                              "counted by valgrind's callgrind, in bursts of "
@@ -668,6 +717,8 @@ def main():
                     name, mode, instructions(command, mode, 1),
                     instructions(command, mode, 8)), flush=True)
         return
+    if args.metrics:
+        impls.append(("metrics", impls[0][1]))
     if args.mode == "local":
         for name, by_n in local_addresses(impls, args).items():
             print("%-16s server on 0.0.0.0, CPU us per datagram, one "
@@ -688,14 +739,22 @@ def main():
     paced, closed = {}, {}      # name -> case -> [pump results]
     bulk = {}                   # name -> "paced" / "flat out" -> [results]
 
+    scrapes = [0, 0.0]          # --metrics: answered, seconds measured
+
     def run(name, command, mode, size, extra=()):
         key = "%s/%d" % (mode, size)
         bench = bench_server if mode == "server" else bench_client
         for rate, into in ((args.rate, paced), (None, closed)):
             # Paced: as many round trips as a closed run, at least 1 s.
             count = max(args.count, args.rate) if rate else args.count
-            r = bench(command, size, count, extra=extra, rate=rate,
+            scraper = Scraper() if name == "metrics" else None
+            more = ["--metrics", scraper.address] if scraper else []
+            r = bench(command, size, count, extra=list(extra) + more,
+                      rate=rate,
                       listen="0.0.0.0" if name == "wildcard" else LOCAL)
+            if scraper:
+                scrapes[0] += scraper.stop()
+                scrapes[1] += r[1]
             into.setdefault(name, {}).setdefault(key, []).append(r)
 
     for round_ in range(args.rounds):
@@ -708,6 +767,8 @@ def main():
             if args.mode not in ("both", "client", "bulk") \
                     or name == "wildcard":
                 break
+            if name == "metrics":
+                continue
             for how, rate in (("paced", args.bulk_rate), ("flat out", None)):
                 count = max(args.count, args.bulk_rate) if rate \
                     else 5 * args.count
@@ -768,6 +829,9 @@ def main():
               for _ in range(3)]
         report["startup_ms_password"] = [round(x * 1000, 1) for x in pw]
 
+    if args.metrics:
+        report["metrics_scrapes"] = {"answered": scrapes[0],
+                                     "measured_s": round(scrapes[1], 1)}
     print_report(report, baseline)
     if args.json:
         with open(args.json, "w") as f:
@@ -820,6 +884,9 @@ def print_report(report, baseline):
         print("%-16s" % name + "".join(
             "%20s" % ("%d / %d%%" % (row[k], busy[k] * 100))
             if k in row else "%20s" % "-" for k in keys))
+    if "metrics_scrapes" in report:
+        print("\nmetrics: %(answered)d scrapes answered, %(measured_s)s s "
+              "of load measured" % report["metrics_scrapes"])
     if "server_cpu_us_by_connectees" in report:
         s = report["server_cpu_us_by_connectees"]
         print("\nserver mode, 100 bytes, CPU us per datagram by connectees: "
