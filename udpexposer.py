@@ -2980,6 +2980,12 @@ METRIC_OF = {
                        "refused"),
     "sent_one_by_one": ("sent_one_by_one", "Refused messages sent again "
                         "datagram by datagram"),
+    "sources_refused": ("sources_refused_replies", "Replies sent from the "
+                        "kernel's choice of address, not the one their "
+                        "datagram came to"),
+    "proxy_unconfirmed": ("proxy_unconfirmed_datagrams", "Datagrams dropped "
+                          "while the server has not said it adds PROXY "
+                          "headers"),
     "proxy_headers": ("proxy_header_datagrams", "Datagrams with a PROXY "
                       "header"),
     "keepalives": ("keepalives_sent", "Keepalives sent to the server"),
