@@ -1010,7 +1010,8 @@ def run_loop(sel, timers=None, stop=None, signalled=None, after=None):
 # with one API: see PortableIO.  Inside MmsgIO each mechanism is a room
 # that owns its state: Headers (struct mmsghdr arrays), Outbox (a queue
 # for sendmmsg and its fallbacks), TrainsOut (the UDP_SEGMENT policy),
-# ChannelGro (the UDP_GRO policy of channels), LocalReplies (pktinfo).
+# Channels (a client's channels) with ChannelGro (their UDP_GRO policy),
+# LocalReplies (replies from the address a datagram came to).
 #
 # buf holds BURST slots.  A read into slot q lands at q * SLOT + HEADROOM;
 # an item is named by `at`, where its tag goes, TAG_SIZE bytes before its
@@ -1027,8 +1028,9 @@ def run_loop(sel, timers=None, stop=None, signalled=None, after=None):
 # kernel's UDP_GRO: datagrams of one size from one peer, the last may be
 # shorter) is one item too, with its segment size in trains[at].  split()
 # spreads a train into its slot's headroom, a tag's room before each.  The
-# main socket reads with UDP_GRO from its start, where the kernel has it,
-# and trains go out where it does (decided once, as wireguard-go does).
+# main socket reads with UDP_GRO from its start where the kernel has it
+# (MmsgIO.gro), and trains go out where it does, until the kernel refuses
+# them (TrainsOut): no trial, as in wireguard-go.
 #
 # A datagram from a connectee (server): relay() puts its tag at buf[at:],
 # send(at, TAG_SIZE + n, client) queues one iovec in the main socket's
@@ -1040,8 +1042,10 @@ def run_loop(sel, timers=None, stop=None, signalled=None, after=None):
 # starts TAG_SIZE into its datagram).  A message the kernel refuses goes
 # datagram by datagram (Outbox.send_rest(), TrainsOut.refused()).
 # A channel (client) is sent to at once, a train by one sendmmsg on its
-# fd: so its datagrams keep their order.  What a channel reads goes to the
-# main Outbox (forward()), which leaves at the selector round's end.
+# fd: so its datagrams keep their order.  What a channel reads (forward())
+# goes to the server at once, one datagram; a busy channel's several go to
+# the main Outbox, which leaves at the selector round's end, when full, or
+# before the next receive(): until then their slots stay taken.
 
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)   # send a train
@@ -1174,12 +1178,18 @@ class PortableIO:
     forward(chan, tag, dest, where) -> (datagrams, bytes): what a channel
         has, read and sent on to a key, tag before each.
     flush(): what is queued leaves; end_round(): a selector round ended;
-        forget(chan): a channel closes.
+        forget(chan): a channel closes.  MmsgIO queues what send() and
+        send_train() are given by its place in buf: nothing may write
+        there until flush() (receive() flushes first).  PortableIO sends
+        at once.
     send_now(data, dest, where, chan=None): at once, outside any burst.
     local_address(key): the local IP a source sent to, where known.
     wait_in_receive(seconds): make receive() wait; False where it cannot.
-    Errors go to report(where, exc), counted events to counts, and a
-    lasting change of behaviour to notice(text); none stops the caller.
+    Errors go to report(where, exc) (where: what the relay was doing)
+    and never stop the caller, but for forward(), which raises them;
+    counted events go to counts (a dict with IO_STATS, and with local
+    replies sources_refused), a lasting change of behaviour to
+    notice(text).
     """
 
     SEND_FLAGS = 0
@@ -1354,8 +1364,8 @@ def reads(c, base, name_size=0, room=0):
 
 class TrainsOut:
     """The UDP_SEGMENT policy of one I/O: how many datagrams a message may
-    carry to a destination, and what a refusal means.  Decided at bind
-    (with UDP_GRO: a kernel that gives trains takes them); EIO or EINVAL
+    carry to a destination, and what a refusal means.  On where the main
+    socket reads trains (a kernel that gives them takes them); EIO or EINVAL
     turns trains off for good, said once; EMSGSIZE (the path MTU) makes
     that destination's trains of that size and more go one by one."""
 
@@ -1370,11 +1380,12 @@ class TrainsOut:
 
     def refused(self, dest, size, error):
         """A train refused: whether its datagrams should go singly."""
-        self.counts["trains_refused"] += 1
         if error.errno == errno.EMSGSIZE:
+            self.counts["trains_refused"] += 1
             self.too_big[dest] = size
             return True
         if error.errno in (errno.EIO, errno.EINVAL):
+            self.counts["trains_refused"] += 1
             if self.on:
                 self.on = False
                 self.notice("The kernel refuses UDP trains (%s): sending "
@@ -1449,6 +1460,7 @@ class Outbox:
             n = min(most, whole - j)
             self.push(0, 0, dest, where, (flat[j * step:(j + n) * step],
                                           size if n > 1 else 0, n))
+            self.trains.counts["trains_out"] += n > 1
         if whole < count:
             self.push(0, 0, dest, where, (flat[-2:], 0, 1))
 
@@ -1529,11 +1541,13 @@ class Outbox:
                 error = OSError(err, os.strerror(err))
                 size = self.shapes.get(done, self.LONE)[1]
                 dest, end = self.dests[done], done + 1
+                source = self.local is not None \
+                    and self.local.refuses(dest, err)
                 if err in (errno.EAGAIN, errno.EWOULDBLOCK):
                     end = queued
-                elif self.local is not None and self.local.refuses(dest, err) \
-                        or size and self.trains.refused(dest, size, error):
-                    self.one_by_one(done, size)
+                elif source or size and self.trains.refused(dest, size,
+                                                            error):
+                    self.one_by_one(done, size, source)
                     done = end
                 for i in range(done, end):
                     for _ in range(self.shapes.get(i, self.LONE)[2]):
@@ -1544,15 +1558,23 @@ class Outbox:
             sent = self.sendmmsg(self.fd, self.heads.pointers[done],
                                  queued - done, MmsgIO.MSG_DONTWAIT, None)
 
-    def one_by_one(self, i, size):
-        """The datagrams of queued message i, a train refused (size 0: a
-        lone datagram), singly."""
-        self.trains.counts["sent_one_by_one"] += 1
+    def one_by_one(self, i, size, source=False):
+        """The datagrams of queued message i singly: a train refused, or
+        (source) a message the kernel refused for its source address (size
+        0: a lone datagram).  A train refused so, whose datagrams then
+        leave from that address, was refused as a train after all."""
+        counts = self.trains.counts
         iovecs = self.iovecs(i)
         data = b"".join(map(self.c.string_at, iovecs[0::2], iovecs[1::2]))
+        moved = counts.get("sources_refused", 0)
         for start in range(0, len(data), size) if size else (0,):
             self.send_one(data[start:start + size] if size else data,
                           self.dests[i], self.wheres[i])
+        if size:
+            counts["sent_one_by_one"] += 1
+            if source and counts.get("sources_refused", 0) == moved:
+                self.trains.refused(self.dests[i], size, OSError(
+                    errno.EINVAL, os.strerror(errno.EINVAL)))
 
 
 class ChannelGro:
@@ -1616,6 +1638,7 @@ class MmsgIO(PortableIO):
         # the local address too, and replies leave from it (LocalReplies).
         self.local = LocalReplies.of(sock) if reply_from_local else None
         gro = trains_in and enable_gro(sock)
+        self.gro = gro          # this socket reads trains (never changes)
         self.trains_out = TrainsOut(gro, self.notice, self.counts)
         self.addresses = Bounded()      # dest key -> sockaddr tuple
         # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
@@ -1637,7 +1660,7 @@ class MmsgIO(PortableIO):
     def _receiver(self, read, flags):
         """receive() over read(fd, msgs, BURST, flags, None)."""
         c, fd, report, local = self.c, self.fd, self.report, self.local
-        room = (GRO_ROOM if self.trains_out.on else 0) \
+        room = (GRO_ROOM if self.gro else 0) \
             + (0 if local is None else local.space)
         # self.reads keeps the C buffers alive that these headers point to
         self.reads = heads = reads(c, self.base, self.name_size, room)
@@ -1681,10 +1704,10 @@ class MmsgIO(PortableIO):
 
     def mark(self, lengths, sources, controls, controllens, plain, room):
         """What a read with trains brought: (ats, lengths, sources,
-        trains).  Each message had `room` bytes of controls, a train's
-        UDP_GRO first (longer than `plain`, the rest; what was there
-        before stays, and counts only within each one's length), and with
-        local replies the pktinfo after it."""
+        trains).  Each message had `room` bytes of controls: a train's
+        UDP_GRO first, and with local replies the pktinfo (`plain` bytes)
+        after it.  Only a message whose controls are longer than `plain`
+        has one: bytes past a message's length are an earlier read's."""
         trains, local = {}, self.local
         for i in range(len(lengths)):
             size = controllens[i] > plain and gro_segment(controls, i * room)
@@ -1706,7 +1729,6 @@ class MmsgIO(PortableIO):
         pointer and length list, iovecs a datagram, size out, count)."""
         count = train_length(n, size)
         last, first = n - (count - 1) * size, self.base + start
-        self.counts["trains_out"] += 1
         if tag is not None:
             flat = [self.tags_at + TAG_SIZE * tag, TAG_SIZE, 0, size] * count
             flat[2::4] = range(first, first + count * size, size)
@@ -1848,9 +1870,10 @@ class Channels:
         datagram with tag before it: (datagrams, bytes) read.
 
         A lone datagram goes at once.  A channel readable in two selector
-        rounds in a row is busy, and one on trial reads with UDP_GRO: then
-        one recvmmsg reads what waits, up to the slots free, and it leaves
-        as trains where it can, in the outbox, at the round's end."""
+        rounds in a row is busy: one recvmmsg reads what waits, up to the
+        slots free, and it leaves as trains where it can, in the outbox.
+        One with UDP_GRO on (ChannelGro) is read by recvmmsg too, one
+        message (a datagram or a train) if it is not busy."""
         io = self.io
         q = self.filled if io.outbox.dests else 0
         if q == BURST:
@@ -1875,7 +1898,8 @@ class Channels:
         if trial and max(controllens):
             sizes = [n and gro_segment(heads.controls, (q + i) * GRO_ROOM)
                      for i, n in enumerate(controllens)]
-            io.counts["trains_in"] += k - sizes.count(0)
+            io.counts["trains_in"] += sum(
+                n > size > 0 for n, size in zip(lengths, sizes))
         heads.restore(q, k)
         if trial:
             self.gro.read(chan, any(sizes))
