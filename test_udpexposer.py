@@ -995,8 +995,10 @@ class TestTrains(RelayCase):
         io.send_on(chan, ats[0] + 2, 2, "y")        # a lone one first
         io.send_train_on(chan, ats[0] + 2, lengths[0], trains[ats[0]],
                          "send to the real server")
-        datagrams, trains = receive_trains(real, 32)
-        self.assertEqual(datagrams, [b"\x00\x01"] + parts)
+        io.send_on(chan, ats[0] + 2, 2, "y")        # a lone one after: waits
+        io.flush()
+        datagrams, trains = receive_trains(real, 33)
+        self.assertEqual(datagrams, [b"\x00\x01"] + parts + [b"\x00\x01"])
         self.assertIn(1000, trains)
         self.assertIn(chan, io.channels.gro.left)
         back = [b"r%02d" % i + bytes(1197) for i in range(20)]

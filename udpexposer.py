@@ -1473,7 +1473,7 @@ class Outbox:
         queued = len(self.dests)
         if not queued:
             return
-        if self.shapes:
+        if self.shapes or not self.key_size:    # or a channel's: no names
             self.send_shaped(queued)
         elif queued == 1 and self.view is not None:   # half the cost of a
             at = self.pairs[0] - self.base          # sendmmsg of one
@@ -1652,9 +1652,12 @@ class MmsgIO(PortableIO):
         self.tags_at = ctypes.addressof(self.tag_table)
         self.outbox = Outbox(self, self.fd, self.name_size, self.local,
                              self.send_now, self.view, self.base)
-        # send() and flush(), per datagram and per burst: no call between.
-        self.send, self.flush = self.outbox.push, self.outbox.flush
         self.channels = Channels(self, ChannelGro(gro))
+        # Per datagram and per burst, no call between.
+        self.send = self.outbox.push
+        self.send_on, self.send_train_on, self.forward = (
+            self.channels.send_on, self.channels.send_train,
+            self.channels.forward)
         self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
 
     def _receiver(self, read, flags):
@@ -1676,11 +1679,12 @@ class MmsgIO(PortableIO):
             locals_of = repeated("%ds%dx" % (local.space, room - local.space))
             add, replies = bytes.__add__, local.__getitem__
         plains = [(plain,) * k for k in range(BURST + 1)]   # no train then
-        outbox, no_trains = self.outbox, self.NO_TRAINS
+        outbox, chan_out, no_trains = self.outbox, self.channels.out, \
+            self.NO_TRAINS
 
         def receive():
-            if outbox.dests:        # the channels' of this round: slots
-                outbox.flush()
+            if outbox.dests or chan_out.dests:      # they point into slots
+                self.flush()
             k = read(fd, first, BURST, flags, None)
             if k < 0:
                 err = c.get_errno()
@@ -1747,12 +1751,6 @@ class MmsgIO(PortableIO):
             self.outbox.push_train(*self.gather(start, n, size, tag),
                                    dest=dest, where=where)
 
-    def send_on(self, chan, start, length, where):
-        try:
-            chan.send(self.view[start:start + length], self.MSG_DONTWAIT)
-        except OSError as e:
-            self.report(where, e)
-
     def send_now(self, data, dest, where, chan=None):
         try:
             if chan is not None:
@@ -1784,11 +1782,10 @@ class MmsgIO(PortableIO):
         self.counts["sources_refused"] += 1
         self.send_now(data, self.key_of(self.sockaddr(dest)), where)
 
-    def send_train_on(self, chan, start, n, size, where):
-        self.channels.send_train(chan, start, n, size, where)
 
-    def forward(self, chan, tag, dest, where):
-        return self.channels.forward(chan, tag, dest, where)
+    def flush(self):
+        self.channels.out.flush()
+        self.outbox.flush()
 
     def end_round(self):
         """A selector round ends: what the channels brought leaves."""
@@ -1796,7 +1793,7 @@ class MmsgIO(PortableIO):
         self.outbox.flush()
 
     def forget(self, chan):
-        """The client closes chan."""
+        """The client closes chan: what waits for it leaves first."""
         self.channels.forget(chan)
 
     def wait_in_receive(self, seconds):
@@ -1843,27 +1840,44 @@ class Channels:
     forward() reads what one has into the free slots of io.buf, from
     `filled` on while the main Outbox holds what they brought, and sends
     it on to the server.  A channel readable in two selector rounds in a
-    row (`round`, `seen`) is busy and read with one recvmmsg.  A train for
-    a channel leaves at once by its own small Outbox, so a channel's
-    datagrams keep their order.  UDP_GRO on channels: ChannelGro."""
+    row (`round`, `seen`) is busy and read with one recvmmsg.
+    What the server sends a channel: trains wait in `out`, the Outbox of
+    one channel at a time (`chan`), and leave by one sendmmsg when the
+    burst ends (io.flush()) or another channel's train comes; a lone
+    datagram goes at once, unless its channel has trains waiting: then it
+    waits behind them, so that a channel's datagrams keep their order.
+    UDP_GRO on channels: ChannelGro."""
 
     def __init__(self, io, gro):
         self.io, self.gro = io, gro
         self.reads = reads(io.c, io.base, 0, GRO_ROOM)
         self.out = Outbox(io, None, 0, None, lambda data, chan, where:
-                          io.send_now(data, None, where, chan))
+                          io.send_now(data, None, where, chan), base=io.base)
+        self.chan = None        # the channel whose datagrams `out` holds
         self.filled, self.round, self.seen = 0, 0, {}
 
+    def send_on(self, chan, start, length, where):
+        """A lone datagram for chan, at buf[start:start + length]."""
+        if self.chan is chan and self.out.dests:
+            self.out.push(start, length, chan, where)
+            return
+        try:
+            chan.send(self.io.view[start:start + length],
+                      MmsgIO.MSG_DONTWAIT)
+        except OSError as e:
+            self.io.report(where, e)
+
     def send_train(self, chan, start, n, size, where):
-        """A train to chan, tags left out, sent at once."""
+        """A train for chan, tags left out: it waits in `out`."""
         if n <= size:
-            self.io.send_on(chan, start + TAG_SIZE, n - TAG_SIZE, where)
+            self.send_on(chan, start + TAG_SIZE, n - TAG_SIZE, where)
             return
         self.gro.start(chan)            # its connectee sends trains
-        self.out.fd = chan.fileno()
+        if self.chan is not chan:
+            self.out.flush()
+            self.chan, self.out.fd = chan, chan.fileno()
         self.out.push_train(*self.io.gather(start, n, size, None),
                             dest=chan, where=where)
-        self.out.flush()
 
     def forward(self, chan, tag, dest, where):
         """Read what a channel has and send it on to dest (a key), each
@@ -1950,6 +1964,9 @@ class Channels:
         return k
 
     def forget(self, chan):
+        if self.chan is chan:
+            self.out.flush()
+            self.chan = None
         self.gro.left.pop(chan, None)
         self.io.trains_out.too_big.pop(chan, None)
         self.seen.pop(chan, None)
@@ -2702,7 +2719,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         log.limited("evict", lambda: "Closed channel %d, the least recently "
                     "used %s one" % (tag, kind), DEBUG)
 
-    send_on, forward = io.send_on, io.forward
+    send_on, forward, flush = io.send_on, io.forward, io.flush
     TO_SERVER = "tag and send to the server"
     TO_REAL_SERVER = "send to the real server"
     # Per datagram, the C methods of the table's dicts, bound once: no
@@ -2732,6 +2749,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def on_server_readable():
         msgs, size = relay(*io.receive())
+        flush()         # what waits for channels leaves
         if msgs:
             stats["last_server_s"] = int(time.time())
         stats["from_server_msgs"] += msgs
