@@ -1065,9 +1065,10 @@ SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
 PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
 TRIAL_READS = 64          # a channel's reads without a train: GRO off
-# A control message: cmsg_len, cmsg_level, cmsg_type, and for UDP_GRO the
-# segment size; UDP_SEGMENT's, with its size padded to CMSG_SPACE(2).
-GRO_CMSG = struct.Struct("@Niii")
+# A control message's header (cmsg_len, cmsg_level, cmsg_type), then its
+# data: for UDP_GRO the segment size; UDP_SEGMENT's is the whole message.
+CMSG_HEAD = struct.Struct("@Nii")
+GRO_SIZE = struct.Struct("=i")
 SEGMENT_CMSG = struct.Struct("@NiiH6x")
 SEGMENT_CMSG_LEN = socket.CMSG_LEN(2) if hasattr(socket, "CMSG_LEN") else 18
 # struct mmsghdr, the layout of every array here: msg_name, msg_namelen,
@@ -1092,11 +1093,20 @@ CONTROLLENS = repeated("%dxN%dx" % (
 IOVECS = repeated("PN", "@")
 
 
+def gro_size(level, kind, data, at=0):
+    """The one parser of UDP_GRO control messages: the segment size that
+    a control message of (level, kind) whose data is at data[at:] gives,
+    else 0 (it is another's)."""
+    if level == SOL_UDP and kind == UDP_GRO:
+        return GRO_SIZE.unpack_from(data, at)[0]
+    return 0
+
+
 def gro_segment(controls, at):
-    """The one parser of UDP_GRO control messages: the segment size of a
-    train whose control buffer starts at controls[at], else 0."""
-    _, level, kind, size = GRO_CMSG.unpack_from(controls, at)
-    return size if level == SOL_UDP and kind == UDP_GRO else 0
+    """gro_size() of the control message at controls[at] (as recvmmsg
+    writes it, header and data)."""
+    _, level, kind = CMSG_HEAD.unpack_from(controls, at)
+    return gro_size(level, kind, controls, at + CMSG_HEAD.size)
 
 
 def split_train(buf, start, n, size):
@@ -1886,8 +1896,8 @@ class Channels:
         A lone datagram goes at once.  A channel readable in two selector
         rounds in a row is busy: one recvmmsg reads what waits, up to the
         slots free, and it leaves as trains where it can, in the outbox.
-        One with UDP_GRO on (ChannelGro) is read by recvmmsg too, one
-        message (a datagram or a train) if it is not busy."""
+        One with UDP_GRO on (ChannelGro) that is not busy is read by one
+        recvmsg: a datagram, or a train."""
         io = self.io
         q = self.filled if io.outbox.dests else 0
         if q == BURST:
@@ -1899,10 +1909,19 @@ class Channels:
         if not busy and not trial:
             return self.send_lone(chan.recv_into(io.slots[q], MAX_DATAGRAM),
                                   q, tag, dest, where)
+        if not busy:            # one datagram or train, as cheap as can be
+            n, ancillary, _, _ = chan.recvmsg_into([io.slots[q]], GRO_ROOM)
+            size = gro_size(*ancillary[0]) if ancillary else 0
+            self.gro.read(chan, size)
+            if not n > size > 0:
+                return self.send_lone(n, q, tag, dest, where)
+            io.counts["trains_in"] += 1
+            self.filled = q + 1
+            return self.send_tagged(chan, q, (n,), (size,), tag, dest,
+                                    where), n
         heads = self.reads
-        k = io.libc.recvmmsg(chan.fileno(), heads.pointers[q],
-                             BURST - q if busy else 1, MmsgIO.MSG_DONTWAIT,
-                             None)
+        k = io.libc.recvmmsg(chan.fileno(), heads.pointers[q], BURST - q,
+                             MmsgIO.MSG_DONTWAIT, None)
         if k < 0:
             err = io.c.get_errno()
             raise OSError(err, os.strerror(err))
@@ -1917,9 +1936,8 @@ class Channels:
         heads.restore(q, k)
         if trial:
             self.gro.read(chan, any(sizes))
-        if k == 1 and not sizes[0]:
-            if busy:                    # not after all: recv next time
-                self.seen[chan] = -2
+        if k == 1 and not sizes[0]:     # not busy after all: recv next
+            self.seen[chan] = -2
             return self.send_lone(lengths[0], q, tag, dest, where)
         self.filled = q + k     # taken until the outbox leaves
         return self.send_tagged(chan, q, lengths, sizes, tag, dest, where), \
