@@ -1421,12 +1421,12 @@ class Outbox:
 
     LONE = (None, 0, 1)
 
-    def __init__(self, io, fd, name_size, local, send_one, view=None,
-                 base=0):
+    def __init__(self, io, fd, name_size, local, send_one, view=None):
         self.c, self.sendmmsg, self.report = io.c, io.libc.sendmmsg, io.report
         self.fd, self.local, self.trains = fd, local, io.trains_out
         self.send_one = send_one    # (data, dest, where): one datagram now
-        self.view, self.base = view, base   # the buffer lone datagrams are in
+        self.view, self.base = view, io.base    # io.buf: what is sent
+        self.tags_at = io.tags_at               # every tag's two bytes
         self.pairs, self.dests, self.wheres, self.shapes = [], [], [], {}
         # A key: name, then with local replies its control message; the
         # lone datagrams' headers take it from one slot, a train's copies
@@ -1442,7 +1442,7 @@ class Outbox:
                       name + self.key_size - self.pktinfo if self.pktinfo
                       else 0, self.pktinfo)
         heads.keep()
-        self.push = self._pusher(base)
+        self.push = self._pusher(io.base)
 
     def _pusher(self, base):
         """push(), a closure over the queue's lists: it runs per datagram."""
@@ -1459,11 +1459,33 @@ class Outbox:
             wheres.append(where)
         return push
 
-    def push_train(self, flat, pieces, size, count, dest, where):
+    def push_train(self, start, n, size, dest, where, tag=None):
+        """Queue the train of `size`-byte datagrams at buf[start:start + n]
+        (the last may be shorter): with tag, each after that tag (two
+        iovecs a datagram, the tag from the table at tags_at), with tag
+        None each without its first TAG_SIZE bytes (one; a run of one goes
+        as a lone datagram, and an empty last one alone: no segment is
+        empty).  In messages of as many datagrams as TrainsOut allows."""
+        count = -(-n // size)
+        last, first = n - (count - 1) * size, self.base + start
+        if tag is not None:
+            flat = [self.tags_at + TAG_SIZE * tag, TAG_SIZE, 0, size] * count
+            flat[2::4] = range(first, first + count * size, size)
+            flat[-1], pieces, size = last, 2, size + TAG_SIZE
+        elif count == 1:
+            self.push(start + TAG_SIZE, n - TAG_SIZE, dest, where)
+            return
+        else:
+            flat = [0, size - TAG_SIZE] * count
+            flat[0::2] = range(first + TAG_SIZE,
+                               first + TAG_SIZE + count * size, size)
+            flat[-1], pieces, size = last - TAG_SIZE, 1, size - TAG_SIZE
+        self.push_run(flat, pieces, size, count, dest, where)
+
+    def push_run(self, flat, pieces, size, count, dest, where):
         """Queue count datagrams of `size` bytes (the last may be shorter,
-        or empty with pieces 1: it goes alone, no segment is empty), each
-        made of `pieces` iovecs of flat, in messages that TrainsOut
-        allows."""
+        or empty with pieces 1: it goes alone), each made of `pieces`
+        iovecs of flat, in messages that TrainsOut allows."""
         most, step = self.trains.most(dest, size), 2 * pieces
         whole = count - 1 if pieces == 1 and not flat[-1] else count
         for j in range(0, whole, most):
@@ -1504,29 +1526,35 @@ class Outbox:
         name, its controls (the key's pktinfo, a train's UDP_SEGMENT)."""
         heads, key_size, pktinfo = self.heads, self.key_size, self.pktinfo
         space = pktinfo + SEGMENT_CMSG.size     # a train's controls
-        flat = []
+        pairs, dests, shapes, raw = self.pairs, self.dests, self.shapes, \
+            heads.raw
+        names, controls = heads.name_bytes, heads.controls
+        flat, lone = [], self.LONE
         for i in range(queued):
-            iovecs = self.iovecs(i)
-            size = self.shapes.get(i, self.LONE)[1]
-            dest = self.dests[i]
+            iovecs, size, _ = shapes.get(i, lone)
+            if iovecs is None:
+                iovecs = pairs[2 * i:2 * i + 2]
             name = control = controllen = 0
             if key_size:            # else a channel: connected, no name
                 name = heads.names_at + i * key_size
-                heads.name_bytes[i * key_size:(i + 1) * key_size] = dest
+                names[i * key_size:(i + 1) * key_size] = dests[i]
                 if pktinfo:
                     control, controllen = name + key_size - pktinfo, pktinfo
             if size:                # the key's pktinfo, then UDP_SEGMENT
-                ctl = i * space + (0 if controllen else pktinfo)
-                heads.controls[ctl:i * space + pktinfo] = \
-                    dest[key_size - pktinfo:] if controllen else b""
-                SEGMENT_CMSG.pack_into(heads.controls, i * space + pktinfo,
+                ctl = i * space
+                if controllen:
+                    controls[ctl:ctl + pktinfo] = dests[i][key_size - pktinfo:]
+                else:
+                    ctl += pktinfo
+                SEGMENT_CMSG.pack_into(controls, i * space + pktinfo,
                                        SEGMENT_CMSG_LEN, SOL_UDP, UDP_SEGMENT,
                                        size)
                 control, controllen = heads.controls_at + ctl, \
                     (i + 1) * space - ctl
-            heads.set(i, name, self.name_size if name else 0,
-                      heads.iovs_at + WORD * len(flat), len(iovecs) // 2,
-                      control, controllen)
+            MMSGHDR.pack_into(raw, i * MMSGHDR.size, name,
+                              self.name_size if name else 0,
+                              heads.iovs_at + WORD * len(flat),
+                              len(iovecs) // 2, control, controllen, 0, 0)
             flat += iovecs
         heads.iov_words[:len(flat)] = array.array(WORD_CODE, flat)
         sent = self.sendmmsg(self.fd, heads.pointers[0], queued,
@@ -1534,7 +1562,7 @@ class Outbox:
         if sent != queued:
             self.send_rest(sent)
         heads.restore(0, queued)
-        self.shapes.clear()
+        shapes.clear()
 
     def send_rest(self, sent):
         """After a sendmmsg that sent less than all, message by message:
@@ -1661,10 +1689,10 @@ class MmsgIO(PortableIO):
             struct.pack(">%dH" % (MAX_TAG + 1), *range(MAX_TAG + 1)))
         self.tags_at = ctypes.addressof(self.tag_table)
         self.outbox = Outbox(self, self.fd, self.name_size, self.local,
-                             self.send_now, self.view, self.base)
+                             self.send_now, self.view)
         self.channels = Channels(self, ChannelGro(gro))
         # Per datagram and per burst, no call between.
-        self.send = self.outbox.push
+        self.send, self.send_train = self.outbox.push, self.outbox.push_train
         self.send_on, self.send_train_on, self.forward = (
             self.channels.send_on, self.channels.send_train,
             self.channels.forward)
@@ -1724,7 +1752,10 @@ class MmsgIO(PortableIO):
         has one: bytes past a message's length are an earlier read's."""
         trains, local = {}, self.local
         for i in range(len(lengths)):
-            size = controllens[i] > plain and gro_segment(controls, i * room)
+            if controllens[i] <= plain:
+                continue
+            _, level, kind = CMSG_HEAD.unpack_from(controls, i * room)
+            size = gro_size(level, kind, controls, i * room + CMSG_HEAD.size)
             if not size:
                 continue
             if local is not None:   # its pktinfo follows: the source anew
@@ -1735,31 +1766,6 @@ class MmsgIO(PortableIO):
                 trains[PLAIN_ATS[i]] = size
                 self.counts["trains_in"] += 1
         return PLAIN_ATS[:len(lengths)], lengths, sources, trains
-
-    def gather(self, start, n, size, tag):
-        """The iovecs of the train at buf[start:start + n] in `size`-byte
-        datagrams: with tag, each after that tag (two iovecs a datagram),
-        with tag None each without its first TAG_SIZE bytes (one): (flat
-        pointer and length list, iovecs a datagram, size out, count)."""
-        count = train_length(n, size)
-        last, first = n - (count - 1) * size, self.base + start
-        if tag is not None:
-            flat = [self.tags_at + TAG_SIZE * tag, TAG_SIZE, 0, size] * count
-            flat[2::4] = range(first, first + count * size, size)
-            flat[-1] = last
-            return flat, 2, size + TAG_SIZE, count
-        flat = [0, size - TAG_SIZE] * count
-        flat[0::2] = range(first + TAG_SIZE, first + TAG_SIZE + count * size,
-                           size)
-        flat[-1] = last - TAG_SIZE
-        return flat, 1, size - TAG_SIZE, count
-
-    def send_train(self, start, n, size, dest, where, tag=None):
-        if tag is None and n <= size:     # a run of one: a lone datagram
-            self.send(start + TAG_SIZE, n - TAG_SIZE, dest, where)
-        else:
-            self.outbox.push_train(*self.gather(start, n, size, tag),
-                                   dest=dest, where=where)
 
     def send_now(self, data, dest, where, chan=None):
         try:
@@ -1862,7 +1868,7 @@ class Channels:
         self.io, self.gro = io, gro
         self.reads = reads(io.c, io.base, 0, GRO_ROOM)
         self.out = Outbox(io, None, 0, None, lambda data, chan, where:
-                          io.send_now(data, None, where, chan), base=io.base)
+                          io.send_now(data, None, where, chan))
         self.chan = None        # the channel whose datagrams `out` holds
         self.filled, self.round, self.seen = 0, 0, {}
 
@@ -1882,12 +1888,12 @@ class Channels:
         if n <= size:
             self.send_on(chan, start + TAG_SIZE, n - TAG_SIZE, where)
             return
-        self.gro.start(chan)            # its connectee sends trains
+        if chan not in self.gro.left:
+            self.gro.start(chan)        # its connectee sends trains
         if self.chan is not chan:
             self.out.flush()
             self.chan, self.out.fd = chan, chan.fileno()
-        self.out.push_train(*self.io.gather(start, n, size, None),
-                            dest=chan, where=where)
+        self.out.push_train(start, n, size, chan, where)
 
     def forward(self, chan, tag, dest, where):
         """Read what a channel has and send it on to dest (a key), each
@@ -1974,7 +1980,7 @@ class Channels:
             flat = [0, 0] * k
             flat[0::2] = range(io.base + at, io.base + end, SLOT)
             flat[1::2] = map(TAG_SIZE.__add__, lengths)
-            io.outbox.push_train(flat, 1, size + TAG_SIZE, k, dest, where)
+            io.outbox.push_run(flat, 1, size + TAG_SIZE, k, dest, where)
             self.gro.start(chan)        # a run of one size: trains likely
         else:
             for at, n in zip(PLAIN_ATS[q:q + k], lengths):
