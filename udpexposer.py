@@ -91,7 +91,7 @@ RETRIES_PER_SECOND, RETRIES_PER_ADDRESS = 50, 3
 # connectee, a new channel and the same datagram again, for ever, and no
 # channel is ever answered.  The same first datagram on LOOP_LAPS new
 # channels, each within LOOP_WINDOW seconds of the last and none answered
-# since, is suspect; a probe then tells (see run_client's looped()).
+# since, is suspect; a probe then tells (see LoopGuard).
 LOOP_LAPS, LOOP_WINDOW = 16, 1.0
 
 # The 23 counters of the stats blob, in wire order (PROTOCOL.md, "Stats").
@@ -107,10 +107,11 @@ STAT_NAMES = (
 
 
 # Counters this tool keeps beyond the wire blob (SIGUSR1 shows them).
+IO_STATS = ("trains_in", "trains_out", "trains_refused", "sent_one_by_one")
 SERVER_EXTRA_STATS = ("not_allowed", "client_not_allowed",
                       "evicted_unanswered", "evicted_answered",
                       "stats_refused", "retries_refused", "proxy_headers",
-                      "sources_refused")
+                      "sources_refused") + IO_STATS
 CLIENT_STATS = (
     "keepalives", "from_server_msgs", "from_server_bytes",
     "from_real_server_msgs", "from_real_server_bytes", "strangers", "dwarfs",
@@ -119,7 +120,7 @@ CLIENT_STATS = (
     "server_address_changes", "proxy_headers", "proxy_malformed",
     "proxy_unconfirmed",
     "last_server_s",
-)
+) + IO_STATS
 
 
 def server_stats():
@@ -421,6 +422,28 @@ def peer_addr(family, sockaddr):
         raise ValueError("%s is IPv6 but the listening socket is IPv4"
                          % format_addr(sockaddr))
     return sockaddr
+
+
+def sockaddr_bytes(addr):
+    """sockaddr tuple -> struct sockaddr_in or sockaddr_in6 (Linux layout),
+    as recvmmsg gives a source's name."""
+    host, port = addr[0].split("%")[0], struct.pack(">H", addr[1])
+    if len(addr) == 2:
+        return struct.pack("=H", socket.AF_INET) + port \
+            + socket.inet_pton(socket.AF_INET, host) + bytes(8)
+    return struct.pack("=H", socket.AF_INET6) + port \
+        + struct.pack(">I", addr[2]) + socket.inet_pton(socket.AF_INET6, host) \
+        + struct.pack("=I", addr[3])
+
+
+def sockaddr_tuple(raw):
+    """sockaddr_bytes() backwards: the tuple recvfrom() would give."""
+    port = raw[2] << 8 | raw[3]
+    if struct.unpack_from("=H", raw)[0] == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port,
+            struct.unpack_from(">I", raw, 4)[0],
+            struct.unpack_from("=I", raw, 24)[0])
 
 
 def parse_networks(texts, flag):
@@ -981,10 +1004,49 @@ def run_loop(sel, timers=None, stop=None, signalled=None, after=None):
 
 
 # ---------------------------------------------------------------- datagram I/O in bursts
+#
+# The relays see one façade, PortableIO (recvfrom and sendto, anywhere) or
+# MmsgIO (Linux: recvmmsg and sendmmsg through ctypes, and UDP trains),
+# with one API: see PortableIO.  Inside MmsgIO each mechanism is a room
+# that owns its state: Headers (struct mmsghdr arrays), Outbox (a queue
+# for sendmmsg and its fallbacks), TrainsOut (the UDP_SEGMENT policy),
+# Channels (a client's channels) with ChannelGro (their UDP_GRO policy),
+# LocalReplies (replies from the address a datagram came to).
+#
+# buf holds BURST slots.  A read into slot q lands at q * SLOT + HEADROOM;
+# an item is named by `at`, where its tag goes, TAG_SIZE bytes before its
+# data:
+#
+#   q * SLOT              at = q * SLOT + DATA_AT
+#   |                     |    q * SLOT + HEADROOM
+#   v                     v    v
+#   [ headroom ......... |tag| datagram, or train .......... ]
+#    <- HEADROOM = TAG_SIZE * TRAIN_IN -><- MAX_DATAGRAM -->
+#
+# A burst is (ats, lengths, sources, trains): item i is lengths[i] bytes at
+# buf[ats[i] + TAG_SIZE:] from the source key sources[i]; a train (the
+# kernel's UDP_GRO: datagrams of one size from one peer, the last may be
+# shorter) is one item too, with its segment size in trains[at].  split()
+# spreads a train into its slot's headroom, a tag's room before each.  The
+# main socket reads with UDP_GRO from its start where the kernel has it
+# (MmsgIO.gro), and trains go out where it does, until the kernel refuses
+# them (TrainsOut): no trial, as in wireguard-go.
+#
+# A datagram from a connectee (server): relay() puts its tag at buf[at:],
+# send(at, TAG_SIZE + n, client) queues one iovec in the main socket's
+# Outbox, and flush() sends the burst's datagrams with one sendmmsg.
+# A train: send_train(start, n, size, client, where, tag) queues gather
+# iovecs (the tag from a table of all tags, then the datagram in place),
+# TRAIN_OUT datagrams a message at most, with a UDP_SEGMENT control
+# message; from the client the tags are left out instead (each iovec
+# starts TAG_SIZE into its datagram).  A message the kernel refuses goes
+# datagram by datagram (Outbox.send_rest(), TrainsOut.refused()).
+# A channel (client) is sent to at once, a train by one sendmmsg on its
+# fd: so its datagrams keep their order.  What a channel reads (forward())
+# goes to the server at once, one datagram; a busy channel's several go to
+# the main Outbox, which leaves at the selector round's end, when full, or
+# before the next receive(): until then their slots stay taken.
 
-# UDP segmentation offload (Linux 4.18 and 5.0): a "train" is datagrams of
-# one size (the last may be shorter) to or from one peer, handed to or by
-# the kernel in one call.  Older Pythons lack the names.
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)   # send a train
 UDP_GRO = getattr(socket, "UDP_GRO", 104)           # receive trains
@@ -1002,17 +1064,21 @@ HEADROOM = TAG_SIZE * TRAIN_IN    # room to put a tag before each datagram
 SLOT = HEADROOM + MAX_DATAGRAM    # what one received datagram or train takes
 DATA_AT = HEADROOM - TAG_SIZE     # where a lone datagram's tag goes in a slot
 PLAIN_ATS = range(DATA_AT, BURST * SLOT, SLOT)
-TRIAL_EVERY = 4096        # datagrams read between trials of UDP_GRO
-TRIAL_READS = 64          # reads without a train that end a trial
-MAX_REST = 6              # a socket skips 2 ** MAX_REST trials at most
-GRO_SIZE = struct.Struct("=i")    # the segment size in a UDP_GRO cmsg
-# A control message as the kernel writes it: cmsg_len, cmsg_level,
-# cmsg_type, and for UDP_GRO the segment size.
-GRO_CMSG = struct.Struct("@Niii")
-# UDP_SEGMENT's control message: cmsg_len, cmsg_level, cmsg_type, the
-# segment size, padded to CMSG_SPACE(2).
+TRIAL_READS = 64          # a channel's reads without a train: GRO off
+# A control message's header (cmsg_len, cmsg_level, cmsg_type), then its
+# data: for UDP_GRO the segment size; UDP_SEGMENT's is the whole message.
+CMSG_HEAD = struct.Struct("@Nii")
+GRO_SIZE = struct.Struct("=i")
 SEGMENT_CMSG = struct.Struct("@NiiH6x")
 SEGMENT_CMSG_LEN = socket.CMSG_LEN(2) if hasattr(socket, "CMSG_LEN") else 18
+# struct mmsghdr, the layout of every array here: msg_name, msg_namelen,
+# msg_iov, msg_iovlen, msg_control, msg_controllen, msg_flags, msg_len
+# ("0P" pads to a pointer's alignment, on 32-bit and 64-bit alike).
+MMSGHDR = struct.Struct("@PIPNPNi0PI0P")
+CONTROLLEN_AT = struct.calcsize("@PIPNP")
+LEN_AT = struct.calcsize("@PIPNPNi0P")
+WORD = struct.calcsize("P")     # void *iov_base and size_t iov_len alike
+WORD_CODE = "Q" if WORD == 8 else "I"
 
 
 def repeated(one, mode="="):
@@ -1020,135 +1086,27 @@ def repeated(one, mode="="):
     return [struct.Struct(mode + one * k) for k in range(BURST + 1)]
 
 
-class BurstIO:
-    """Datagram I/O on one socket, a burst at a time, with recvfrom/sendto.
-
-    receive() reads what is waiting, up to BURST datagrams or trains, and
-    returns (ats, lengths, sources), one item per datagram or train: item i
-    is lengths[i] bytes at buf[ats[i] + TAG_SIZE:], from sources[i], with
-    TAG_SIZE free bytes before it for a tag; a train's segment size is in
-    train_sizes[ats[i]] (MmsgIO only).  Sources are opaque, hashable
-    address keys; address(key) turns one into a sockaddr tuple, key_of()
-    back.  send() queues a range of buf for a destination key (send_train()
-    a train) and flush() sends what is queued.
-    A client's channels go through here too: forward() reads what one has
-    and sends it on tagged (errors are raised), send_on() sends buf's bytes
-    on one (queued until flush() in a burst with trains), and
-    forget(sock) says the client closes one; end_round() ends a selector
-    round.  send_now() sends bytes at once, outside any burst.
-    Errors go to report(where, exc) and never stop the caller; a reply
-    sent from another address than its peer used, report("sources_refused",
-    None) (MmsgIO).
-    """
-
-    SEND_FLAGS = 0
-
-    def __init__(self, sock, report, notice=None):
-        self.sock = sock
-        self.report = report
-        self.notice = notice or (lambda text: None)
-        self.buf = bytearray(BURST * SLOT)
-        self.view = memoryview(self.buf)
-        # each slot's room for a lone datagram
-        self.slots = [self.view[at + TAG_SIZE:at + TAG_SIZE + MAX_DATAGRAM]
-                      for at in PLAIN_ATS]
-        self.receive, self.send = self._closures(sock, report)
-        self.train_sizes = {}           # never a train here: see MmsgIO
-
-    def _closures(self, own, report):
-        """receive() and send() over locals: this is the hot path."""
-        view, slots = self.view, self.slots
-        recv_into, sendto = own.recvfrom_into, own.sendto
-        lengths, sources = [0] * BURST, [None] * BURST
-
-        def receive():
-            """Read what is waiting, up to BURST datagrams."""
-            k = 0
-            for _ in range(BURST):
-                try:
-                    lengths[k], sources[k] = recv_into(slots[k], MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:
-                    report("err1", e)
-                    continue
-                k += 1
-            return PLAIN_ATS, lengths[:k], sources[:k]
-
-        def send(start, length, dest, where):
-            """Relay buf[start:start + length] to dest."""
-            try:
-                sendto(view[start:start + length], dest)
-            except OSError as e:        # a full send buffer drops it too
-                report(where, e)
-
-        return receive, send
-
-    def send_now(self, data, dest, where, chan=None):
-        """Send data at once, outside any burst: to the destination key
-        dest, or on the connected socket chan."""
-        try:
-            if chan is None:
-                self.sock.sendto(data, self.SEND_FLAGS, dest)
-            else:
-                chan.send(data, self.SEND_FLAGS)
-        except OSError as e:
-            self.report(where, e)
-
-    def forward(self, chan, tag, dest, where):
-        """Read one datagram from the channel chan and send it on to dest
-        at once, with tag before it: (1, its size).  See MmsgIO."""
-        n = chan.recv_into(self.slots[0], MAX_DATAGRAM)
-        TAG.pack_into(self.buf, DATA_AT, tag)
-        self.send_now(self.view[DATA_AT:DATA_AT + n + TAG_SIZE], dest, where)
-        return 1, n
-
-    def send_on(self, sock, start, length, where):
-        self.send_now(self.view[start:start + length], None, where, sock)
-
-    def forget(self, sock):
-        """The client closes this channel."""
-
-    def local_address(self, src):
-        """The local address src sent to, where known: see MmsgIO."""
-        return None
-
-    def flush(self):
-        pass
-
-    def end_round(self):
-        """A selector round ends (run_loop): see MmsgIO."""
-
-    def wait_in_receive(self, seconds):
-        """Make receive() wait for the first datagram: False, it cannot."""
-        return False
-
-    @staticmethod
-    def address(key):
-        return key
-
-    def key_of(self, addr):
-        """The source key recvfrom gives for a sockaddr tuple."""
-        return addr
+# One struct call reads the msg_len (msg_controllen) of k headers.
+LENGTHS = repeated("%dxI%dx" % (LEN_AT, MMSGHDR.size - LEN_AT - 4))
+CONTROLLENS = repeated("%dxN%dx" % (
+    CONTROLLEN_AT, MMSGHDR.size - CONTROLLEN_AT - WORD), "@")
+IOVECS = repeated("PN", "@")
 
 
-def _load_mmsg():
-    """libc's recvmmsg and sendmmsg through ctypes, or None where not Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-        # PyDLL keeps the GIL across the call: cheaper, and both calls are
-        # made so that they never block (PyPy has only CDLL; the one call
-        # that waits goes through CDLL, see MmsgIO).  No argtypes:
-        # converting by them costs more than the system call.  Callers pass
-        # small ints and c_void_p objects made in advance.
-        libc = getattr(ctypes, "PyDLL", ctypes.CDLL)(None, use_errno=True)
-        for name in ("recvmmsg", "sendmmsg"):
-            getattr(libc, name).restype = ctypes.c_int
-    except (ImportError, OSError, AttributeError):
-        return None
-    return ctypes, libc
+def gro_size(level, kind, data, at=0):
+    """The one parser of UDP_GRO control messages: the segment size that
+    a control message of (level, kind) whose data is at data[at:] gives,
+    else 0 (it is another's)."""
+    if level == SOL_UDP and kind == UDP_GRO:
+        return GRO_SIZE.unpack_from(data, at)[0]
+    return 0
+
+
+def gro_segment(controls, at):
+    """gro_size() of the control message at controls[at] (as recvmmsg
+    writes it, header and data)."""
+    _, level, kind = CMSG_HEAD.unpack_from(controls, at)
+    return gro_size(level, kind, controls, at + CMSG_HEAD.size)
 
 
 def split_train(buf, start, n, size):
@@ -1201,452 +1159,658 @@ def train_length(n, size):
     return -(-n // size)
 
 
-class MmsgIO(BurstIO):
-    """BurstIO on Linux: recvmmsg and sendmmsg through ctypes, and UDP
-    trains (GRO in, GSO out) where the kernel has them.
+def enable_gro(sock):
+    """Ask for trains on sock (UDP_GRO): whether the kernel agreed."""
+    if not GRO_ROOM or not hasattr(sock, "recvmsg_into"):
+        return False
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
 
-    Sources and destinations are raw sockaddr bytes here: cheaper to make,
-    hash and send to.  UDP_GRO is on trial (try_trains).  A train read is
-    one item, like a lone datagram but with its segment size in
-    self.train_sizes (at -> size): the relay sends it on whole with
-    send_train(), which puts a tag before each datagram, or leaves each
-    one's tag out, by gather iovecs (nothing is copied).
-    send() and send_train() queue; flush() (or the BURST-th message) sends
-    what is queued: one datagram with sendto, more with one sendmmsg, in
-    which a train is one message with a UDP_SEGMENT control message, as
-    floor_gso.c does.  Where the kernel refuses a train, its datagrams go
-    one by one, and the socket does so from then on (all trains, or
-    trains of that size and more to that destination), and loses none.
-    Every call is made with MSG_DONTWAIT, except that after wait_in_receive()
-    receive() waits in recvmmsg for the first datagram.  Sockets are
-    non-blocking, as udp_socket() makes them, or blocking without a timeout.
+
+class PortableIO:
+    """The relays' I/O on one socket, a burst at a time: recvfrom/sendto.
+
+    buf, view: the slots (see the section's top) and a memoryview of them.
+    receive() -> (ats, lengths, sources, trains): what is waiting, up to
+        BURST items; sources are opaque hashable keys, address(key) gives
+        the sockaddr tuple and key_of(addr) the key back; trains maps an
+        item's `at` to its segment size (never one here).
+    split(at, n, size) -> (ats, lengths): a train as datagrams.
+    send(start, length, dest, where): buf[start:start + length] to a key.
+    send_train(start, n, size, dest, where, tag=None): a train at
+        buf[start:start + n] to a key, each datagram with tag before it,
+        or with tag None each without its first TAG_SIZE bytes.
+    send_on(chan, start, length, where), send_train_on(chan, start, n,
+        size, where): the same on a client's channel (tags left out).
+    forward(chan, tag, dest, where) -> (datagrams, bytes): what a channel
+        has, read and sent on to a key, tag before each.
+    flush(): what is queued leaves; end_round(): a selector round ended;
+        forget(chan): a channel closes.  MmsgIO queues what send() and
+        send_train() are given by its place in buf: nothing may write
+        there until flush() (receive() flushes first).  PortableIO sends
+        at once.
+    send_now(data, dest, where, chan=None): at once, outside any burst.
+    local_address(key): the local IP a source sent to, where known.
+    wait_in_receive(seconds): make receive() wait; False where it cannot.
+    Errors go to report(where, exc) (where: what the relay was doing)
+    and never stop the caller, but for forward(), which raises them;
+    counted events go to counts (a dict with IO_STATS, and with local
+    replies sources_refused), a lasting change of behaviour to
+    notice(text).
     """
 
-    MSG_DONTWAIT = 0x40
-    MSG_WAITFORONE = 0x10000
-    SEND_FLAGS = MSG_DONTWAIT       # the socket may be blocking: see below
-    # struct mmsghdr: name, namelen, iov, iovlen, control, controllen,
-    # flags, len
-    MMSGHDR = struct.Struct("@PIPNPNi4xI4x")
+    SEND_FLAGS = 0
+    NO_TRAINS = {}
 
-    def __init__(self, sock, report, ctypes, libc, notice=None,
-                 reply_from_local=False, trains_in=True):
-        BurstIO.__init__(self, sock, report, notice)
-        self.c, self.fd = ctypes, sock.fileno()
-        # On a wildcard bind, with reply_from_local: sources are keyed by
-        # the local address too, and replies leave from it (LocalReplies).
-        self.local = LocalReplies.of(sock) if reply_from_local else None
-        # trains in: see try_trains(); never without trains_in
-        self.gro = trains_in and enable_gro(sock)
-        self.gso = self.gro             # trains out, until the kernel refuses
-        self.trains = False             # whether this burst brought trains
-        self.train_sizes = {}           # the trains of this burst: at -> size
-        # Sockets (this one, channels) reading with UDP_GRO on, on trial,
-        # each with how many reads it goes on without a train.
-        self.trial = {sock: TRIAL_READS} if self.gro else {}
-        # datagrams read until the next trial
-        self.until_trial = TRIAL_EVERY if trains_in else float("inf")
-        self.trials = 0                 # trials due so far
-        self.failures, self.rest = {}, {}   # see end_trial()
-        self.addresses = Bounded()      # dest key -> sockaddr tuple
-        self.too_big = Bounded()        # dest -> a segment size refused
-        # The send queue, one entry per message: dests, wheres; its
-        # iovecs (pointer, length pairs, all messages' one after the
-        # other); and shapes: message index -> (iovecs, segment size or 0,
-        # datagrams) for all but a lone datagram to a peer of this socket.
-        self.iovecs, self.dests, self.wheres, self.shapes = [], [], [], {}
-        # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
-        # sockaddr_in6 (IPv4-mapped included) for IPv6.
-        self.name_size = 28 if sock.family == socket.AF_INET6 else 16
-        self.room = (GRO_ROOM if self.gro else 0) \
-            + (0 if self.local is None else self.local.space)
-        self.base = ctypes.addressof(
-            (ctypes.c_char * len(self.buf)).from_buffer(self.buf))
-        # Every tag's two bytes, for gather iovecs: tag t at 2 * t.
-        self.tag_bytes = (ctypes.c_char * (2 * (MAX_TAG + 1))).from_buffer_copy(
-            struct.pack(">%dH" % (MAX_TAG + 1), *range(MAX_TAG + 1)))
-        self.tags_at = ctypes.addressof(self.tag_bytes)
-        # Channels (connected: no names) read bursts into the free slots
-        # (forward()); a selector round counts (end_round()).
-        self.read, self.filled, self.round, self.seen = libc.recvmmsg, 0, 0, {}
-        chan_msgs, _, _, _, (self.msg_size, _, len_at) = self.arrays_chan = \
-            mmsg_array(ctypes, self.base + HEADROOM, SLOT, 0, GRO_ROOM)
-        self.chan_bytes = memoryview(chan_msgs).cast("B")
-        self.chan_pristine = bytes(self.chan_bytes)
-        self.chan_msgs = [ctypes.c_void_p(ctypes.addressof(chan_msgs)
-                                          + q * self.msg_size)
-                          for q in range(BURST)]
-        # One struct call per burst reads all lengths (any struct mmsghdr
-        # array: see mmsg_array()).
-        self.lengths_of = repeated("%dxI%dx" % (
-            len_at, self.msg_size - len_at - 4))
-        self.send, self.send_on, self.flush, self.send_one, self.queue = \
-            self._sender(libc.sendmmsg)
-        self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
+    def __init__(self, sock, report, notice=None, counts=None):
+        self.sock, self.report = sock, report
+        self.notice = notice or (lambda text: None)
+        self.counts = collections.Counter() if counts is None else counts
+        self.buf = bytearray(BURST * SLOT)
+        self.view = memoryview(self.buf)
+        # each slot's room for a lone datagram
+        self.slots = [self.view[at + TAG_SIZE:at + TAG_SIZE + MAX_DATAGRAM]
+                      for at in PLAIN_ATS]
+        self.receive = self._recvfrom(sock.recvfrom_into, report)
 
-    def _receiver(self, read, flags):
-        """receive() over one call read(fd, msgs, BURST, flags, None)."""
-        c, fd, report, sock, trial = self.c, self.fd, self.report, \
-            self.sock, self.trial
-        msgs, _, names, controls, (msg_size, controllen_at, _) = \
-            self.arrays_in = mmsg_array(c, self.base + HEADROOM, SLOT,
-                                        self.name_size, self.room)
-        at_msgs = c.c_void_p(c.addressof(msgs))
-        # One struct call per burst reads all lengths, one all sources.
-        lengths_of = self.lengths_of
-        sources_of = repeated("%ds" % self.name_size)
-        local, room = self.local, self.room
-        if local is not None:
-            controllens_of = repeated("%dxN%dx" % (
-                controllen_at, msg_size - controllen_at - c.sizeof(c.c_size_t)),
-                "@")
-            locals_of = repeated("%ds%dx" % (local.space, room - local.space))
-            add, replies = bytes.__add__, local.__getitem__
-        # The kernel sets each msg_controllen to what it wrote there (0 but
-        # for a train): a slice assignment puts back all it read.
-        msgs_bytes = memoryview(msgs).cast("B")
-        pristine = memoryview(bytes(msgs_bytes))
-        self.headers_in = msgs_bytes, pristine      # see gro_on()
-        headers = [slice(0, k * msg_size) for k in range(BURST + 1)]
-        pristines = [pristine[:k * msg_size] for k in range(BURST + 1)]
-        no_trains = bytes(len(controls))    # no control message anywhere
-        dests, flush, train_sizes = self.dests, self.flush, self.train_sizes
+    def _recvfrom(self, recv_into, report):
+        slots, lengths, sources = self.slots, [0] * BURST, [None] * BURST
 
         def receive():
-            if dests:               # the channels' of this round: slots
-                flush()
-            if train_sizes:
-                train_sizes.clear()
-            k = read(fd, at_msgs, BURST, flags, None)
-            if k < 0:
-                err = c.get_errno()
-                if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                    report("err1", OSError(err, os.strerror(err)))
-                return (), (), ()
-            lengths = lengths_of[k].unpack_from(msgs_bytes)
-            sources = sources_of[k].unpack_from(names)
-            if local is not None:   # each message's control: pktinfo first,
-                trains = sock in trial and max(controllens_of[k].unpack_from(
-                    msgs_bytes)) > local.space  # a train's after UDP_GRO's
-                msgs_bytes[headers[k]] = pristines[k]
-                sources = list(map(add, sources, map(
-                    replies, locals_of[k].unpack_from(controls))))
-                if trains:
-                    self.trained(sock)
-                    return self.mark(lengths, sources, controls, room, local)
-            elif sock in trial:                 # UDP_GRO is on
-                msgs_bytes[headers[k]] = pristines[k]
-                if controls != no_trains:
-                    self.trained(sock)
-                    return self.mark(lengths, sources, controls, room, local)
-            if sock in trial:
-                self.untrained(sock)
-            else:
-                self.until_trial -= k
-                if self.until_trial <= 0:
-                    self.try_trains(sock)
-            return PLAIN_ATS, lengths, sources
-
+            k = 0
+            for _ in range(BURST):
+                try:
+                    lengths[k], sources[k] = recv_into(slots[k], MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    report("receive", e)
+                    continue
+                k += 1
+            return PLAIN_ATS, lengths[:k], sources[:k], self.NO_TRAINS
         return receive
 
-    def mark(self, lengths, sources, controls, room, local=None, first=0,
-             sizes=None):
-        """What a read with UDP_GRO on brought into slots first...:
-        (ats, lengths, sources), a train one item, and its segment size in
-        sizes (train_sizes by default): at -> size.  Each message had
-        `room` bytes of controls, UDP_GRO's first, and with local a
-        train's pktinfo after (LocalReplies)."""
-        sizes = self.train_sizes if sizes is None else sizes
-        for i in range(len(lengths)):
-            _, level, kind, size = GRO_CMSG.unpack_from(controls,
-                                                        (first + i) * room)
-            if (level, kind) != (SOL_UDP, UDP_GRO):
-                continue
-            if local is not None:   # its pktinfo follows: the source anew
-                at = (first + i) * room
-                sources[i] = sources[i][:self.name_size] + local[bytes(
-                    controls[at + GRO_ROOM:at + room])]
-            if lengths[i] > size:
-                sizes[PLAIN_ATS[first + i]] = size
-        controls[first * room:(first + len(lengths)) * room] = \
-            bytes(len(lengths) * room)
-        return PLAIN_ATS[first:first + len(lengths)], lengths, sources
-
     def split(self, at, n, size):
-        """A train the relay cannot send on whole (ats, lengths): spread
-        into its datagrams in its slot (split_train)."""
         try:
             return split_train(self.buf, at - DATA_AT, n, size)
         except OSError as e:
-            self.report("err1", e)
+            self.report("receive", e)
             return (), ()
 
-    def _sender(self, sendmmsg):
-        """send(), send_on(), flush(), send_one(data, dest, where), which
-        sends one datagram on this socket at once, and queue(), which
-        queues datagrams by their iovecs (see send_train())."""
-        c, fd, report, view, base = self.c, self.fd, self.report, \
-            self.view, self.base
-        name_size, local = self.name_size, self.local
-        # A destination key fills its message's name, and with local its
-        # control message too: they lie one after the other (mmsg_array).
-        key_size = name_size + (0 if local is None else len(local.tail))
-        msgs, iovs, names, _, (msg_size, _, _) = self.arrays_out = \
-            mmsg_array(c, 0, 0, name_size,
-                       0 if local is None else local.space, inline=True)
-        at_out_p = c.c_void_p(c.addressof(msgs))
-        iovecs_of = repeated("PN", "@")         # void *base, size_t len
-        names_view = memoryview(names)
-        names_at = msgs[0].hdr.name     # message j's at j * key_size
-        # Messages with trains: their own headers, every queued iovec, and
-        # per message a control buffer (the key's, then UDP_SEGMENT's).
-        batch = (c.c_char * (BURST * msg_size))()
-        at_batch = c.addressof(batch)
-        at_batch_p = c.c_void_p(at_batch)
-        # void *base and size_t len: words of one size on Linux
-        word = c.sizeof(c.c_void_p)
-        word_code = "Q" if word == 8 else "I"
-        all_iovs = (c.c_char * (2 * word * BURST * 2 * TRAIN_OUT))()
-        at_iovs = c.addressof(all_iovs)
-        iov_words = memoryview(all_iovs).cast("B").cast(word_code)
-        seg_at = 0 if local is None else local.space
-        ctl_space = seg_at + SEGMENT_CMSG.size
-        name_slot = key_size - seg_at   # a key's control message, after
-        controls = (c.c_char * (BURST * ctl_space))()
-        at_controls = c.addressof(controls)
-        header = self.MMSGHDR
-        sendto, sendmsg, dontwait = self.sock.sendto, self.sock.sendmsg, \
-            self.MSG_DONTWAIT
-        addresses, sockaddr, too_big = self.addresses, self.sockaddr, \
-            self.too_big
-        iovecs, dests, wheres, shapes, trial = self.iovecs, self.dests, \
-            self.wheres, self.shapes, self.trial
-        lone = (1, 0, 1)                # the shape of a lone datagram
+    def send(self, start, length, dest, where):
+        self.send_now(self.view[start:start + length], dest, where)
 
-        def push(pairs, dest, where, shape=None):
-            """The one way into the send queue: a full queue (sendmmsg's
-            most, BURST messages) leaves first, so it never holds more
-            than its arrays.  shape: see queue()."""
+    def send_on(self, chan, start, length, where):
+        self.send_now(self.view[start:start + length], None, where, chan)
+
+    def send_train(self, start, n, size, dest, where, tag=None):
+        """A loop of sends: a train reaches here only from a test."""
+        prefix = b"" if tag is None else TAG.pack(tag)
+        skip = 0 if tag is None else TAG_SIZE
+        for first in range(start, start + n, size):
+            end = min(first + size, start + n)
+            self.send_now(prefix + self.buf[first + TAG_SIZE - skip:end],
+                          dest, where)
+
+    def send_train_on(self, chan, start, n, size, where):
+        for first in range(start, start + n, size):
+            self.send_on(chan, first + TAG_SIZE,
+                         min(size, start + n - first) - TAG_SIZE, where)
+
+    def forward(self, chan, tag, dest, where):
+        n = chan.recv_into(self.slots[0], MAX_DATAGRAM)
+        TAG.pack_into(self.buf, DATA_AT, tag)
+        self.send_now(self.view[DATA_AT:DATA_AT + TAG_SIZE + n], dest, where)
+        return 1, n
+
+    def send_now(self, data, dest, where, chan=None):
+        try:
+            if chan is None:
+                self.sock.sendto(data, self.SEND_FLAGS, dest)
+            else:
+                chan.send(data, self.SEND_FLAGS)
+        except OSError as e:        # a full send buffer drops it too
+            self.report(where, e)
+
+    def flush(self):
+        pass
+
+    def end_round(self):
+        pass
+
+    def forget(self, chan):
+        pass
+
+    def local_address(self, key):
+        return None
+
+    def wait_in_receive(self, seconds):
+        return False
+
+    @staticmethod
+    def address(key):
+        return key
+
+    def key_of(self, addr):
+        return addr
+
+
+def _load_mmsg():
+    """libc's recvmmsg and sendmmsg through ctypes, or None where not Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        # PyDLL keeps the GIL across the call: cheaper, and both calls are
+        # made so that they never block (PyPy has only CDLL; the one call
+        # that waits goes through CDLL, see MmsgIO).  No argtypes:
+        # converting by them costs more than the system call.  Callers pass
+        # small ints and c_void_p objects made in advance.
+        libc = getattr(ctypes, "PyDLL", ctypes.CDLL)(None, use_errno=True)
+        for name in ("recvmmsg", "sendmmsg"):
+            getattr(libc, name).restype = ctypes.c_int
+    except (ImportError, OSError, AttributeError):
+        return None
+    return ctypes, libc
+
+
+class Headers:
+    """BURST struct mmsghdr in one ctypes buffer (MMSGHDR's layout), and
+    beside them the buffers their pointers lead to: names (name_room bytes
+    a message), controls (room bytes a message) and `iovecs` iovecs.
+    These fields keep those C buffers alive while the kernel has their
+    addresses.  set() writes message i's header; keep() remembers them
+    all, and restore(first, k) puts back what recvmmsg changed
+    (msg_controllen, msg_len) or a send packed anew."""
+
+    def __init__(self, c, name_room=0, room=0, iovecs=BURST):
+        self.raw = (c.c_char * (BURST * MMSGHDR.size))()
+        self.bytes = memoryview(self.raw).cast("B")
+        self.names = (c.c_char * (BURST * name_room or 1))()
+        self.controls = (c.c_char * (BURST * room or 1))()
+        self.iovs = (c.c_char * (2 * WORD * iovecs))()
+        self.names_at, self.controls_at, self.iovs_at, first = map(
+            c.addressof, (self.names, self.controls, self.iovs, self.raw))
+        self.name_bytes = memoryview(self.names).cast("B")
+        self.iov_words = memoryview(self.iovs).cast("B").cast(WORD_CODE)
+        self.pointers = [c.c_void_p(first + i * MMSGHDR.size)
+                         for i in range(BURST)]
+
+    def set(self, i, name, namelen, iov, iovlen, control, controllen):
+        MMSGHDR.pack_into(self.raw, i * MMSGHDR.size, name, namelen, iov,
+                          iovlen, control, controllen, 0, 0)
+
+    def keep(self):
+        self.pristine = memoryview(bytes(self.bytes))
+
+    def restore(self, first, k):
+        span = slice(first * MMSGHDR.size, (first + k) * MMSGHDR.size)
+        self.bytes[span] = self.pristine[span]
+
+    def lengths(self, first, k):
+        return LENGTHS[k].unpack_from(self.bytes, first * MMSGHDR.size)
+
+    def controllens(self, first, k):
+        return CONTROLLENS[k].unpack_from(self.bytes, first * MMSGHDR.size)
+
+
+def reads(c, base, name_size=0, room=0):
+    """Headers for recvmmsg into buf's slots (buf at base): message q reads
+    into slot q, its source's name and its control messages beside."""
+    heads = Headers(c, name_size, room)
+    IOVECS[BURST].pack_into(heads.iovs, 0, *[
+        x for q in range(BURST) for x in (base + q * SLOT + HEADROOM,
+                                          MAX_DATAGRAM)])
+    for i in range(BURST):
+        heads.set(i, heads.names_at + i * name_size if name_size else 0,
+                  name_size, heads.iovs_at + i * 2 * WORD, 1,
+                  heads.controls_at + i * room if room else 0, room)
+    heads.keep()
+    return heads
+
+
+class TrainsOut:
+    """The UDP_SEGMENT policy of one I/O: how many datagrams a message may
+    carry to a destination, and what a refusal means.  On where the main
+    socket reads trains (a kernel that gives them takes them); EIO or EINVAL
+    turns trains off for good, said once; EMSGSIZE (the path MTU) makes
+    that destination's trains of that size and more go one by one."""
+
+    def __init__(self, on, notice, counts):
+        self.on, self.notice, self.counts = on, notice, counts
+        self.too_big = Bounded()        # destination -> a refused size
+
+    def most(self, dest, size):
+        if not self.on or size >= self.too_big.get(dest, MAX_DATAGRAM):
+            return 1
+        return max(1, min(TRAIN_OUT, MAX_TRAIN_BYTES // size))
+
+    def refused(self, dest, size, error):
+        """A train refused: whether its datagrams should go singly."""
+        if error.errno == errno.EMSGSIZE:
+            self.counts["trains_refused"] += 1
+            self.too_big[dest] = size
+            return True
+        if error.errno in (errno.EIO, errno.EINVAL):
+            self.counts["trains_refused"] += 1
+            if self.on:
+                self.on = False
+                self.notice("The kernel refuses UDP trains (%s): sending "
+                            "datagrams one by one from now on" % error)
+            return True
+        return False
+
+
+class Outbox:
+    """A queue of messages for sendmmsg on one socket, and its flush.
+
+    push(start, length, dest, where, shape=None) is the one way in: it
+    sends a full queue first, so the queue never holds more than its BURST
+    headers.  A message goes to dest (a key; on a channel's Outbox, whose
+    fd is set before each flush, the channel), `where` names it to
+    report(), and it is either a lone datagram at buf[start:start +
+    length] (buf at `base`) or, with shape, (iovecs, segment size or 0,
+    datagrams): iovecs a flat list of pointers and lengths, the segment
+    size that of a train.  Lone datagrams alone leave with the headers
+    made in advance (names and, with local replies, each key's pktinfo
+    from one slot); a queue with shapes packs each message's header.  What
+    the kernel refuses: send_rest()."""
+
+    LONE = (None, 0, 1)
+
+    def __init__(self, io, fd, name_size, local, send_one, view=None):
+        self.c, self.sendmmsg, self.report = io.c, io.libc.sendmmsg, io.report
+        self.fd, self.local, self.trains = fd, local, io.trains_out
+        self.send_one = send_one    # (data, dest, where): one datagram now
+        self.view, self.base = view, io.base    # io.buf: what is sent
+        self.tags_at = io.tags_at               # every tag's two bytes
+        self.pairs, self.dests, self.wheres, self.shapes = [], [], [], {}
+        # A key: name, then with local replies its control message; the
+        # lone datagrams' headers take it from one slot, a train's copies
+        # that control message before its UDP_SEGMENT.
+        self.name_size, self.pktinfo = name_size, (
+            0 if local is None else local.space)
+        self.key_size = name_size + (0 if local is None else len(local.tail))
+        self.heads = heads = Headers(io.c, self.key_size, self.pktinfo
+                                     + SEGMENT_CMSG.size, BURST * 2 * TRAIN_OUT)
+        for i in range(BURST):
+            name = heads.names_at + i * self.key_size
+            heads.set(i, name, name_size, heads.iovs_at + 2 * WORD * i, 1,
+                      name + self.key_size - self.pktinfo if self.pktinfo
+                      else 0, self.pktinfo)
+        heads.keep()
+        self.push = self._pusher(io.base)
+
+    def _pusher(self, base):
+        """push(), a closure over the queue's lists: it runs per datagram."""
+        pairs, dests, wheres, shapes, flush = self.pairs, self.dests, \
+            self.wheres, self.shapes, self.flush
+
+        def push(start, length, dest, where, shape=None):
             if len(dests) == BURST:
                 flush()
             if shape is not None:
                 shapes[len(dests)] = shape
-            iovecs.extend(pairs)
+            pairs.extend((base + start, length))
             dests.append(dest)
             wheres.append(where)
+        return push
 
-        def send(start, length, dest, where):
-            push((base + start, length), dest, where)
+    def push_train(self, start, n, size, dest, where, tag=None):
+        """Queue the train of `size`-byte datagrams at buf[start:start + n]
+        (the last may be shorter): with tag, each after that tag (two
+        iovecs a datagram, the tag from the table at tags_at), with tag
+        None each without its first TAG_SIZE bytes (one; a run of one goes
+        as a lone datagram, and an empty last one alone: no segment is
+        empty).  In messages of as many datagrams as TrainsOut allows."""
+        count = -(-n // size)
+        last, first = n - (count - 1) * size, self.base + start
+        if tag is not None:
+            flat = [self.tags_at + TAG_SIZE * tag, TAG_SIZE, 0, size] * count
+            flat[2::4] = range(first, first + count * size, size)
+            flat[-1], pieces, size = last, 2, size + TAG_SIZE
+        elif count == 1:
+            self.push(start + TAG_SIZE, n - TAG_SIZE, dest, where)
+            return
+        else:
+            flat = [0, size - TAG_SIZE] * count
+            flat[0::2] = range(first + TAG_SIZE,
+                               first + TAG_SIZE + count * size, size)
+            flat[-1], pieces, size = last - TAG_SIZE, 1, size - TAG_SIZE
+        self.push_run(flat, pieces, size, count, dest, where)
 
-        def send_on(chan, start, length, where):
-            if self.trains:     # in order with the trains for the channel
-                push((base + start, length), chan, where, lone)
-                return
-            try:
-                chan.send(view[start:start + length], dontwait)
-            except OSError as e:
-                report(where, e)
+    def push_run(self, flat, pieces, size, count, dest, where):
+        """Queue count datagrams of `size` bytes (the last may be shorter,
+        or empty with pieces 1: it goes alone), each made of `pieces`
+        iovecs of flat, in messages that TrainsOut allows."""
+        most, step = self.trains.most(dest, size), 2 * pieces
+        whole = count - 1 if pieces == 1 and not flat[-1] else count
+        for j in range(0, whole, most):
+            n = min(most, whole - j)
+            self.push(0, 0, dest, where, (flat[j * step:(j + n) * step],
+                                          size if n > 1 else 0, n))
+            self.trains.counts["trains_out"] += n > 1
+        if whole < count:
+            self.push(0, 0, dest, where, (flat[-2:], 0, 1))
 
-        def queue(flat, pieces, size, count, dest, where):
-            """Queue count datagrams of `size` bytes (the last may be
-            shorter) to dest, a key or a channel, each made of `pieces`
-            iovecs of the flat list of pointer and length pairs: as trains
-            of TRAIN_OUT datagrams and MAX_TRAIN_BYTES at most where the
-            kernel takes them, else one by one."""
-            if isinstance(dest, socket.socket) and dest not in trial:
-                self.gro_on(dest)       # its connectee sends trains
-            most = max(1, min(TRAIN_OUT, MAX_TRAIN_BYTES // size)) \
-                if self.gso and size < too_big.get(dest, MAX_DATAGRAM) else 1
-            for j in range(0, count, most):     # flat may hold more
-                n = min(most, count - j)
-                push(flat[j * 2 * pieces:(j + n) * 2 * pieces], dest, where,
-                     (pieces * n, size if n > 1 else 0, n))
+    def iovecs(self, i):
+        """Message i's iovecs: a flat list of pointers and lengths."""
+        shape = self.shapes.get(i)
+        return self.pairs[2 * i:2 * i + 2] if shape is None else shape[0]
 
-        def flush():
-            queued = len(dests)
-            if not queued:
-                return
-            if shapes:
-                send_batches(queued)
-                shapes.clear()
-            elif queued == 1:           # half the cost of a sendmmsg of one
-                send_one(view[iovecs[0] - base:iovecs[0] - base + iovecs[1]],
-                         dests[0], wheres[0])
+    def flush(self):
+        queued = len(self.dests)
+        if not queued:
+            return
+        if self.shapes or not self.key_size:    # or a channel's: no names
+            self.send_shaped(queued)
+        elif queued == 1 and self.view is not None:   # half the cost of a
+            at = self.pairs[0] - self.base          # sendmmsg of one
+            self.send_one(self.view[at:at + self.pairs[1]], self.dests[0],
+                          self.wheres[0])
+        else:
+            IOVECS[queued].pack_into(self.heads.iovs, 0, *self.pairs)
+            self.heads.name_bytes[:queued * self.key_size] = \
+                b"".join(self.dests)
+            sent = self.sendmmsg(self.fd, self.heads.pointers[0], queued,
+                                 MmsgIO.MSG_DONTWAIT, None)
+            if sent != queued:
+                self.send_rest(sent)
+        del self.pairs[:], self.dests[:], self.wheres[:]
+
+    def send_shaped(self, queued):
+        """Pack each message's header: its iovecs in the flat array, its
+        name, its controls (the key's pktinfo, a train's UDP_SEGMENT)."""
+        heads, key_size, pktinfo = self.heads, self.key_size, self.pktinfo
+        space = pktinfo + SEGMENT_CMSG.size     # a train's controls
+        pairs, dests, shapes, raw = self.pairs, self.dests, self.shapes, \
+            heads.raw
+        names, controls = heads.name_bytes, heads.controls
+        flat, lone = [], self.LONE
+        for i in range(queued):
+            iovecs, size, _ = shapes.get(i, lone)
+            if iovecs is None:
+                iovecs = pairs[2 * i:2 * i + 2]
+            name = control = controllen = 0
+            if key_size:            # else a channel: connected, no name
+                name = heads.names_at + i * key_size
+                names[i * key_size:(i + 1) * key_size] = dests[i]
+                if pktinfo:
+                    control, controllen = name + key_size - pktinfo, pktinfo
+            if size:                # the key's pktinfo, then UDP_SEGMENT
+                ctl = i * space
+                if controllen:
+                    controls[ctl:ctl + pktinfo] = dests[i][key_size - pktinfo:]
+                else:
+                    ctl += pktinfo
+                SEGMENT_CMSG.pack_into(controls, i * space + pktinfo,
+                                       SEGMENT_CMSG_LEN, SOL_UDP, UDP_SEGMENT,
+                                       size)
+                control, controllen = heads.controls_at + ctl, \
+                    (i + 1) * space - ctl
+            MMSGHDR.pack_into(raw, i * MMSGHDR.size, name,
+                              self.name_size if name else 0,
+                              heads.iovs_at + WORD * len(flat),
+                              len(iovecs) // 2, control, controllen, 0, 0)
+            flat += iovecs
+        heads.iov_words[:len(flat)] = array.array(WORD_CODE, flat)
+        sent = self.sendmmsg(self.fd, heads.pointers[0], queued,
+                             MmsgIO.MSG_DONTWAIT, None)
+        if sent != queued:
+            self.send_rest(sent)
+        heads.restore(0, queued)
+        shapes.clear()
+
+    def send_rest(self, sent):
+        """After a sendmmsg that sent less than all, message by message:
+        a full buffer loses all that is left; a source address the kernel
+        refuses, or a train it refuses (TrainsOut), is sent again datagram
+        by datagram by send_one(); anything else is lost.  Losses are
+        reported a datagram each."""
+        queued, done = len(self.dests), 0
+        while True:
+            if sent > 0:
+                done += sent
             else:
-                iovecs_of[queued].pack_into(iovs, 0, *iovecs)
-                names_view[:queued * key_size] = b"".join(dests)
-                sent = sendmmsg(fd, at_out_p, queued, dontwait, None)
-                if sent != queued:
-                    send_rest(fd, at_out_p.value, [
-                        (i, 2 * i, lone) for i in range(queued)], sent)
-            iovecs.clear()
-            dests.clear()
-            wheres.clear()
-            self.filled = 0
+                err = self.c.get_errno()
+                error = OSError(err, os.strerror(err))
+                size = self.shapes.get(done, self.LONE)[1]
+                dest, end = self.dests[done], done + 1
+                source = self.local is not None \
+                    and self.local.refuses(dest, err)
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    end = queued
+                elif source or size and self.trains.refused(dest, size,
+                                                            error):
+                    self.one_by_one(done, size, source)
+                    done = end
+                for i in range(done, end):
+                    for _ in range(self.shapes.get(i, self.LONE)[2]):
+                        self.report(self.wheres[i], error)
+                done = end
+            if done >= queued:
+                return
+            sent = self.sendmmsg(self.fd, self.heads.pointers[done],
+                                 queued - done, MmsgIO.MSG_DONTWAIT, None)
 
-        def send_one(data, dest, where):
-            try:
-                if local is None:
-                    sendto(data, dontwait,
-                           addresses.get(dest) or sockaddr(dest))
-                else:
-                    sendmsg([data], local.ancillary(dest), dontwait,
-                            sockaddr(dest))
-            except OSError as e:
-                if from_here(dest, e.errno):
-                    from_any(data, dest, where)
-                else:
-                    report(where, e)
+    def one_by_one(self, i, size, source=False):
+        """The datagrams of queued message i singly: a train refused, or
+        (source) a message the kernel refused for its source address (size
+        0: a lone datagram).  A train refused so, whose datagrams then
+        leave from that address, was refused as a train after all."""
+        counts = self.trains.counts
+        iovecs = self.iovecs(i)
+        data = b"".join(map(self.c.string_at, iovecs[0::2], iovecs[1::2]))
+        moved = counts.get("sources_refused", 0)
+        for start in range(0, len(data), size) if size else (0,):
+            self.send_one(data[start:start + size] if size else data,
+                          self.dests[i], self.wheres[i])
+        if size:
+            counts["sent_one_by_one"] += 1
+            if source and counts.get("sources_refused", 0) == moved:
+                self.trains.refused(self.dests[i], size, OSError(
+                    errno.EINVAL, os.strerror(errno.EINVAL)))
 
-        def from_here(dest, err):
-            """Whether a send to dest failed for the local address it
-            leaves from (LocalReplies): EINVAL with one named."""
-            return err == errno.EINVAL and local is not None \
-                and local.address(dest) is not None
 
-        def from_any(data, dest, where):
-            """The kernel refuses dest's local address as a source: data
-            leaves from its choice, counted (sources_refused), said once."""
-            if not local.refused:
-                local.refused = True
-                self.notice("The kernel refuses to send from %s (no longer "
-                            "local, or local by a route alone on an old "
-                            "kernel): replies leave from its choice of "
-                            "address instead, counted in sources_refused"
-                            % local.address(dest))
-            report("sources_refused", None)
-            send_one(data, self.key_of(sockaddr(dest)), where)
+class ChannelGro:
+    """The UDP_GRO policy of a client's channels.
 
-        def send_batches(queued):
-            """Send a queue that holds trains or channels' messages: one
-            sendmmsg for this socket's, one per channel for theirs."""
-            iov_words[:len(iovecs)] = array.array(word_code, iovecs)
-            mine, channels, at = [], {}, 0
-            for i in range(queued):
-                shape = shapes.get(i, lone)
-                dest = dests[i]
-                if isinstance(dest, socket.socket):
-                    channels.setdefault(dest, []).append((i, at, shape))
-                else:
-                    mine.append((i, at, shape))
-                at += 2 * shape[0]
-            send_batch(fd, mine)
-            for chan, messages in channels.items():
-                send_batch(chan.fileno(), messages)
+    Reading with UDP_GRO costs a channel half a microsecond a read
+    (recvmmsg against recv_into), so it is on only where trains are
+    likely: when the server sends a train for the channel (its connectee
+    sends them), or a busy read finds datagrams of one size (the real
+    server sends runs, which the kernel hands over as one train with it).
+    TRIAL_READS reads without a train turn it off again, unless something
+    waits then (it may be a train, readable only with UDP_GRO on)."""
 
-        def send_batch(to, messages):
-            """One sendmmsg on fd `to` of messages (queue index, index of
-            its first iovec value, shape); names only for this socket's."""
-            for j, (i, at, (pieces, size, _)) in enumerate(messages):
-                name = namelen = control = controllen = 0
-                if to == fd:
-                    dest = dests[i]
-                    names_view[j * key_size:(j + 1) * key_size] = dest
-                    name, namelen = names_at + j * key_size, name_size
-                    if local is not None:
-                        control, controllen = name + key_size - local.space, \
-                            local.space
-                if size:                # a train: its UDP_SEGMENT after
-                    where = first = j * ctl_space
-                    if controllen:      # the key's pktinfo before it
-                        controls[where:where + seg_at] = dest[name_slot:]
-                    else:
-                        first += seg_at
-                    SEGMENT_CMSG.pack_into(controls, where + seg_at,
-                                           SEGMENT_CMSG_LEN, SOL_UDP,
-                                           UDP_SEGMENT, size)
-                    control, controllen = at_controls + first, \
-                        where + ctl_space - first
-                header.pack_into(batch, j * msg_size, name, namelen,
-                                 at_iovs + word * at, pieces, control,
-                                 controllen, 0, 0)
-            count = len(messages)
-            sent = sendmmsg(to, at_batch_p, count, dontwait, None)
-            if sent != count:
-                send_rest(to, at_batch, messages, sent)
+    def __init__(self, on):
+        self.on = on
+        self.left = {}      # channel with UDP_GRO on -> reads left without
 
-        def send_rest(to, at_msgs, messages, sent):
-            """After a sendmmsg of messages (queue index, index of its
-            first iovec value, shape) at at_msgs that sent less than all:
-            what the kernel refuses is reported, or for a train sent one by
-            one; a full buffer loses the rest, reported."""
-            done, count = 0, len(messages)
-            while True:
-                if sent > 0:
-                    done += sent
-                else:
-                    err = c.get_errno()
-                    error = OSError(err, os.strerror(err))
-                    i, at, (pieces, size, datagrams) = messages[done]
-                    if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                        for i, _, shape in messages[done:]:     # all lost
-                            for _ in range(shape[2]):
-                                report(wheres[i], error)
-                        return
-                    if from_here(dests[i], err) \
-                            or size and refused(dests[i], size, error):
-                        one_by_one(i, at, pieces, size)
-                    else:
-                        for _ in range(datagrams):
-                            report(wheres[i], error)
-                    done += 1
-                if done >= count:
-                    return
-                sent = sendmmsg(to, c.c_void_p(at_msgs + done * msg_size),
-                                count - done, dontwait, None)
+    def start(self, chan):
+        if self.on and chan not in self.left and enable_gro(chan):
+            self.left[chan] = TRIAL_READS
 
-        def one_by_one(i, at, pieces, size):
-            """The datagrams of a train (size 0: of a lone datagram) the
-            kernel refused, one by one."""
-            data = b"".join(map(c.string_at, iovecs[at:at + 2 * pieces:2],
-                                iovecs[at + 1:at + 2 * pieces:2]))
-            dest = dests[i]
-            for start in range(0, len(data), size) if size else (0,):
-                part = data[start:start + size] if size else data
-                if isinstance(dest, socket.socket):
-                    try:
-                        dest.send(part, dontwait)
-                    except OSError as e:
-                        report(wheres[i], e)
-                else:
-                    send_one(part, dest, wheres[i])
+    def read(self, chan, trains):
+        """A read of chan with UDP_GRO on brought trains, or none."""
+        left = self.left[chan] = TRIAL_READS if trains else \
+            self.left[chan] - 1
+        if left:
+            return
+        try:
+            chan.setsockopt(SOL_UDP, UDP_GRO, 0)
+            chan.recv(1, socket.MSG_PEEK | MmsgIO.MSG_DONTWAIT)
+        except BlockingIOError:         # nothing waits: off
+            del self.left[chan]
+            return
+        except OSError:
+            pass
+        enable_gro(chan)
+        self.left[chan] = TRIAL_READS
 
-        def refused(dest, size, error):
-            """A train refused: whether its datagrams should go singly."""
-            if error.errno == errno.EMSGSIZE:
-                too_big[dest] = size
-                return True
-            if error.errno in (errno.EIO, errno.EINVAL):
-                if self.gso:
-                    self.gso = False
-                    self.notice("The kernel refuses UDP trains (%s): sending "
-                                "datagrams one by one from now on" % error)
-                return True
-            return False
 
-        return send, send_on, flush, send_one, queue
+class MmsgIO(PortableIO):
+    """PortableIO on Linux: recvmmsg and sendmmsg through ctypes, and UDP
+    trains (GRO in, GSO out) where the kernel has them.
+
+    Sources and destinations are raw sockaddr bytes here (with local
+    replies, followed by a reply's pktinfo: LocalReplies): cheaper to make,
+    hash and send to.  Every call is made with MSG_DONTWAIT, except that
+    after wait_in_receive() receive() waits in recvmmsg for the first
+    datagram.  Sockets are non-blocking, as udp_socket() makes them, or
+    blocking without a timeout.
+    """
+
+    MSG_DONTWAIT = 0x40
+    MSG_WAITFORONE = 0x10000
+    SEND_FLAGS = MSG_DONTWAIT       # the socket may be blocking
+
+    def __init__(self, sock, report, ctypes, libc, notice=None,
+                 reply_from_local=False, trains_in=True, counts=None):
+        PortableIO.__init__(self, sock, report, notice, counts)
+        self.c, self.libc, self.fd = ctypes, libc, sock.fileno()
+        # On a wildcard bind, with reply_from_local: sources are keyed by
+        # the local address too, and replies leave from it (LocalReplies).
+        self.local = LocalReplies.of(sock) if reply_from_local else None
+        gro = trains_in and enable_gro(sock)
+        self.gro = gro          # this socket reads trains (never changes)
+        self.trains_out = TrainsOut(gro, self.notice, self.counts)
+        self.addresses = Bounded()      # dest key -> sockaddr tuple
+        # A socket's peers all have one sockaddr size: sockaddr_in for IPv4,
+        # sockaddr_in6 (IPv4-mapped included) for IPv6.
+        self.name_size = 28 if sock.family == socket.AF_INET6 else 16
+        self.base = ctypes.addressof(
+            (ctypes.c_char * len(self.buf)).from_buffer(self.buf))
+        # Every tag's two bytes, for gather iovecs: tag t at 2 * t.
+        self.tag_table = (ctypes.c_char * (2 * (MAX_TAG + 1))).from_buffer_copy(
+            struct.pack(">%dH" % (MAX_TAG + 1), *range(MAX_TAG + 1)))
+        self.tags_at = ctypes.addressof(self.tag_table)
+        self.outbox = Outbox(self, self.fd, self.name_size, self.local,
+                             self.send_now, self.view)
+        self.channels = Channels(self, ChannelGro(gro))
+        # Per datagram and per burst, no call between.
+        self.send, self.send_train = self.outbox.push, self.outbox.push_train
+        self.send_on, self.send_train_on, self.forward = (
+            self.channels.send_on, self.channels.send_train,
+            self.channels.forward)
+        self.receive = self._receiver(libc.recvmmsg, self.MSG_DONTWAIT)
+
+    def _receiver(self, read, flags):
+        """receive() over read(fd, msgs, BURST, flags, None)."""
+        c, fd, report, local = self.c, self.fd, self.report, self.local
+        room = (GRO_ROOM if self.gro else 0) \
+            + (0 if local is None else local.space)
+        # self.reads keeps the C buffers alive that these headers point to
+        self.reads = heads = reads(c, self.base, self.name_size, room)
+        first, names, controls = heads.pointers[0], heads.names, heads.controls
+        # Per burst, one struct call each for lengths, names and control
+        # lengths, and one slice assignment puts the headers back.
+        head_bytes, sources_of = heads.bytes, repeated("%ds" % self.name_size)
+        spans = [slice(0, k * MMSGHDR.size) for k in range(BURST + 1)]
+        pristines = [heads.pristine[span] for span in spans]
+        plain = 0       # a message's control messages without a train's
+        if local is not None:
+            plain = local.space
+            locals_of = repeated("%ds%dx" % (local.space, room - local.space))
+            add, replies = bytes.__add__, local.__getitem__
+        plains = [(plain,) * k for k in range(BURST + 1)]   # no train then
+        outbox, chan_out, no_trains = self.outbox, self.channels.out, \
+            self.NO_TRAINS
+
+        def receive():
+            if outbox.dests or chan_out.dests:      # they point into slots
+                self.flush()
+            k = read(fd, first, BURST, flags, None)
+            if k < 0:
+                err = c.get_errno()
+                if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    report("receive", OSError(err, os.strerror(err)))
+                return (), (), (), no_trains
+            lengths = LENGTHS[k].unpack_from(head_bytes)
+            sources = sources_of[k].unpack_from(names)
+            if not room:
+                return PLAIN_ATS, lengths, sources, no_trains
+            controllens = CONTROLLENS[k].unpack_from(head_bytes)
+            head_bytes[spans[k]] = pristines[k]
+            if local is not None:
+                sources = list(map(add, sources, map(
+                    replies, locals_of[k].unpack_from(controls))))
+            if controllens == plains[k]:
+                return PLAIN_ATS, lengths, sources, no_trains
+            return self.mark(lengths, sources, controls, controllens, plain,
+                             room)
+        return receive
+
+    def mark(self, lengths, sources, controls, controllens, plain, room):
+        """What a read with trains brought: (ats, lengths, sources,
+        trains).  Each message had `room` bytes of controls: a train's
+        UDP_GRO first, and with local replies the pktinfo (`plain` bytes)
+        after it.  Only a message whose controls are longer than `plain`
+        has one: bytes past a message's length are an earlier read's."""
+        trains, local = {}, self.local
+        for i in range(len(lengths)):
+            if controllens[i] <= plain:
+                continue
+            _, level, kind = CMSG_HEAD.unpack_from(controls, i * room)
+            size = gro_size(level, kind, controls, i * room + CMSG_HEAD.size)
+            if not size:
+                continue
+            if local is not None:   # its pktinfo follows: the source anew
+                at = i * room + GRO_ROOM
+                sources[i] = sources[i][:self.name_size] + local[bytes(
+                    controls[at:at + local.space])]
+            if lengths[i] > size:
+                trains[PLAIN_ATS[i]] = size
+                self.counts["trains_in"] += 1
+        return PLAIN_ATS[:len(lengths)], lengths, sources, trains
 
     def send_now(self, data, dest, where, chan=None):
-        if chan is None:
-            self.send_one(data, dest, where)
-        else:
-            BurstIO.send_now(self, data, None, where, chan)
+        try:
+            if chan is not None:
+                chan.send(data, self.MSG_DONTWAIT)
+            elif self.local is None:
+                self.sock.sendto(data, self.MSG_DONTWAIT,
+                                 self.addresses.get(dest) or self.sockaddr(
+                                     dest))
+            else:
+                self.sock.sendmsg([data], self.local.ancillary(dest),
+                                  self.MSG_DONTWAIT, self.sockaddr(dest))
+        except OSError as e:
+            if chan is None and self.local is not None \
+                    and self.local.refuses(dest, e.errno):
+                self.from_any(data, dest, where)
+            else:
+                self.report(where, e)
 
-    def ancillary(self, dest):
-        """The control messages a datagram to dest carries (sendmsg's)."""
-        return [] if self.local is None else self.local.ancillary(dest)
+    def from_any(self, data, dest, where):
+        """The kernel refuses dest's local address as a source: data
+        leaves from its choice, counted (sources_refused), said once."""
+        if not self.local.refused:
+            self.local.refused = True
+            self.notice("The kernel refuses to send from %s (no longer "
+                        "local, or local by a route alone on an old "
+                        "kernel): replies leave from its choice of address "
+                        "instead, counted in sources_refused"
+                        % self.local.address(dest))
+        self.counts["sources_refused"] += 1
+        self.send_now(data, self.key_of(self.sockaddr(dest)), where)
 
-    def local_address(self, src):
-        """The local address src sent to: its IP text where the socket
-        knows it (a wildcard bind), else None."""
-        return None if self.local is None else self.local.address(src)
 
-    def sockaddr(self, dest):
-        """The sockaddr tuple of a destination key, remembered."""
-        addr = self.addresses.get(dest)
-        if addr is None:
-            addr = self.addresses[dest] = self.address(dest)
-        return addr
+    def flush(self):
+        self.channels.out.flush()
+        self.outbox.flush()
+
+    def end_round(self):
+        """A selector round ends: what the channels brought leaves."""
+        self.channels.round += 1
+        self.outbox.flush()
+
+    def forget(self, chan):
+        """The client closes chan: what waits for it leaves first."""
+        self.channels.forget(chan)
 
     def wait_in_receive(self, seconds):
         sock, c = self.sock, self.c
@@ -1663,54 +1827,73 @@ class MmsgIO(BurstIO):
         sock.setblocking(True)
         return True
 
-    def send_train(self, start, n, size, dest, where, tag=None):
-        """Queue the train of `size`-byte datagrams at buf[start:start + n]
-        (the last may be shorter) for dest, a key or a channel: each with
-        tag put before it, or with tag None each without its first
-        TAG_SIZE bytes, its tag (a run of one tagged datagram, cut from a
-        train, goes as a lone one)."""
-        count = train_length(n, size)
-        if count == 1 and tag is None:  # a run of one: a lone datagram
-            if isinstance(dest, socket.socket):
-                self.send_on(dest, start + TAG_SIZE, n - TAG_SIZE, where)
-            else:
-                self.send(start + TAG_SIZE, n - TAG_SIZE, dest, where)
-            return
-        last = n - (count - 1) * size           # the last datagram's size
-        first = self.base + start
-        if tag is not None:
-            flat = [self.tags_at + 2 * tag, TAG_SIZE, 0, size] * count
-            flat[2::4] = range(first, first + count * size, size)
-            flat[-1] = last
-            self.queue(flat, 2, size + TAG_SIZE, count, dest, where)
-            return
-        flat = [0, size - TAG_SIZE] * count
-        flat[0::2] = range(first + TAG_SIZE, first + TAG_SIZE + count * size,
-                           size)
-        flat[-1] = last - TAG_SIZE
-        if last == TAG_SIZE:    # an empty datagram is no segment: alone
-            self.queue(flat, 1, size - TAG_SIZE, count - 1, dest, where)
-            self.queue(flat[-2:], 1, 1, 1, dest, where)
-        else:
-            self.queue(flat, 1, size - TAG_SIZE, count, dest, where)
+    def local_address(self, key):
+        """The local address a source sent to: its IP text where the
+        socket knows it (a wildcard bind), else None."""
+        return None if self.local is None else self.local.address(key)
 
-    def send_tagged(self, q, lengths, tag, dest, where):
-        """Queue the datagrams read into slots q... for dest, each with tag
-        put before it: as trains where their sizes allow."""
-        k, size, at = len(lengths), lengths[0], PLAIN_ATS[q]
-        end = at + k * SLOT
-        buf = self.buf          # the tags in place, a byte at a time
-        buf[at:end:SLOT] = bytes((tag >> 8,)) * k
-        buf[at + 1:end:SLOT] = bytes((tag & 0xFF,)) * k
-        if k > 1 and lengths[:-1].count(size) == k - 1 \
-                and 0 < lengths[-1] <= size:
-            flat = [0, 0] * k
-            flat[0::2] = range(self.base + at, self.base + end, SLOT)
-            flat[1::2] = map(TAG_SIZE.__add__, lengths)
-            self.queue(flat, 1, size + TAG_SIZE, k, dest, where)
+    def sockaddr(self, dest):
+        """The sockaddr tuple of a destination key, remembered."""
+        addr = self.addresses.get(dest)
+        if addr is None:
+            addr = self.addresses[dest] = self.address(dest)
+        return addr
+
+    def key_of(self, addr):
+        """sockaddr tuple -> the key receive() gives: the sockaddr bytes,
+        and with local replies the pktinfo of a reply from whichever
+        address the kernel chooses."""
+        key = sockaddr_bytes(addr)
+        return key if self.local is None else key + self.local.any_for(
+            addr[0].split("%")[0])
+
+    address = staticmethod(sockaddr_tuple)
+
+
+class Channels:
+    """A client's channels in MmsgIO: connected sockets, no names.
+
+    forward() reads what one has into the free slots of io.buf, from
+    `filled` on while the main Outbox holds what they brought, and sends
+    it on to the server.  A channel readable in two selector rounds in a
+    row (`round`, `seen`) is busy and read with one recvmmsg.
+    What the server sends a channel: trains wait in `out`, the Outbox of
+    one channel at a time (`chan`), and leave by one sendmmsg when the
+    burst ends (io.flush()) or another channel's train comes; a lone
+    datagram goes at once, unless its channel has trains waiting: then it
+    waits behind them, so that a channel's datagrams keep their order.
+    UDP_GRO on channels: ChannelGro."""
+
+    def __init__(self, io, gro):
+        self.io, self.gro = io, gro
+        self.reads = reads(io.c, io.base, 0, GRO_ROOM)
+        self.out = Outbox(io, None, 0, None, lambda data, chan, where:
+                          io.send_now(data, None, where, chan))
+        self.chan = None        # the channel whose datagrams `out` holds
+        self.filled, self.round, self.seen = 0, 0, {}
+
+    def send_on(self, chan, start, length, where):
+        """A lone datagram for chan, at buf[start:start + length]."""
+        if self.chan is chan and self.out.dests:
+            self.out.push(start, length, chan, where)
             return
-        for at, n in zip(PLAIN_ATS[q:q + k], lengths):
-            self.send(at, n + TAG_SIZE, dest, where)
+        try:
+            chan.send(self.io.view[start:start + length],
+                      MmsgIO.MSG_DONTWAIT)
+        except OSError as e:
+            self.io.report(where, e)
+
+    def send_train(self, chan, start, n, size, where):
+        """A train for chan, tags left out: it waits in `out`."""
+        if n <= size:
+            self.send_on(chan, start + TAG_SIZE, n - TAG_SIZE, where)
+            return
+        if chan not in self.gro.left:
+            self.gro.start(chan)        # its connectee sends trains
+        if self.chan is not chan:
+            self.out.flush()
+            self.chan, self.out.fd = chan, chan.fileno()
+        self.out.push_train(start, n, size, chan, where)
 
     def forward(self, chan, tag, dest, where):
         """Read what a channel has and send it on to dest (a key), each
@@ -1718,173 +1901,99 @@ class MmsgIO(BurstIO):
 
         A lone datagram goes at once.  A channel readable in two selector
         rounds in a row is busy: one recvmmsg reads what waits, up to the
-        slots free, and it leaves as trains where it can, at the end of the
-        round (end_round()) with what other channels brought.  A channel on
-        trial reads with UDP_GRO, and a train leaves as a train."""
-        q = self.filled
+        slots free, and it leaves as trains where it can, in the outbox.
+        One with UDP_GRO on (ChannelGro) that is not busy is read by one
+        recvmsg: a datagram, or a train."""
+        io = self.io
+        q = self.filled if io.outbox.dests else 0
         if q == BURST:
-            self.flush()
+            io.outbox.flush()
             q = 0
         busy = self.seen.get(chan) == self.round - 1
         self.seen[chan] = self.round
-        trial = chan in self.trial
-        if not trial:
-            self.until_trial -= 1
-            if self.until_trial <= 0:
-                trial = self.try_trains(chan)
-        at = PLAIN_ATS[q]
+        trial = chan in self.gro.left
         if not busy and not trial:
-            n = chan.recv_into(self.slots[q], MAX_DATAGRAM)
-        elif not busy:
-            n, ancillary, _, _ = chan.recvmsg_into([self.slots[q]], GRO_ROOM)
-            for level, kind, data in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
-                    size = GRO_SIZE.unpack_from(data)[0]
-                    if n > size:
-                        self.trained(chan)
-                        self.send_train(at + TAG_SIZE, n, size, dest, where,
-                                        tag)
-                        self.filled = q + 1     # after: a flush frees all
-                        return train_length(n, size), n
-            self.untrained(chan)
-        else:
-            k = self.read(chan.fileno(), self.chan_msgs[q], BURST - q,
-                          self.MSG_DONTWAIT, None)
-            if k < 0:
-                err = self.c.get_errno()
-                raise OSError(err, os.strerror(err))
-            lengths = self.lengths_of[k].unpack_from(self.chan_bytes,
-                                                     q * self.msg_size)
-            # The kernel set each msg_controllen to what it wrote: put back.
-            headers = slice(q * self.msg_size, (q + k) * self.msg_size)
-            self.chan_bytes[headers] = self.chan_pristine[headers]
-            controls = self.arrays_chan[3]
-            if trial and any(controls[q * GRO_ROOM:(q + k) * GRO_ROOM]):
-                self.trained(chan)
-                sizes, count = {}, 0
-                for at, n in zip(*self.mark(lengths, (), controls, GRO_ROOM,
-                                            first=q, sizes=sizes)[:2]):
-                    if at in sizes:
-                        self.send_train(at + TAG_SIZE, n, sizes[at], dest,
-                                        where, tag)
-                        count += train_length(n, sizes[at])
-                    else:
-                        self.send_tagged(at // SLOT, [n], tag, dest, where)
-                        count += 1
-                self.filled = q + k     # after the sends: a flush frees all
-                return count, sum(lengths)
-            if trial:
-                self.untrained(chan)
-            if k > 1:
-                self.send_tagged(q, lengths, tag, dest, where)
-                self.filled = q + k     # after: a flush on the way frees all
-                return k, sum(lengths)
-            self.seen[chan] = -2        # not busy after all: recv next time
-            n = lengths[0]
-        TAG.pack_into(self.buf, at, tag)    # one datagram: it goes at once
-        self.send_one(self.view[at:at + n + TAG_SIZE], dest, where)
+            return self.send_lone(chan.recv_into(io.slots[q], MAX_DATAGRAM),
+                                  q, tag, dest, where)
+        if not busy:            # one datagram or train, as cheap as can be
+            n, ancillary, _, _ = chan.recvmsg_into([io.slots[q]], GRO_ROOM)
+            size = gro_size(*ancillary[0]) if ancillary else 0
+            self.gro.read(chan, size)
+            if not n > size > 0:
+                return self.send_lone(n, q, tag, dest, where)
+            io.counts["trains_in"] += 1
+            self.filled = q + 1
+            return self.send_tagged(chan, q, (n,), (size,), tag, dest,
+                                    where), n
+        heads = self.reads
+        k = io.libc.recvmmsg(chan.fileno(), heads.pointers[q], BURST - q,
+                             MmsgIO.MSG_DONTWAIT, None)
+        if k < 0:
+            err = io.c.get_errno()
+            raise OSError(err, os.strerror(err))
+        lengths = heads.lengths(q, k)
+        sizes = [0] * k
+        controllens = heads.controllens(q, k)
+        if trial and max(controllens):
+            sizes = [n and gro_segment(heads.controls, (q + i) * GRO_ROOM)
+                     for i, n in enumerate(controllens)]
+            io.counts["trains_in"] += sum(
+                n > size > 0 for n, size in zip(lengths, sizes))
+        heads.restore(q, k)
+        if trial:
+            self.gro.read(chan, any(sizes))
+        if k == 1 and not sizes[0]:     # not busy after all: recv next
+            self.seen[chan] = -2
+            return self.send_lone(lengths[0], q, tag, dest, where)
+        self.filled = q + k     # taken until the outbox leaves
+        return self.send_tagged(chan, q, lengths, sizes, tag, dest, where), \
+            sum(lengths)
+
+    def send_lone(self, n, q, tag, dest, where):
+        """The datagram of n bytes read into slot q goes at once, tagged."""
+        at, io = PLAIN_ATS[q], self.io
+        TAG.pack_into(io.buf, at, tag)
+        io.send_now(io.view[at:at + TAG_SIZE + n], dest, where)
         return 1, n
 
-    def end_round(self):
-        """A selector round ends: what the channels brought leaves."""
-        self.round += 1
-        if self.dests:
-            self.flush()
-
-    def try_trains(self, sock):
-        """At every TRIAL_EVERY-th datagram read: UDP_GRO on trial for the
-        socket that read it (the busiest sockets are the likeliest), unless
-        it rests from trials that brought no train (end_trial).  Whether
-        it is on now.
-
-        Reading with UDP_GRO costs: a channel half a microsecond more per
-        read (recvmsg_into against recv_into), this socket a tenth of one
-        per burst (the headers put back, the control buffers compared).  So
-        it is on at start and then on trial, as here and for a channel when
-        trains come for it from the server; each train starts a trial anew.
-        """
-        self.until_trial = TRIAL_EVERY
-        self.trials += 1
-        return self.trials >= self.rest.get(sock, 0) and self.gro_on(sock)
-
-    def gro_on(self, sock):
-        """UDP_GRO on for sock, on trial: whether the kernel agreed."""
-        if sock is self.sock:           # the kernel zeroed what it read:
-            msgs_bytes, pristine = self.headers_in      # room for a train
-            msgs_bytes[:] = pristine
-        if enable_gro(sock):
-            self.trial[sock] = TRIAL_READS
-            return True
-        return False
-
-    def end_trial(self, sock):
-        """TRIAL_READS reads without a train: a channel rests for twice as
-        many trials as after the last such (up to 2 ** MAX_REST), and
-        UDP_GRO goes off, unless something is queued (it may be a train,
-        readable only with UDP_GRO on: then the trial goes on)."""
-        if sock is not self.sock:       # its trials cost little: no rest
-            failures = self.failures[sock] = self.failures.get(sock, 0) + 1
-            self.rest[sock] = self.trials + 2 ** min(failures, MAX_REST)
-        try:
-            sock.setsockopt(SOL_UDP, UDP_GRO, 0)
-            sock.recv(1, socket.MSG_PEEK | self.MSG_DONTWAIT)
-        except BlockingIOError:         # nothing queued: what comes is cut
-            del self.trial[sock]        # into datagrams by the kernel
-            return
-        except OSError:
-            pass
-        self.gro_on(sock)
-
-    def trained(self, sock):
-        """A read with UDP_GRO on brought a train: a trial starts anew,
-        with no rest."""
-        if sock is self.sock:
-            self.trains = True
-        self.trial[sock] = TRIAL_READS
-        self.failures.pop(sock, None)
-
-    def untrained(self, sock):
-        """A read with UDP_GRO on brought no train: one more towards the
-        trial's end."""
-        if sock is self.sock:
-            self.trains = False
-        self.trial[sock] -= 1
-        if not self.trial[sock]:
-            self.end_trial(sock)
+    def send_tagged(self, chan, q, lengths, sizes, tag, dest, where):
+        """Queue what a channel read into slots q... (trains with their
+        segment sizes) for dest, tag before each datagram: as one train
+        where all are lone and their sizes allow.  How many datagrams."""
+        io, k, size = self.io, len(lengths), lengths[0]
+        if any(sizes):
+            count = 0
+            for at, n, seg in zip(PLAIN_ATS[q:q + k], lengths, sizes):
+                if seg and n > seg:
+                    io.send_train(at + TAG_SIZE, n, seg, dest, where, tag)
+                    count += train_length(n, seg)
+                else:
+                    TAG.pack_into(io.buf, at, tag)
+                    io.send(at, TAG_SIZE + n, dest, where)
+                    count += 1
+            return count
+        at, end = PLAIN_ATS[q], PLAIN_ATS[q] + k * SLOT
+        buf = io.buf          # the tags in place, a byte at a time
+        buf[at:end:SLOT] = bytes((tag >> 8,)) * k
+        buf[at + 1:end:SLOT] = bytes((tag & 0xFF,)) * k
+        if lengths[:-1].count(size) == k - 1 and 0 < lengths[-1] <= size:
+            flat = [0, 0] * k
+            flat[0::2] = range(io.base + at, io.base + end, SLOT)
+            flat[1::2] = map(TAG_SIZE.__add__, lengths)
+            io.outbox.push_run(flat, 1, size + TAG_SIZE, k, dest, where)
+            self.gro.start(chan)        # a run of one size: trains likely
+        else:
+            for at, n in zip(PLAIN_ATS[q:q + k], lengths):
+                io.send(at, TAG_SIZE + n, dest, where)
+        return k
 
     def forget(self, chan):
-        """The client closes chan: what is queued for it leaves first."""
-        if chan in self.dests:
-            self.flush()
-        for table in (self.trial, self.failures, self.rest, self.too_big,
-                      self.seen):
-            table.pop(chan, None)
-
-    def key_of(self, addr):
-        """sockaddr tuple -> the key receive() gives: the sockaddr bytes
-        (Linux layout), and with local the control message of a reply
-        from whichever address the kernel chooses."""
-        host, port = addr[0].split("%")[0], struct.pack(">H", addr[1])
-        if len(addr) == 2:
-            key = struct.pack("=H", socket.AF_INET) + port \
-                + socket.inet_pton(socket.AF_INET, host) + bytes(8)
-        else:
-            key = struct.pack("=H", socket.AF_INET6) + port \
-                + struct.pack(">I", addr[2]) \
-                + socket.inet_pton(socket.AF_INET6, host) \
-                + struct.pack("=I", addr[3])
-        return key if self.local is None else key + self.local.any_for(host)
-
-    @staticmethod
-    def address(raw):
-        """sockaddr bytes (Linux layout) -> the tuple recvfrom() would give."""
-        family = struct.unpack_from("=H", raw)[0]
-        port = raw[2] << 8 | raw[3]
-        if family == socket.AF_INET:
-            return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
-        flowinfo = struct.unpack_from(">I", raw, 4)[0]
-        scope = struct.unpack_from("=I", raw, 24)[0]
-        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
+        if self.chan is chan:
+            self.out.flush()
+            self.chan = None
+        self.gro.left.pop(chan, None)
+        self.io.trains_out.too_big.pop(chan, None)
+        self.seen.pop(chan, None)
 
 
 class LocalReplies(Bounded):
@@ -1989,100 +2098,35 @@ class LocalReplies(Bounded):
         return socket.inet_ntop(socket.AF_INET6 if self.v6
                                 else socket.AF_INET, ip)
 
+    def refuses(self, key, err):
+        """Whether a send to key failed for the local address it leaves
+        from: EINVAL with one named (see the class's docstring)."""
+        return err == errno.EINVAL and self.address(key) is not None
+
     def ancillary(self, key):
         """sendmsg's control messages for a datagram to key."""
         return [(self.level, self.kind,
                  key[self.data_at:self.data_at + self.size])]
 
 
-def mmsg_array(c, first, stride, name_size, room, inline=False):
-    """ctypes arrays of BURST struct mmsghdr for recvmmsg or sendmmsg:
-    message i has one iovec (MAX_DATAGRAM bytes at first + i * stride;
-    sendmmsg's callers set their own), name_size bytes of sockaddr room and
-    `room` bytes of control buffer: in controls, or with inline right after
-    its name (at 8-byte alignment) in names.  Returns (msgs, iovs, names,
-    controls, (sizeof mmsghdr, offset of controllen, of len))."""
-
-    class IOVec(c.Structure):
-        _fields_ = [("base", c.c_void_p), ("len", c.c_size_t)]
-
-    class MsgHdr(c.Structure):
-        _fields_ = [("name", c.c_void_p), ("namelen", c.c_uint32),
-                    ("iov", c.c_void_p), ("iovlen", c.c_size_t),
-                    ("control", c.c_void_p), ("controllen", c.c_size_t),
-                    ("flags", c.c_int)]
-
-    class MMsgHdr(c.Structure):
-        _fields_ = [("hdr", MsgHdr), ("len", c.c_uint)]
-
-    def address_of(data):
-        return c.addressof((c.c_char * len(data)).from_buffer(data))
-
-    name_slot = (name_size + 7) // 8 * 8 if inline and room else name_size
-    names = bytearray(BURST * (name_slot + room if inline else name_size))
-    controls = bytearray(0 if inline else BURST * room)
-    iovs, msgs = (IOVec * BURST)(), (MMsgHdr * BURST)()
-    for i in range(BURST):
-        iovs[i].base, iovs[i].len = first + i * stride, MAX_DATAGRAM
-        hdr = msgs[i].hdr
-        if inline:
-            hdr.name = address_of(names) + i * (name_slot + room)
-            hdr.control = hdr.name + name_slot
-        else:
-            hdr.name = address_of(names) + i * name_size
-            hdr.control = address_of(controls) + i * room
-        hdr.namelen = name_size
-        hdr.iov, hdr.iovlen = c.addressof(iovs[i]), 1
-        if room:
-            hdr.controllen = room
-        else:
-            hdr.control = None
-    return msgs, iovs, names, controls, (
-        c.sizeof(MMsgHdr), MsgHdr.controllen.offset, MMsgHdr.len.offset)
-
-
-def enable_gro(sock):
-    """Ask for trains on sock (UDP_GRO): whether the kernel agreed."""
-    if not GRO_ROOM or not hasattr(sock, "recvmsg_into"):
-        return False
-    try:
-        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-    except OSError:
-        return False
-    return True
-
-
-def send_gso(sock, parts, size, addr=None, ancillary=()):
-    """Send parts as one train of `size`-byte datagrams (to addr, with the
-    control messages ancillary): None, or the OSError (BlockingIOError: a
-    full socket buffer lost the train)."""
-    segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
-    segment.extend(ancillary)
-    try:
-        if addr is None:
-            sock.sendmsg(parts, segment, MmsgIO.MSG_DONTWAIT)
-        else:
-            sock.sendmsg(parts, segment, MmsgIO.MSG_DONTWAIT, addr)
-    except OSError as e:
-        return e
-    return None
-
-
 def burst_io(sock, report, portable=False, notice=None,
-             reply_from_local=False, trains_in=True):
-    """MmsgIO where the platform has it (unless portable), else BurstIO.
+             reply_from_local=False, trains_in=True, counts=None):
+    """MmsgIO where the platform has it (unless portable), else PortableIO.
     reply_from_local, trains_in: see MmsgIO and LocalReplies."""
     mmsg = None if portable else _load_mmsg()
     if mmsg is None:
-        return BurstIO(sock, report, notice)
+        return PortableIO(sock, report, notice, counts)
     return MmsgIO(sock, report, *mmsg, notice=notice,
-                  reply_from_local=reply_from_local, trains_in=trains_in)
+                  reply_from_local=reply_from_local, trains_in=trains_in,
+                  counts=counts)
 
 
 # ---------------------------------------------------------------- the server
 
-SERVER_ERRORS = {"err1": "receive", "err2": "reply",
-                 "err3": "send to a connectee", "err4": "tag and send to the client"}
+# What the server was doing (the `where` of an error) -> its counter.
+SERVER_ERRORS = {"receive": "err1", "reply": "err2",
+                 "send to a connectee": "err3",
+                 "tag and send to the client": "err4"}
 
 
 def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
@@ -2104,13 +2148,13 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
     if notify is None:
         notify = Notify({})
 
-    def report(counter, exc):
-        stats[counter] += 1
-        if exc is not None:         # else a count alone: sources_refused
-            log_socket_error(log, SERVER_ERRORS[counter], exc)
+    def report(where, exc):
+        stats[SERVER_ERRORS[where]] += 1
+        log_socket_error(log, where, exc)
 
     io = burst_io(sock, report, portable, lambda text: log(text, WARN),
-                  reply_from_local=True, trains_in=not proxy_protocol)
+                  reply_from_local=True, trains_in=not proxy_protocol,
+                  counts=stats)
     # With proxy_protocol: tag -> the tag and header its datagrams carry.
     prefixes = {} if proxy_protocol else None
     here = sock.getsockname()
@@ -2155,7 +2199,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         if nonce == STATS_NONCE:
             stats["stats_requests"] += 1
             if stats_budget.take():
-                io.send_now(pack_stats(stats), src, "err2")
+                io.send_now(pack_stats(stats), src, "reply")
             else:
                 stats["stats_refused"] += 1
                 log.limited("stats budget", lambda: "Refused a stats request "
@@ -2187,7 +2231,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 log.limited("auth", "Authenticating: %s"
                             % format_addr(address(src)))
                 io.send_now(sign(key, retry_claims(now ^ address_hash(src))),
-                            src, "err2")
+                            src, "reply")
                 return True
             stats["auth_completeds"] += 1
             client = src
@@ -2197,7 +2241,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         # added, with a challenge: only it ever hears this answer.
         challenge = proxy_protocol and claims.get("proxy")
         io.send_now(sign(key, proxy_claims(challenge)) if _u64(challenge)
-                    else registered, src, "err2")
+                    else registered, src, "reply")
         return True
 
     def new_connectee(src):
@@ -2219,6 +2263,8 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
         return tag
 
     send, flush, put_tag = io.send, io.flush, TAG.pack_into
+    TO_CONNECTEE = "send to a connectee"
+    TO_CLIENT = "tag and send to the client"
     # Per datagram, the C methods of the table's dicts, bound once: no
     # Python call between.  A connectee is answered once the client sent
     # for its tag.
@@ -2243,7 +2289,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
 
     def relay(ats, lengths, sources, trains):
         """Relay what a burst brought (trains: at -> segment size, see
-        BurstIO): (datagrams in, bytes in, datagrams out, bytes out)."""
+        PortableIO): (datagrams in, bytes in, datagrams out, bytes out)."""
         nonlocal client
         msgs_in = bytes_in = msgs_out = bytes_out = 0
         for at, n, src in zip(ats, lengths, sources):
@@ -2255,8 +2301,9 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 bytes_out += counts[3]
                 continue
             if key is not None:
-                if buf.startswith(TOKEN_PREFIX, at + 2, at + 2 + n) \
-                        and on_signed(view[at + 2:at + 2 + n], src):
+                data = at + TAG_SIZE        # where the datagram starts
+                if buf.startswith(TOKEN_PREFIX, data, data + n) \
+                        and on_signed(view[data:data + n], src):
                     continue
             elif n == 0:                                # a plain keepalive
                 if client_from and src != client \
@@ -2281,7 +2328,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                     log.limited("dwarf", "Too short datagram from client",
                                 WARN)
                     continue
-                tag = buf[at + 2] << 8 | buf[at + 3]
+                tag = buf[at + TAG_SIZE] << 8 | buf[at + TAG_SIZE + 1]
                 dest = address_of(tag)
                 if dest is not None:
                     touch(tag)
@@ -2291,7 +2338,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                         continue
                 msgs_out += 1
                 bytes_out += n
-                send(at + 4, n - 2, dest, "err3")
+                send(at + 2 * TAG_SIZE, n - TAG_SIZE, dest, TO_CONNECTEE)
                 continue
 
             if client is None:                          # connectee, no client
@@ -2317,12 +2364,12 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
             bytes_in += n
             if prefixes is None:
                 put_tag(buf, at, tag)
-                send(at, n + 2, client, "err4")
+                send(at, TAG_SIZE + n, client, TO_CLIENT)
             else:               # a lone datagram: room enough before it
                 prefix = prefixes[tag]
                 start = at + TAG_SIZE - len(prefix)
                 buf[start:at + TAG_SIZE] = prefix
-                send(start, n + len(prefix), client, "err4")
+                send(start, n + len(prefix), client, TO_CLIENT)
         return msgs_in, bytes_in, msgs_out, bytes_out
 
     def relay_train(at, n, src, size):
@@ -2344,7 +2391,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 touch(tag)
             else:
                 touch_unanswered(tag)
-            io.send_train(start, n, size, client, "err4", tag)
+            io.send_train(start, n, size, client, TO_CLIENT, tag)
             return train_length(n, size), n, 0, 0
         msgs_out = bytes_out = 0                        # client -> connectees
         for first, length, tag in tag_runs(buf, start, n, size):
@@ -2353,14 +2400,13 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 continue
             msgs_out += train_length(length, size)
             bytes_out += length
-            io.send_train(first, length, size, dest, "err3")
+            io.send_train(first, length, size, dest, TO_CONNECTEE)
         return 0, 0, msgs_out, bytes_out
 
     def relay_burst():
         """Receive and relay one burst: how many datagrams came in."""
-        ats, lengths, sources = io.receive()
-        msgs_in, bytes_in, msgs_out, bytes_out = relay(ats, lengths, sources,
-                                                       io.train_sizes)
+        burst = io.receive()
+        msgs_in, bytes_in, msgs_out, bytes_out = relay(*burst)
         flush()
 
         if msgs_in or msgs_out:
@@ -2375,7 +2421,7 @@ def run_server(sock, max_clients, log, key=None, stats=None, portable=False,
                 stats["from_connectee_msgs"] += msgs_in
                 stats["from_connectee_bytes"] += bytes_in
                 stats["last_connectee_s"] = now
-        return len(lengths)
+        return len(burst[1])
 
     def status():
         return "client %s, %s, %s relayed" % (
@@ -2428,6 +2474,114 @@ def server_text(server, name):
         else format_addr(server)
 
 
+class LoopGuard:
+    """Whether the datagram a new channel is opened for goes round a loop
+    (-c leading back to the server): then the client drops it.
+
+    The same first datagram on LOOP_LAPS new channels, each within
+    LOOP_WINDOW seconds of the last, and none answered since (the client
+    clears `firsts` when a real server answers), is suspect: a random
+    probe goes to -c from a fresh socket.  Back from the server as a new
+    connectee, the loop is certain, and for LOOP_WINDOW whatever comes
+    round again is dropped, which ends it.  A flood of one payload is
+    only suspect."""
+
+    def __init__(self, family, real_server, stats, log):
+        self.family, self.real_server = family, real_server
+        self.stats, self.log = stats, log
+        self.firsts = collections.OrderedDict()     # hash -> (laps, when)
+        self.probe, self.probe_sent, self.seen = None, 0.0, -LOOP_WINDOW
+
+    def looped(self, first):
+        now, first = time.monotonic(), bytes(first)
+        if first == self.probe:
+            self.probe, self.seen = None, now
+            self.stats["loops_broken"] += 1
+            self.log.limited("loop", "Datagrams sent to %s come back from "
+                             "the server as new connectees: -c leads back "
+                             "to the server (a loop); dropping what comes "
+                             "round" % format_addr(self.real_server), WARN)
+            return True
+        digest = hash(first)
+        laps, when = self.firsts.pop(digest, (0, now))
+        laps = laps + 1 if now - when < LOOP_WINDOW else 1
+        if len(self.firsts) >= 64:
+            self.firsts.popitem(last=False)
+        self.firsts[digest] = (laps, now)
+        if laps > 1 and now - self.seen < LOOP_WINDOW:
+            return True
+        if laps % LOOP_LAPS == 0 and now - self.probe_sent >= LOOP_WINDOW:
+            self.probe, self.probe_sent = os.urandom(16), now
+            try:
+                with socket.socket(self.family, socket.SOCK_DGRAM) as fresh:
+                    fresh.sendto(self.probe, self.real_server)
+            except OSError:
+                pass
+        return False
+
+
+class ServerLookup:
+    """Where the client's server is, when -a names it by a host name: that
+    name looked up again every `every` seconds (sooner when due is set),
+    in a helper thread, so that the loop never waits.  Until a first
+    answer, tries come after 1, 2, 4 ... seconds.  start(now) begins a
+    lookup when one is due; took() whether one found the server, or found
+    it moved: then `server` is its address tuple (None before)."""
+
+    def __init__(self, server, name, family, resolver, every, log, stats):
+        self.server, self.name, self.family = server, name, family
+        self.resolver, self.every, self.log, self.stats = \
+            resolver, every, log, stats
+        self.results = queue.Queue()
+        self.running, self.backoff = False, 1.0
+        self.due = time.monotonic() + (every if server else self.backoff)
+
+    def start(self, now):
+        if self.name is None or self.running or now < self.due:
+            return
+        self.running, self.due = True, now + self.every
+
+        def work():
+            try:
+                result = peer_addr(self.family, self.resolver(self.name)[1])
+            except (ValueError, OSError) as e:
+                result = e
+            self.results.put(result)
+        threading.Thread(target=work, daemon=True).start()
+
+    def took(self):
+        if not self.running:
+            return False
+        try:
+            result = self.results.get_nowait()
+        except queue.Empty:
+            return False
+        self.running, name, old = False, self.name, self.server
+        if isinstance(result, Exception):
+            if old is not None:
+                self.log.limited("resolve", "Cannot resolve %s again, "
+                                 "keeping %s: %s" % (name, format_addr(old),
+                                                     result), WARN)
+                return False
+            self.log.limited("resolve", "Cannot resolve %s yet, trying again "
+                             "in %d s: %s" % (name, self.backoff, result),
+                             WARN)
+            self.due = time.monotonic() + self.backoff
+            self.backoff = min(2 * self.backoff, MAX_LOOKUP_BACKOFF,
+                               self.every)
+            return False
+        if result == old:
+            return False
+        if old is None:
+            self.log("Server address: %s is %s" % (name, format_addr(result)))
+        else:
+            self.stats["server_address_changes"] += 1
+            self.log("Server address changed: %s -> %s"
+                     % (format_addr(old), format_addr(result)))
+        self.server = result
+        return True
+
+
 def run_client(sock, server, real_family, real_server, max_clients,
                interval, log, key=None, portable=False, stats=None,
                server_name=None, resolve_every=DEFAULT_RESOLVE_INTERVAL,
@@ -2462,25 +2616,24 @@ def run_client(sock, server, real_family, real_server, max_clients,
             refusing()      # on a channel: the real server is not there
             return
         stats["errors"] += 1
-        log_socket_error(log, "receive" if where == "err1" else where, exc)
+        log_socket_error(log, where, exc)
 
     sel = selectors.DefaultSelector()
-    io = burst_io(sock, report, portable, lambda text: log(text, WARN))
+    io = burst_io(sock, report, portable, lambda text: log(text, WARN),
+                  counts=stats)
     # server: None while server_name has not resolved since the start.
     server_key = None if server is None else io.key_of(server)
     buf, view = io.buf, io.view
     workers = LRU(max_clients)      # tag -> channel socket
-    firsts = collections.OrderedDict()  # see looped(): hash -> (laps, when)
-    probe, probe_sent, loop_seen = None, 0.0, -LOOP_WINDOW
+    loops = LoopGuard(real_family, real_server, stats, log)
     fd_bound = False                # the open-file limit bounds channels
     bind_to = wildcard(real_family)
     keepalive = sign(key, request_claims()) if key else b""
     period = interval / 1000.0
     next_ping = last_registered = time.monotonic()
-    next_lookup = next_ping + resolve_every
-    lookups = queue.Queue()         # results from the resolver thread
-    backoff = 1.0                   # seconds to the next try, unresolved
-    looking_up = heard = authenticated = silent = refused = False
+    lookup = ServerLookup(server, server_name, sock.family,
+                          resolver or resolve, resolve_every, log, stats)
+    heard = authenticated = silent = refused = False
     hinted = False                  # see stranger()
     # Password mode with proxy_protocol: each keepalive asks, with a fresh
     # challenge, whether the server adds the headers; what carries one is
@@ -2536,43 +2689,6 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 % format_addr(server), WARN)
         adds = says
 
-    def looped(first):
-        """Whether first, the datagram a new channel is opened for, goes
-        round a loop (-c leading back to the server): then drop it.
-
-        A suspect first datagram (see LOOP_LAPS) sends a random probe to -c
-        from a fresh socket.  Back from the server as a new connectee, the
-        loop is certain, and for LOOP_WINDOW whatever comes round again is
-        dropped, which ends it.  A flood of one payload is only suspect.
-        """
-        nonlocal probe, probe_sent, loop_seen
-        now = time.monotonic()
-        first = bytes(first)
-        if first == probe:
-            probe, loop_seen = None, now
-            stats["loops_broken"] += 1
-            log.limited("loop", "Datagrams sent to %s come back from the "
-                        "server as new connectees: -c leads back to the "
-                        "server (a loop); dropping what comes round"
-                        % format_addr(real_server), WARN)
-            return True
-        digest = hash(first)
-        laps, when = firsts.pop(digest, (0, now))
-        laps = laps + 1 if now - when < LOOP_WINDOW else 1
-        if len(firsts) >= 64:
-            firsts.popitem(last=False)
-        firsts[digest] = (laps, now)
-        if laps > 1 and now - loop_seen < LOOP_WINDOW:
-            return True
-        if laps % LOOP_LAPS == 0 and now - probe_sent >= LOOP_WINDOW:
-            probe, probe_sent = os.urandom(16), now
-            try:
-                with socket.socket(real_family, socket.SOCK_DGRAM) as fresh:
-                    fresh.sendto(probe, real_server)
-            except OSError:
-                pass
-        return False
-
     def open_worker(tag, first):
         """A new channel for tag, whose first datagram is first, or None.
         (With proxy_protocol first starts with its header.)
@@ -2586,7 +2702,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             first = bytes(first)
             cut = proxy_length(first, 0, len(first))
             header, first = first[:cut], first[cut:]
-        if looped(first):
+        if loops.looped(first):
             return None
         if len(workers) >= max_clients:
             close_worker(*workers.evict())
@@ -2627,7 +2743,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
         log.limited("evict", lambda: "Closed channel %d, the least recently "
                     "used %s one" % (tag, kind), DEBUG)
 
-    send_on, flush, forward = io.send_on, io.flush, io.forward
+    send_on, forward, flush = io.send_on, io.forward, io.flush
     TO_SERVER = "tag and send to the server"
     TO_REAL_SERVER = "send to the real server"
     # Per datagram, the C methods of the table's dicts, bound once: no
@@ -2656,9 +2772,8 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     "server" % format_addr(addr), DEBUG)
 
     def on_server_readable():
-        ats, lengths, sources = io.receive()
-        msgs, size = relay(ats, lengths, sources, io.train_sizes)
-        flush()
+        msgs, size = relay(*io.receive())
+        flush()         # what waits for channels leaves
         if msgs:
             stats["last_server_s"] = int(time.time())
         stats["from_server_msgs"] += msgs
@@ -2668,7 +2783,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
 
     def relay(ats, lengths, sources, trains):
         """Relay what a burst from the server brought (trains: at ->
-        segment size, see BurstIO): (datagrams, bytes)."""
+        segment size, see PortableIO): (datagrams, bytes)."""
         msgs = size = 0
         for at, n, src in zip(ats, lengths, sources):
             if trains and at in trains:
@@ -2676,19 +2791,20 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 msgs += counts[0]
                 size += counts[1]
                 continue
-            at += TAG_SIZE
+            data = at + TAG_SIZE        # the datagram: a tag, then payload
             if src != server_key:
                 stranger(src)
                 continue
             if n < TAG_SIZE:
                 stats["dwarfs"] += 1
                 continue
-            if key is not None and buf.startswith(TOKEN_PREFIX, at, at + n):
-                on_token(view[at:at + n])
+            if key is not None and buf.startswith(TOKEN_PREFIX, data,
+                                                  data + n):
+                on_token(view[data:data + n])
                 continue
-            tag = buf[at] << 8 | buf[at + 1]
+            tag = buf[data] << 8 | buf[data + 1]
             if proxy_protocol and not (
-                    adds and proxy_length(buf, at + 2, at + n)):
+                    adds and proxy_length(buf, data + TAG_SIZE, data + n)):
                 malformed()
                 continue
             worker = worker_of(tag)
@@ -2696,12 +2812,12 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 touch(tag)
             else:
                 worker = workers.get(tag) \
-                    or open_worker(tag, view[at + 2:at + n])
+                    or open_worker(tag, view[data + TAG_SIZE:data + n])
                 if worker is None:
                     continue
             msgs += 1
             size += n
-            send_on(worker, at + 2, n - 2, TO_REAL_SERVER)
+            send_on(worker, data + TAG_SIZE, n - TAG_SIZE, TO_REAL_SERVER)
         return msgs, size
 
     def relay_train(at, n, src, size):
@@ -2723,12 +2839,12 @@ def run_client(sock, server, real_family, real_server, max_clients,
                 touch(tag)
             else:
                 worker = workers.get(tag) or open_worker(
-                    tag, view[first + 2:first + min(size, length)])
+                    tag, view[first + TAG_SIZE:first + min(size, length)])
                 if worker is None:
                     continue
             msgs += train_length(length, size)
             relayed += length
-            io.send_train(first, length, size, worker, TO_REAL_SERVER)
+            io.send_train_on(worker, first, length, size, TO_REAL_SERVER)
         return msgs, relayed
 
     def malformed():
@@ -2768,7 +2884,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             log("Real server %s answers again" % format_addr(real_server))
         if tag in unanswered:
             workers.answer(tag)
-            firsts.clear()      # a real server answers: this is no loop
+            loops.firsts.clear()    # a real server answers: no loop
         stats["from_real_server_msgs"] += msgs
         stats["from_real_server_bytes"] += size
 
@@ -2781,53 +2897,19 @@ def run_client(sock, server, real_family, real_server, max_clients,
             log.limited("refused", "Real server %s refuses datagrams (port "
                         "unreachable)" % format_addr(real_server), WARN)
 
-    def look_up_server():
-        """Resolve server_name again, in a thread: the loop never waits."""
-        nonlocal looking_up
-        looking_up = True
-
-        def work():
-            try:
-                result = peer_addr(sock.family, resolver(server_name)[1])
-            except (ValueError, OSError) as e:
-                result = e
-            lookups.put(result)
-        threading.Thread(target=work, daemon=True).start()
-
-    def on_lookup(result):
-        nonlocal server, server_key, looking_up, next_ping, next_lookup, \
-            backoff, adds
-        looking_up = False
-        if server is None:              # not resolved since the start
-            if isinstance(result, Exception):
-                log.limited("resolve", "Cannot resolve %s yet, trying again "
-                            "in %d s: %s" % (server_name, backoff, result),
-                            WARN)
-                next_lookup = time.monotonic() + backoff
-                backoff = min(2 * backoff, MAX_LOOKUP_BACKOFF, resolve_every)
-                return
-            log("Server address: %s is %s" % (server_name,
-                                              format_addr(result)))
-            server, server_key = result, io.key_of(result)
-            next_ping = time.monotonic()
-        elif isinstance(result, Exception):
-            log.limited("resolve", "Cannot resolve %s again, keeping %s: %s"
-                        % (server_name, format_addr(server), result), WARN)
-        elif result != server:
-            stats["server_address_changes"] += 1
-            log("Server address changed: %s -> %s"
-                % (format_addr(server), format_addr(result)))
-            server, server_key = result, io.key_of(result)
-            next_ping = time.monotonic()    # tell the new address at once
-            adds = not asking               # until the new one says so
+    def moved():
+        """The lookup found the server, or found it moved: tell it at
+        once; with asking, relay nothing until it says it adds headers."""
+        nonlocal server, server_key, next_ping, adds
+        if server is not None:
+            adds = not asking
+        server, server_key = lookup.server, io.key_of(lookup.server)
+        next_ping = time.monotonic()
 
     def timers():
-        nonlocal next_ping, next_lookup, silent, challenges, keepalive
-        if looking_up:
-            try:
-                on_lookup(lookups.get_nowait())
-            except queue.Empty:
-                pass
+        nonlocal next_ping, silent, challenges, keepalive
+        if lookup.took():
+            moved()
         now = time.monotonic()
         if now >= next_ping and server is not None:
             if asking:
@@ -2843,16 +2925,14 @@ def run_client(sock, server, real_family, real_server, max_clients,
                     and now - last_registered >= UNANSWERED_PINGS * period:
                 silent = True
                 log("Server %s is not answering" % format_addr(server), WARN)
-                next_lookup = now           # perhaps it moved
-        if server_name is not None and now >= next_lookup and not looking_up:
-            look_up_server()
-            next_lookup = now + resolve_every
-        due = next_ping if server is not None else next_lookup
+                lookup.due = now            # perhaps it moved
+        lookup.start(now)
+        due = next_ping if server is not None else lookup.due
         if now >= notify.due:
             notify.tick(status())
         if notify.due < due:
             due = notify.due
-        if looking_up:
+        if lookup.running:
             return min(due - now, LOOKUP_POLL)
         return due - now
 
@@ -2863,10 +2943,7 @@ def run_client(sock, server, real_family, real_server, max_clients,
             plural(stats["from_server_msgs"] + stats["from_real_server_msgs"],
                    "datagram"))
 
-    if resolver is None:
-        resolver = resolve
     if server is None:      # systemd need not wait (and restart) for DNS
-        next_lookup = next_ping + backoff
         notify.ready(status())
     sel.register(sock, selectors.EVENT_READ, on_server_readable)
     try:
@@ -2962,6 +3039,13 @@ METRIC_OF = {
     "evicted_answered": ("evicted_answered", "Answered entries evicted"),
     "stats_refused": ("stats_refused", "-S requests over budget"),
     "retries_refused": ("retries_refused", "Retry replies over budget"),
+    "trains_in": ("trains_in", "UDP trains read as one (GRO)"),
+    "trains_out": ("trains_out", "UDP trains sent, each in messages of "
+                   "TRAIN_OUT datagrams at most (GSO)"),
+    "trains_refused": ("trains_refused", "Messages of a train the kernel "
+                       "refused"),
+    "sent_one_by_one": ("sent_one_by_one", "Refused messages sent again "
+                        "datagram by datagram"),
     "sources_refused": ("sources_refused_replies", "Replies sent from the "
                         "kernel's choice of address, not the one their "
                         "datagram came to"),
