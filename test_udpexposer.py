@@ -1050,6 +1050,32 @@ class TestTrains(RelayCase):
                 self.assertEqual(trains, [None] * 3)
             io.end_round()          # a round without it: not busy then
 
+    def test_a_channel_read_never_overwrites_trains_waiting(self):
+        """A train for a channel waits in the channel outbox, pointing into
+        the slot the server's burst was read into; a channel read before
+        it leaves (forward() reads into the same slots) sends it first."""
+        sock = gro_socket(self)
+        io = self.io(sock)
+        server, real = self.udp(), gro_socket(self)
+        other = self.udp()
+        chan = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
+                             real.getsockname())
+        chan2 = ux.udp_socket(socket.AF_INET, ("127.0.0.1", 0),
+                              other.getsockname())
+        self.addCleanup(chan.close)
+        self.addCleanup(chan2.close)
+        parts = [b"\x00\x01" + bytes([i]) * 998 for i in range(20)]
+        send_train(server, parts, sock.getsockname())
+        ats, lengths, _, trains = wait_for(io.receive)
+        io.send_train_on(chan, ats[0] + 2, lengths[0], trains[ats[0]], "x")
+        other.sendto(b"z" * 3000, chan2.getsockname())     # into slot 0
+        select.select([chan2], [], [], TIMEOUT)
+        self.assertEqual(io.forward(chan2, 2, io.key_of(
+            server.getsockname()), "x"), (1, 3000))
+        io.flush()
+        self.assertEqual(receive_trains(real, 20)[0], [p[2:] for p in parts])
+        self.assertEqual(self.recv(server)[0], b"\x00\x02" + b"z" * 3000)
+
     def test_a_flush_on_the_way_keeps_the_slots_queued(self):
         """A channel's train that leaves as two messages, the queue full
         after the first: what is queued after the flush still takes its

@@ -1905,6 +1905,8 @@ class Channels:
         One with UDP_GRO on (ChannelGro) that is not busy is read by one
         recvmsg: a datagram, or a train."""
         io = self.io
+        if self.out.dests:      # trains for channels point into slots too
+            self.out.flush()
         q = self.filled if io.outbox.dests else 0
         if q == BURST:
             io.outbox.flush()
