@@ -1752,10 +1752,7 @@ class MmsgIO(PortableIO):
         has one: bytes past a message's length are an earlier read's."""
         trains, local = {}, self.local
         for i in range(len(lengths)):
-            if controllens[i] <= plain:
-                continue
-            _, level, kind = CMSG_HEAD.unpack_from(controls, i * room)
-            size = gro_size(level, kind, controls, i * room + CMSG_HEAD.size)
+            size = controllens[i] > plain and gro_segment(controls, i * room)
             if not size:
                 continue
             if local is not None:   # its pktinfo follows: the source anew
